@@ -94,9 +94,9 @@ class Layout:
             o += ["--parallel.pp_schedule", self.pp_schedule, "--parallel.pp_microbatches", str(self.microbatches)]
             if self.pp_virtual_stages > 1:
                 o += ["--parallel.pp_virtual_stages", str(self.pp_virtual_stages)]
-            o += ["--train.batch_size", str(self.batch_per_dp_rank)]
-        else:
-            o += ["--train.batch_size", str(self.batch_per_dp_rank), "--train.grad_accum", str(self.microbatches)]
+            o += ["--train.batch_size", str(self.batch_per_dp_rank), "--train.grad_accum", "1"]
+        else:   # without PP, train.batch_size is one accumulation step's batch
+            o += ["--train.batch_size", str(self.micro_batch), "--train.grad_accum", str(self.microbatches)]
         o += ["--parallel.sp", "true" if self.sp else "false", "--parallel.ac", self.ac,
               "--precision.dtype", self.dtype, "--train.seq_len", str(self.seq_len)]
         return o

@@ -12,7 +12,7 @@ from trainer.model_config import ModelConfig
 
 from .cluster import ClusterProfile
 from .layout import Layout, Stack
-from .shapes import local_numel, stage_layers, stage_param_specs
+from .shapes import local_numel, stage_layer_count, stage_param_groups
 
 ADAM_STEP_BYTES = 4      # torch's Adam keeps `step` as a 0-d fp32 tensor per parameter
 
@@ -37,23 +37,21 @@ class ModelState:
 def model_state(cfg: ModelConfig, layout: Layout, stack: Stack, stage: int) -> ModelState:
     """Bytes of parameters, gradients and optimizer states held by one rank of pipeline stage
     `stage`, sharded by TP (DTensor) and FSDP2 (dim-0, padded)."""
-    specs = stage_param_specs(cfg, layout.pp, layout.pp_virtual_stages, stage)
-    n = sum(local_numel(s, layout.tp, layout.dp_shard) for s in specs)
+    groups = stage_param_groups(cfg, layout.pp, layout.pp_virtual_stages, stage)
+    n = sum(c * local_numel(s, layout.tp, layout.dp_shard) for c, specs in groups for s in specs)
+    tensors = sum(c * len(specs) for c, specs in groups)
     weight = 4 if layout.dtype == "fp32" else stack.master_weights_bytes
-    return ModelState(params=n, tensors=len(specs),
+    return ModelState(params=n, tensors=tensors,
                       param_bytes=n * (weight + stack.model_weights_bytes),
                       grad_bytes=n * stack.grad_bytes,
-                      optimizer_bytes=n * stack.optimizer_bytes + ADAM_STEP_BYTES * len(specs))
+                      optimizer_bytes=n * stack.optimizer_bytes + ADAM_STEP_BYTES * tensors)
 
 
 def unsharded_params(cfg: ModelConfig, layout: Layout, stage: int) -> tuple[int, int]:
     """(elements on the stage after TP only, elements of its largest single FSDP unit)."""
-    specs = stage_param_specs(cfg, layout.pp, layout.pp_virtual_stages, stage)
-    units: dict[str, int] = {}
-    for s in specs:
-        key = f"layer{s.layer}" if s.place == "layer" else s.name.split(".")[0]
-        units[key] = units.get(key, 0) + local_numel(s, layout.tp)
-    return sum(units.values()), max(units.values())
+    units = [(c, sum(local_numel(s, layout.tp) for s in specs))
+             for c, specs in stage_param_groups(cfg, layout.pp, layout.pp_virtual_stages, stage)]
+    return sum(c * n for c, n in units), max(n for c, n in units if c)
 
 
 def layer_activation_bytes_per_token(cfg: ModelConfig, layout: Layout, stack: Stack) -> float:
@@ -132,7 +130,7 @@ class MemoryBreakdown:
 def stage_memory(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterProfile, stage: int) -> MemoryBreakdown:
     state = model_state(cfg, layout, stack, stage)
     e, tokens = act_bytes(layout.dtype), layout.micro_batch * layout.seq_len
-    n_layers = len(stage_layers(cfg, layout.pp, layout.pp_virtual_stages, stage))
+    n_layers = stage_layer_count(cfg.n_layers, layout.pp, layout.pp_virtual_stages, stage)
     per_chunk = layout.layers_per_chunk(cfg)
     saved = layer_saved_bytes_per_token(cfg, layout, stack) * tokens
     acts = chunks_in_flight(layout, stage) * min(per_chunk, n_layers) * saved

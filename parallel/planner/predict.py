@@ -48,7 +48,7 @@ class Prediction:
                 "fits": self.fits, "step_s": self.time.step, "tokens_per_s": self.tokens_per_s,
                 "model_tflops_per_gpu": self.model_tflops_per_gpu,
                 "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu, "mfu": self.mfu,
-                "memory_gib": {k: (v / 1024 ** 3 if isinstance(v, int) and k != "stage" else v)
+                "memory_gib": {k: (v / 1024 ** 3 if isinstance(v, int) and not isinstance(v, bool) and k != "stage" else v)
                                for k, v in self.memory.to_dict().items()},
                 "time_s": self.time.to_dict(), "overrides": " ".join(self.layout.overrides())}
 

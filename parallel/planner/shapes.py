@@ -6,7 +6,8 @@ it about the same model with no layers or a zero-length context.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from typing import Literal
 
 from trainer.model_config import ModelConfig
@@ -100,6 +101,17 @@ def stage_layers(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> list[in
     return layers
 
 
+@lru_cache(maxsize=64)
+def _one_layer_specs(cfg_values: tuple) -> list[ParamSpec]:
+    return param_specs(ModelConfig(*cfg_values))
+
+
+def stage_layer_count(n_layers: int, pp: int, virtual: int, stage: int) -> int:
+    """len(stage_layers(...)) without listing them."""
+    base, extra = divmod(n_layers, pp * virtual)
+    return virtual * base + sum(1 for c in range(stage, min(extra, pp * virtual), pp))
+
+
 def stage_param_specs(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> list[ParamSpec]:
     """Parameters on one pipeline rank. A tied head on a separate last stage keeps its own copy
     of the embedding (Megatron does the same and all-reduces the two gradients)."""
@@ -108,9 +120,26 @@ def stage_param_specs(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> li
     out = [s for s in param_specs(cfg)
            if (s.place == "layer" and s.layer in layers) or (s.place == "first" and first)
            or (s.place == "last" and last)]
+    return out + _tied_copy(cfg, first, last)
+
+
+def _tied_copy(cfg: ModelConfig, first: bool, last: bool) -> list[ParamSpec]:
     if cfg.tie_embeddings and last and not first:
-        out.append(ParamSpec("output.weight(tied copy)", (cfg.vocab_size, cfg.dim), "colwise", "last"))
-    return out
+        return [ParamSpec("output.weight(tied copy)", (cfg.vocab_size, cfg.dim), "colwise", "last")]
+    return []
+
+
+def stage_param_groups(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> list[tuple[int, list[ParamSpec]]]:
+    """The same parameters as `stage_param_specs`, as (count, specs) groups: the layers are all
+    alike, so one layer's specs stand for all of them (the search evaluates many layouts)."""
+    n_layers = stage_layer_count(cfg.n_layers, pp, virtual, stage)
+    one = _one_layer_specs(tuple(1 if f.name == "n_layers" else getattr(cfg, f.name) for f in fields(cfg)))
+    first, last = stage == 0, stage == pp - 1
+    groups = [(n_layers, [s for s in one if s.place == "layer"])]
+    edges = [s for s in one if (s.place == "first" and first) or (s.place == "last" and last)]
+    edges += _tied_copy(cfg, first, last)
+    groups += [(1, [s]) for s in edges]
+    return groups
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from trainer.model_config import ModelConfig
 from .cluster import ClusterProfile
 from .layout import Layout, Stack
 from .memory import act_bytes, model_state, unsharded_params
-from .shapes import flop_split, stage_layers
+from .shapes import flop_split, stage_layer_count
 
 INF = float("inf")
 
@@ -134,7 +134,7 @@ def step_time(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterPr
     p, v, m = layout.pp, layout.pp_virtual_stages, layout.microbatches
     per_stage = []
     for s in range(p) if p <= 3 else (0, 1, p - 1):            # middle stages equal stage 1
-        n = len(stage_layers(cfg, p, v, s))
+        n = stage_layer_count(cfg.n_layers, p, v, s)
         per_stage.append((_stage_microbatch_time(cfg, layout, stack, cluster, n, s == 0, s == p - 1), s))
     (t_mb, rec_mb, comm_mb, bwd_mb), _ = max(per_stage, key=lambda x: x[0][0])
     if p <= 3:
