@@ -75,6 +75,7 @@ def search(cfg: ModelConfig, cluster: ClusterProfile, gpus: int, global_batch: i
     if gpus < 1 or global_batch < 1:
         raise ValueError(f"--gpus ({gpus}) and --global-batch ({global_batch}) must be positive")
     stack = stack or Stack()
+    cluster.peak_flops(dtype)                 # a dtype this GPU lacks is the user's error, not the layouts'
     result = SearchResult(ranked=[])
     seen = set()
     for layout in [*extra, *candidate_layouts(cfg, gpus, global_batch, seq_len, dtype, cluster)]:
@@ -85,7 +86,7 @@ def search(cfg: ModelConfig, cluster: ClusterProfile, gpus: int, global_batch: i
         try:
             pred = predict(cfg, layout, cluster, stack)
         except ValueError as e:
-            result.rejected[f"invalid: {str(e).split(':')[0]}"] += 1
+            result.rejected[f"invalid ({str(e).split(':')[0]})"] += 1
             continue
         if not pred.fits:
             result.rejected["does not fit in memory"] += 1
