@@ -15,6 +15,7 @@ from trainer.model_config import ModelConfig
 
 from .cluster import ClusterProfile
 from .layout import AC_MODES, Layout, Stack
+from .memory import memory_per_gpu
 from .predict import Prediction, predict
 
 
@@ -84,14 +85,14 @@ def search(cfg: ModelConfig, cluster: ClusterProfile, gpus: int, global_batch: i
         seen.add(layout)
         result.tried += 1
         try:
-            pred = predict(cfg, layout, cluster, stack)
+            layout.validate(cfg)
         except ValueError as e:
             result.rejected[f"invalid ({str(e).split(':')[0]})"] += 1
             continue
-        if not pred.fits:
+        if not memory_per_gpu(cfg, layout, stack, cluster).fits:   # cheaper than timing it
             result.rejected["does not fit in memory"] += 1
             continue
-        result.ranked.append(pred)
+        result.ranked.append(predict(cfg, layout, cluster, stack))
     result.ranked.sort(key=lambda p: -p.tokens_per_s)
     if not result.ranked:
         reasons = ", ".join(f"{n} {r}" for r, n in result.rejected.most_common())
