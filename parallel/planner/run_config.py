@@ -1,14 +1,11 @@
-"""Read what the planner needs from a meshformer run config: the model shape and the layout.
-
-Uses the trainer's `load_config` (TOML + `--section.key value` overrides, validated) when it is
-there; on a branch without it, reads the same tables with tomllib so the planner still runs.
+"""Read what the planner needs from a meshformer run config (via the trainer's `load_config`:
+TOML + `--section.key value` overrides, validated): the model shape and the layout it asks for.
 """
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
+from trainer.config import load_config
 from trainer.model_config import ModelConfig
 
 from .layout import Layout
@@ -24,51 +21,15 @@ class RunSettings:
     dtype: str
 
 
-_PARALLEL_DEFAULTS = {"dp_replicate": 1, "dp_shard": -1, "tp": 1, "pp": 1, "sp": True, "pp_schedule": "1f1b",
-                      "pp_microbatches": 0, "pp_virtual_stages": 1, "ac": "none"}
+_PARALLEL_KEYS = ("dp_replicate", "dp_shard", "tp", "pp", "sp", "pp_schedule", "pp_microbatches",
+                  "pp_virtual_stages", "ac")
 
 
 def read_run_config(path: str, overrides: list[str] = ()) -> RunSettings:
-    try:
-        from trainer.config import load_config
-    except ImportError:
-        return _read_tables(path, list(overrides))
     cfg = load_config(path, list(overrides))
-    par = {k: getattr(cfg.parallel, k) for k in _PARALLEL_DEFAULTS}
+    par = {k: getattr(cfg.parallel, k) for k in _PARALLEL_KEYS}
     return RunSettings(model=cfg.model, parallel=par, batch_size=cfg.train.batch_size,
                        grad_accum=cfg.train.grad_accum, seq_len=cfg.train.seq_len, dtype=cfg.precision.dtype)
-
-
-def _read_tables(path: str, overrides: list[str]) -> RunSettings:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file {path!r} not found")
-    tables = tomllib.loads(p.read_text())
-    if len(overrides) % 2:
-        raise ValueError(f"overrides come in pairs '--section.key value', got {overrides}")
-    for key, value in zip(overrides[::2], overrides[1::2]):
-        if not key.startswith("--") or "." not in key:
-            raise ValueError(f"override {key!r}: write it as --section.key value")
-        section, name = key[2:].split(".", 1)
-        tables.setdefault(section, {})[name] = _parse_value(value)
-    model_fields = {f.name for f in fields(ModelConfig)}
-    unknown = set(tables.get("model", {})) - model_fields
-    if unknown:
-        raise ValueError(f"{path}: unknown [model] keys {sorted(unknown)}")
-    model = ModelConfig(**tables.get("model", {}))
-    model.validate()
-    train, prec = tables.get("train", {}), tables.get("precision", {})
-    par = {**_PARALLEL_DEFAULTS, **{k: v for k, v in tables.get("parallel", {}).items() if k in _PARALLEL_DEFAULTS}}
-    return RunSettings(model=model, parallel=par, batch_size=int(train.get("batch_size", 16)),
-                       grad_accum=int(train.get("grad_accum", 1)), seq_len=int(train.get("seq_len", 128)),
-                       dtype=str(prec.get("dtype", "fp32")))
-
-
-def _parse_value(text: str):
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def config_layout(run: RunSettings, gpus: int) -> Layout:

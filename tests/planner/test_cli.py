@@ -60,6 +60,7 @@ def test_module_entry_point_runs():
     (["--cluster", "nosuch", "--gpus", "8"], "cluster profile 'nosuch' not found"),
     (["--cluster", "a100-80gb", "--gpus", "8", "--precision.dtype", "fp8"], "no fp8"),
     (["--cluster", "a100-80gb", "--gpus", "1"], "no layout of this model fits"),
+    (["--cluster", "a100-80gb", "--gpus", "8", "--parallel.tpp", "2"], "tpp"),
 ])
 def test_bad_input_names_the_problem(capsys, args, message):
     assert main(["--config", str(CONFIG), *args]) == 2
