@@ -87,5 +87,40 @@ def format_table(results: list[tuple[Row, Prediction]]) -> str:
     return "\n".join(lines)
 
 
+# Table 2 models (the paper's 175B and 530B shapes); the 530B one is Table 1's row.
+_TABLE2_SHAPES = {174.6: (12288, 96, 96), 529.6: (20480, 105, 128)}
+
+
+def compare_table2(cluster: ClusterProfile | None = None) -> list[tuple[dict, Prediction]]:
+    """Table 2 (PTD-P vs ZeRO-3) rows with predictions; informational, not an acceptance check.
+    ZeRO-3 rows are modelled as FSDP over all GPUs; PTD rows as TP 8 in a node, PP over the rest."""
+    cluster = cluster or load_cluster("a100-80gb")
+    out = []
+    with open(table1_path().with_name("megatron_table2.csv")) as f:
+        for r in csv.DictReader(f):
+            P, n, B = float(r["params_billion"]), int(r["num_gpus"]), int(r["global_batch_size"])
+            cfg, mbs, mp = gpt_config(*_TABLE2_SHAPES[P]), int(r["microbatch_size"]), int(r["model_parallel_size"])
+            if mp == 1:
+                lay = Layout(dp_shard=n, micro_batch=mbs, microbatches=B // (n * mbs), ac="full", seq_len=SEQ)
+            else:
+                dp = n // mp
+                lay = Layout(tp=8, pp=mp // 8, dp_replicate=dp, micro_batch=mbs, microbatches=B // (dp * mbs),
+                             ac="full", seq_len=SEQ)
+            out.append((r, predict(cfg, lay, cluster, megatron_sc21())))
+    return out
+
+
+def format_table2(results: list[tuple[dict, Prediction]]) -> str:
+    lines = ["| scheme | params | GPUs | mbs | published TFLOP/s | predicted | error | fits |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r, pred in results:
+        pub = float(r["achieved_tflops_per_gpu"])
+        lines.append(f"| {r['scheme']} | {float(r['params_billion']):g}B | {r['num_gpus']} | {r['microbatch_size']} | "
+                     f"{pub:.0f} | {pred.hardware_tflops_per_gpu:.1f} | {pred.hardware_tflops_per_gpu / pub - 1:+.0%} | "
+                     f"{'yes' if pred.fits else 'no'} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(format_table(compare()))
+    import sys
+    print(format_table2(compare_table2()) if "--table2" in sys.argv else format_table(compare()))

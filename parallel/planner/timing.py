@@ -171,8 +171,11 @@ def _data_parallel(cfg, layout: Layout, stack: Stack, cluster: ClusterProfile, t
     grad = stack.grad_bytes
     total = exposed = 0.0
     if ns > 1:
-        ag = all_gather(tp_params * gather_bytes, ns, shard_link)
-        rs = all_gather(tp_params * grad, ns, shard_link)
+        # one collective per FSDP unit (a layer, the embedding, the head): latency paid per unit
+        units = stage_layer_count(cfg.n_layers, layout.pp, layout.pp_virtual_stages, stage) + 2
+        extra_latency = (units - 1) * (ns - 1) * shard_link.latency_s
+        ag = all_gather(tp_params * gather_bytes, ns, shard_link) + extra_latency
+        rs = all_gather(tp_params * grad, ns, shard_link) + extra_latency
         if layout.pp > 1:     # gathered once, reduced once per step (no resync between microbatches)
             total += ag + rs
             exposed += max(0.0, ag + rs - t_mb) if stack.dp_overlap else ag + rs
