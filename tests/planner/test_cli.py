@@ -71,3 +71,9 @@ def test_predict_rejects_layout_that_cannot_run(capsys):
     assert main(["predict", "--config", str(CONFIG), "--cluster", "h100-sxm", "--gpus", "24",
                  "--parallel.tp", "3", "--parallel.dp_shard", "8"]) == 2
     assert "parallel.tp" in capsys.readouterr().err
+
+
+def test_gpu_count_that_does_not_match_the_layout_is_refused(capsys):
+    assert main(["predict", "--config", str(CONFIG), "--cluster", "h100-sxm", "--gpus", "12",
+                 "--parallel.tp", "8"]) == 2
+    assert "not divisible by parallel.tp" in capsys.readouterr().err
