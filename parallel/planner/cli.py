@@ -25,14 +25,19 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    plan = argparse.ArgumentParser(prog="meshformer plan", description="rank parallel layouts by predicted throughput")
+    plan = argparse.ArgumentParser(
+        prog="meshformer plan", description="rank parallel layouts by predicted throughput",
+        epilog="`meshformer plan predict ...` gives one layout's figures as JSON. Further `--section.key value` "
+               "arguments override the run config (e.g. --model.n_layers 48); see parallel/planner/README.md.")
     _common(plan)
     plan.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     plan.add_argument("--global-batch", type=int, default=0,
                       help="sequences per optimizer step (default: the config's batch at this GPU count)")
     plan.add_argument("--top", type=int, default=10, help="rows of the table")
     plan.add_argument("--json", action="store_true", help="print the ranked predictions as JSON instead")
-    pred = argparse.ArgumentParser(prog="meshformer plan predict", description="predict memory and speed of one layout")
+    pred = argparse.ArgumentParser(
+        prog="meshformer plan predict", description="predict memory and speed of one layout",
+        epilog="The layout is the config's, changed by `--parallel.* / --train.* / --precision.*` overrides.")
     _common(pred)
     pred.add_argument("--gpus", type=int, default=0,
                       help="number of GPUs (default: tp x pp x dp_replicate x dp_shard, with dp_shard = -1 read as 1)")
