@@ -57,7 +57,9 @@ def unsharded_params(cfg: ModelConfig, layout: Layout, stage: int) -> tuple[int,
 def layer_activation_bytes_per_token(cfg: ModelConfig, layout: Layout, stack: Stack) -> float:
     """Bytes autograd keeps per token for one layer with no recomputation. Tensors in the
     residual stream are split over TP ranks only under sequence parallel; matmul inputs are
-    all-gathered (torch keeps the gathered copy); head-split tensors are split over TP ranks."""
+    all-gathered (torch keeps the gathered copy); head-split tensors are split over TP ranks.
+    Norms are taken as fused kernels keeping their input and fp32 statistics (LayerNorm
+    everywhere, RMSNorm on CUDA; torch's CPU RMSNorm is composite and keeps fp32 copies)."""
     t, e, d, H = layout.tp, act_bytes(layout.dtype), cfg.dim, cfg.hidden
     hd, a, k = cfg.head_dim, cfg.n_heads, cfg.kv_heads
     rep = 1 / t if layout.sp else 1.0
@@ -66,7 +68,7 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, layout: Layout, stack: St
     b += 2 * d * e                                            # inputs of the qkv and w1(/w3) matmuls
     b += (a + 2 * k) * hd * e / t                             # q, k, v kept for attention
     b += _attention_core_bytes(cfg, layout, stack)            # kept by the attention kernel
-    b += a * hd * e / t                                       # input of wo
+    b += a * hd * e / t                                       # attention output = input of wo
     b += (4 if cfg.activation == "swiglu" else 2) * H * e / t  # activation in/out (swiglu: w1, silu, w3, product)
     if stack.dropout:
         b += 2 * d * rep                                      # two residual dropout masks (1 byte)
@@ -76,7 +78,8 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, layout: Layout, stack: St
 def _attention_core_bytes(cfg: ModelConfig, layout: Layout, stack: Stack) -> float:
     a, t, s, e = cfg.n_heads, layout.tp, layout.seq_len, act_bytes(layout.dtype)
     if stack.flash_attention:
-        return a * (cfg.head_dim * e + 4) / t                 # output and fp32 log-sum-exp
+        # fp32 log-sum-exp; the output it keeps is the same storage as wo's input (counted there)
+        return a * 4 / t
     per_score = e + ((1 + e) if stack.dropout else 0)         # softmax out (+ dropout mask and output)
     return a * s * per_score / t
 
