@@ -137,8 +137,10 @@ def stage_memory(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: Cluste
     per_chunk = layout.layers_per_chunk(cfg)
     saved = layer_saved_bytes_per_token(cfg, layout, stack) * tokens
     acts = chunks_in_flight(layout, stage) * min(per_chunk, n_layers) * saved
-    if layout.ac != "none":           # the layer being recomputed holds its full activations
+    if layout.ac == "full":           # the layer being recomputed holds its full activations
         acts += layer_activation_bytes_per_token(cfg, layout, stack) * tokens
+    elif layout.ac == "selective":    # ... or its recomputed attention core
+        acts += _attention_core_bytes(cfg, layout, stack) * tokens
     acts += 2 * cfg.dim * e * tokens  # embedding output / incoming activation and its gradient
 
     tp_params, unit = unsharded_params(cfg, layout, stage)
