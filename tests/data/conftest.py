@@ -22,6 +22,10 @@ from data import DataConfig
 EOT = 0
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (still runs in CI)")
+
+
 def write_unique_token_shards(folder, n_shards=6, docs_per_shard=9, max_len=40, seed=0, first=1, manifest=True):
     """Shards of documents with consecutive unique ids; returns (urls, all real token ids)."""
     os.makedirs(folder, exist_ok=True)
