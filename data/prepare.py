@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from collections import deque
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
 from tqdm import tqdm
@@ -80,7 +80,9 @@ def write_shards(docs, out_dir: str, *, tokenizer: str = "bytes", eot_token: str
     index = 0
     pool = None
     if workers > 1:
-        pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer, eot_token))
+        # fork: workers start in milliseconds (spawn would re-import torch through the data package)
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        pool = get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer, eot_token))
         tokenized = _tokenize_in_pool(pool, _chunks(docs), ahead=4 * workers)
     else:
         tokenized = ((c, [tok.encode_bytes(d) for d in c]) for c in _chunks(docs))
