@@ -5,8 +5,9 @@ weight). Laid end to end, with an end-of-text token after each document, its doc
 token stream; a *position* is an offset in that stream. The positions not yet trained on are a
 list of intervals, `remaining`. They are cut into `dp_size * slots_per_rank` equal contiguous
 slots (rank-major: slot = dp_rank * slots_per_rank + worker); each slot is packed into batches of
-batch_size sequences of seq_len+1 tokens, and worker w of a rank serves that rank's batches
-w, w+n, w+2n, ... (the order torch's DataLoader yields them in).
+batch_size sequences of seq_len+1 tokens. Workers send `group` batches per message (one
+message per batch costs more than making it) and torch's DataLoader takes messages round robin,
+so worker w of a rank serves that rank's batch groups w, w+n, w+2n, ...
 
 All DP ranks consume batches in lockstep, so the global state is (epoch, remaining, layout,
 batches consumed per rank): the same on every rank. From it any new layout (other DP size,
@@ -118,9 +119,32 @@ def phase_batches(remaining, layout: dict) -> int:
     return math.ceil(longest / tokens_per_batch(layout))
 
 
-def worker_batches_done(k: int, worker: int, n: int) -> int:
-    """How many of a rank's first k batches worker `worker` of n served (round robin)."""
-    return max(0, (k - worker + n - 1) // n)
+def _group_shape(layout: dict, m: int) -> tuple[int, int, int, int]:
+    """(n, G, Q, r): workers, batches per message, messages per worker per phase, last message's size."""
+    n, g = layout["slots_per_rank"], layout.get("group", 1)
+    q = max(1, math.ceil(m / g))
+    return n, g, q, m - g * (q - 1)
+
+
+def worker_batches_done(k: int, worker: int, layout: dict, m: int) -> int:
+    """How many of a rank's first k batches of a phase (m batches per worker) worker `worker` served.
+
+    Workers send messages of `group` batches (the last of a phase shorter, r), and torch's
+    DataLoader takes messages round robin: message g of the phase comes from worker g % n.
+    """
+    n, g, q, r = _group_shape(layout, m)
+    full = n * g * (q - 1)
+    if k <= full:
+        cycles, rem = divmod(k, g * n)
+        return cycles * g + min(max(rem - worker * g, 0), g)
+    return (q - 1) * g + min(max(k - full - worker * r, 0), r)
+
+
+def next_message(k: int, layout: dict, m: int) -> int:
+    """Index in the phase of the message that holds the rank's batch k."""
+    n, g, q, r = _group_shape(layout, m)
+    full = n * g * (q - 1)
+    return k // g if k < full else n * (q - 1) + (k - full) // r
 
 
 def merge(intervals) -> list[list[int]]:
@@ -140,14 +164,15 @@ def unconsumed(remaining, layout: dict, k: int) -> list[list[int]]:
     n = layout["slots_per_rank"]
     slots = layout["dp_size"] * n
     tpb = tokens_per_batch(layout)
+    m = phase_batches(remaining, layout)
     left = []
     for s in range(slots):
         lo, hi = slot_bounds(remaining, slots, s)
-        used = min(worker_batches_done(k, s % n, n) * tpb, hi - lo)
+        used = min(worker_batches_done(k, s % n, layout, m) * tpb, hi - lo)
         left += cut(remaining, lo + used, hi)
     return merge(left)
 
 
 def same_layout(a: dict, b: dict) -> bool:
-    keys = ("dp_size", "slots_per_rank", "batch_size", "seq_len")
-    return all(a[k] == b[k] for k in keys)
+    keys = ("dp_size", "slots_per_rank", "batch_size", "seq_len", "group")
+    return all(a.get(k, 1) == b.get(k, 1) for k in keys)
