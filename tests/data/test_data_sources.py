@@ -150,3 +150,20 @@ def test_byte_tokenizer_round_trip():
     text = "héllo wörld ✓\n"
     assert tok.vocab_size == 257 and tok.eot_id == 256
     assert tok.decode(tok.encode(text)) == text and max(tok.encode(text)) < 256
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_pipe_shards_split_mid_shard_across_ranks(tmp_path):
+    """Slots end inside shards: a reader stops its pipe: command early, which is no error even for a
+    command that exits non-zero on a broken pipe (as many object-store CLIs do)."""
+    urls, ids = write_unique_token_shards(tmp_path / "sh", n_shards=2, docs_per_shard=12, max_len=9000)
+    cfg = DataConfig(urls=[f"pipe:cat {u} || exit 3" for u in urls], tokenizer="pretokenized",
+                     cache_dir=str(tmp_path / "c"), manifest=str(tmp_path / "sh" / "manifest.json"), shuffle=False)
+    seen = []
+    for r in range(3):
+        loader = build_loader(cfg, split="train", seq_len=1023, batch_size=8, dp_rank=r, dp_size=3, seed=0)
+        for b in loader:
+            seen += real_tokens([b])
+            if loader.state_dict()["epoch"] == 1:
+                break
+    assert sorted(seen) == ids
