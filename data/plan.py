@@ -76,13 +76,11 @@ def plan_total(plan: list[dict]) -> int:
 
 def data_fingerprint(sources) -> str:
     """Identifies the indexed data, so a state is not applied to other data by mistake."""
-    text = json.dumps([[s.weight, [[os_basename(x["url"]), x["docs"], x["tokens"]] for x in s.shards]]
+    from .sources import shard_name
+
+    text = json.dumps([[s.weight, [[shard_name(x["url"]), x["docs"], x["tokens"]] for x in s.shards]]
                        for s in sources])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def os_basename(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def total(remaining) -> int:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
@@ -112,7 +113,13 @@ def _manifest_entry(cfg, url: str, cache: dict):
     m = cache[key]
     if m is None:
         return None, None
-    return m, m["_by_name"].get(os.path.basename(local_path(url)))
+    return m, m["_by_name"].get(shard_name(url))
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name, also inside a command: 'pipe:aws s3 cp s3://b/x/shard-000001.tar -'."""
+    found = re.findall(r"[^\s/'\"]+\.(?:tar\.gz|tgz|tar)\b", url)
+    return found[-1] if found else os.path.basename(local_path(url))
 
 
 def _shard_fingerprint(url: str) -> str:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import real_tokens, take, text_docs, write_text_shards, write_unique_token_shards
+from datahelpers import real_tokens, take, text_docs, write_text_shards, write_unique_token_shards
 from data import DataConfig, DataError, build_loader
 
 

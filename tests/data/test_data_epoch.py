@@ -4,7 +4,7 @@ from collections import Counter
 
 import torch
 
-from conftest import real_tokens, slot_stream, take, text_docs, write_text_shards
+from datahelpers import real_tokens, slot_stream, take, text_docs, write_text_shards
 from data import DataConfig, build_loader, build_tokenizer
 from data import plan as P
 

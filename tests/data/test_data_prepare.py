@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import slot_stream, text_docs
+from datahelpers import slot_stream, text_docs
 from data import DataConfig, build_loader, build_tokenizer
 from data.prepare import main as prepare_main
 

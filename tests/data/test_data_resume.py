@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import real_tokens, take
+from datahelpers import real_tokens, take
 from data import build_loader
 from data import plan as P
 
@@ -15,6 +15,7 @@ def loader_for(cfg, r=0, d=1, seed=3, seq_len=6, batch_size=2):
     return build_loader(cfg, split="train", seq_len=seq_len, batch_size=batch_size, dp_rank=r, dp_size=d, seed=seed)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores: fine here
 @pytest.mark.parametrize("workers,back", [(0, 3), (2, 3), (2, 13), (3, 29)])
 def test_resume_gives_the_same_next_batches(unique_cfg, workers, back):
     cfg, _ = unique_cfg

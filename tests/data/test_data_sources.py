@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import real_tokens, slot_stream, take, text_docs, write_unique_token_shards
+from datahelpers import real_tokens, slot_stream, take, text_docs, write_unique_token_shards
 from data import DataConfig, build_loader, build_tokenizer
 
 
