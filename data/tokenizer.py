@@ -116,9 +116,9 @@ def tokenizer_from_spec(spec: str, eot_token: str = ""):
 
 def build_tokenizer(cfg):
     """The tokenizer of a DataConfig; for 'pretokenized' the one named in the shards' manifest."""
-    cfg.validate()
     if cfg.tokenizer != "pretokenized":
         return tokenizer_from_spec(cfg.tokenizer, cfg.eot_token)
+    cfg.validate()  # urls may still be a TOML string
     from .sources import find_manifest_for
 
     manifest, where = find_manifest_for(cfg, cfg.urls)
