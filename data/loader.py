@@ -80,30 +80,32 @@ def read_positions(plan: list[dict], intervals, **kw):
             i += 1
 
 
-def pack(pieces, n_batches: int, batch_size: int, seq_len: int, eot_id: int):
-    """Cut a token stream into n_batches (inputs, labels) batches; PAD fills a short stream's end."""
-    tpb = batch_size * (seq_len + 1)
-    buf = np.empty(tpb, dtype=np.int64)
-    fill = 0
+def sequences(pieces, count: int, seq_len: int):
+    """Cut a token stream into `count` arrays of seq_len+1 tokens; PAD fills a short stream's end."""
+    size = seq_len + 1
     pieces = iter(pieces)
     piece, off = None, 0
-    for _ in range(n_batches):
-        while fill < tpb:
+    for _ in range(count):
+        buf = np.empty(size, dtype=np.int64)
+        fill = 0
+        while fill < size:
             if piece is None or off >= len(piece):
                 piece, off = next(pieces, None), 0
                 if piece is None:
                     buf[fill:] = P.PAD
-                    fill = tpb
                     break
-            take = min(tpb - fill, len(piece) - off)
+            take = min(size - fill, len(piece) - off)
             buf[fill:fill + take] = piece[off:off + take]
             fill, off = fill + take, off + take
-        x = buf.reshape(batch_size, seq_len + 1)
-        inputs, labels = x[:, :-1].copy(), x[:, 1:].copy()
-        inputs[inputs == P.PAD] = eot_id
-        labels[labels == P.PAD] = P.IGNORE
-        yield inputs, labels  # numpy: pickles through worker queues far cheaper than shared-memory tensors
-        fill = 0
+        yield buf
+
+
+def to_batch(rows: list, eot_id: int):
+    x = np.stack(rows)
+    inputs, labels = x[:, :-1].copy(), x[:, 1:].copy()
+    inputs[inputs == P.PAD] = eot_id
+    labels[labels == P.PAD] = P.IGNORE
+    return inputs, labels  # numpy: pickles through worker queues far cheaper than shared-memory tensors
 
 
 def _as_is(batch):
@@ -125,7 +127,7 @@ class SlotStream(IterableDataset):
         st = self.state
         layout, epoch, remaining, k = st["layout"], st["epoch"], st["remaining"], st["batches"]
         n, group = layout["slots_per_rank"], layout.get("group", 1)
-        tpb = P.tokens_per_batch(layout)
+        seq = layout["seq_len"] + 1
         stats: dict = {}
         m = P.phase_batches(remaining, layout)
         role = (j + P.next_message(k, layout, m)) % n  # the DataLoader asks worker 0 first
@@ -133,13 +135,14 @@ class SlotStream(IterableDataset):
             plan = P.epoch_plan(self.sources, epoch, self.seed, self.shuffle)
             lo, hi = P.slot_bounds(remaining, layout["dp_size"] * n, self.dp_rank * n + role)
             done = P.worker_batches_done(k, role, layout, m)
-            pieces = read_positions(plan, P.cut(remaining, min(lo + done * tpb, hi), hi), cfg=self.cfg,
-                                    tokenizer=self.tokenizer, seed=self.seed, epoch=epoch,
-                                    shuffle=self.shuffle, stats=stats)
+            count = m - done
+            lanes = [sequences(read_positions(plan, P.cut(remaining, min(a + done * seq, b), b), cfg=self.cfg,
+                                              tokenizer=self.tokenizer, seed=self.seed, epoch=epoch,
+                                              shuffle=self.shuffle, stats=stats), count, layout["seq_len"])
+                     for a, b in P.lane_bounds(lo, hi, layout["batch_size"])]
             message = []
-            for b, batch in enumerate(pack(pieces, m - done, layout["batch_size"], layout["seq_len"],
-                                           self.tokenizer.eot_id), start=done):
-                message.append(batch)
+            for b in range(done, m):
+                message.append(to_batch([next(lane) for lane in lanes], self.tokenizer.eot_id))
                 if (b + 1) % group == 0 or b + 1 == m:  # messages end at group and phase boundaries
                     yield message
                     message = []

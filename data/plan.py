@@ -4,8 +4,9 @@ An epoch is a deterministic order of shards (seeded per epoch; several sources i
 weight). Laid end to end, with an end-of-text token after each document, its documents form one
 token stream; a *position* is an offset in that stream. The positions not yet trained on are a
 list of intervals, `remaining`. They are cut into `dp_size * slots_per_rank` equal contiguous
-slots (rank-major: slot = dp_rank * slots_per_rank + worker); each slot is packed into batches of
-batch_size sequences of seq_len+1 tokens. Workers send `group` batches per message (one
+slots (rank-major: slot = dp_rank * slots_per_rank + worker). A slot is cut again into
+batch_size equal contiguous lanes; row i of the slot's batches reads lane i, seq_len+1 tokens at a
+time, so the rows of a batch come from distant documents (often other shards). Workers send `group` batches per message (one
 message per batch costs more than making it) and torch's DataLoader takes messages round robin,
 so worker w of a rank serves that rank's batch groups w, w+n, w+2n, ...
 
@@ -13,7 +14,7 @@ All DP ranks consume batches in lockstep, so the global state is (epoch, remaini
 batches consumed per rank): the same on every rank. From it any new layout (other DP size,
 worker count, batch size) can compute what was consumed and cut the rest anew: nothing repeated,
 nothing skipped, down to the token. Slots of one phase all give the same number of batches; the
-last batch of a slot is padded (inputs end-of-text, labels -100, the ignore index).
+end of each lane is padded (inputs end-of-text, labels -100, the ignore index).
 """
 
 from __future__ import annotations
@@ -110,11 +111,17 @@ def tokens_per_batch(layout: dict) -> int:
     return layout["batch_size"] * (layout["seq_len"] + 1)
 
 
+def lane_bounds(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
+    """A slot's lanes: row i of every batch of a slot reads lane i, its i-th contiguous part."""
+    n = hi - lo
+    return [(lo + i * n // batch_size, lo + (i + 1) * n // batch_size) for i in range(batch_size)]
+
+
 def phase_batches(remaining, layout: dict) -> int:
     """Batches each slot (and each worker) gives before the epoch ends."""
     slots = layout["dp_size"] * layout["slots_per_rank"]
-    longest = math.ceil(total(remaining) / slots)
-    return math.ceil(longest / tokens_per_batch(layout))
+    longest_lane = math.ceil(math.ceil(total(remaining) / slots) / layout["batch_size"])
+    return math.ceil(longest_lane / (layout["seq_len"] + 1))
 
 
 def _group_shape(layout: dict, m: int) -> tuple[int, int, int, int]:
@@ -161,13 +168,13 @@ def unconsumed(remaining, layout: dict, k: int) -> list[list[int]]:
     """The remaining intervals after every rank consumed k batches under `layout`."""
     n = layout["slots_per_rank"]
     slots = layout["dp_size"] * n
-    tpb = tokens_per_batch(layout)
+    seq = layout["seq_len"] + 1
     m = phase_batches(remaining, layout)
     left = []
     for s in range(slots):
-        lo, hi = slot_bounds(remaining, slots, s)
-        used = min(worker_batches_done(k, s % n, layout, m) * tpb, hi - lo)
-        left += cut(remaining, lo + used, hi)
+        done = worker_batches_done(k, s % n, layout, m)
+        for lo, hi in lane_bounds(*slot_bounds(remaining, slots, s), layout["batch_size"]):
+            left += cut(remaining, min(lo + done * seq, hi), hi)
     return merge(left)
 
 

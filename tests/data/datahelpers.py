@@ -77,10 +77,12 @@ def real_tokens(batches):
 
 
 def slot_stream(batches, eot):
-    """One slot's token stream: rows joined, padding dropped."""
+    """One slot's token stream, padding dropped: row i of its batches reads lane i, lanes in order."""
     out = []
-    for x, y in batches:
-        for xr, yr in zip(x.tolist(), y.tolist()):
+    rows = batches[0][0].shape[0] if batches else 0
+    for i in range(rows):
+        for x, y in batches:
+            xr, yr = x[i].tolist(), y[i].tolist()
             if not (yr[0] == -100 and xr[0] == eot):
                 out.append(xr[0])
             out += [t for t in yr if t != -100]

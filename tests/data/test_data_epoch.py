@@ -103,3 +103,13 @@ def test_workers_prefetch_does_not_move_state(unique_cfg):
     loader = build_loader(cfg, split="train", seq_len=5, batch_size=2, dp_rank=0, dp_size=1, seed=0)
     take(loader, 3)
     assert loader.state_dict()["batches"] == 3
+
+
+def test_rows_of_a_batch_come_from_distant_lanes(unique_cfg):
+    cfg, ids = unique_cfg
+    cfg.shuffle = False  # shard and document order as written: lane i holds smaller ids than lane i+1
+    loader = build_loader(cfg, split="train", seq_len=5, batch_size=4, dp_rank=0, dp_size=1, seed=0)
+    x, _ = take(loader, 1)[0]
+    firsts = [max(row) for row in x.tolist()]
+    lane = len(ids) // 4
+    assert all(b - a >= lane - 12 for a, b in zip(firsts, firsts[1:])), firsts  # ~a quarter of the epoch apart
