@@ -86,6 +86,10 @@ def sequences(pieces, count: int, seq_len: int):
     pieces = iter(pieces)
     piece, off = None, 0
     for _ in range(count):
+        if piece is not None and off + size <= len(piece):  # fast path: a view, no copy
+            yield piece[off:off + size]
+            off += size
+            continue
         buf = np.empty(size, dtype=np.int64)
         fill = 0
         while fill < size:
@@ -101,10 +105,11 @@ def sequences(pieces, count: int, seq_len: int):
 
 
 def to_batch(rows: list, eot_id: int):
-    x = np.stack(rows)
+    x = np.stack(rows).astype(np.int64, copy=False)
     inputs, labels = x[:, :-1].copy(), x[:, 1:].copy()
-    inputs[inputs == P.PAD] = eot_id
-    labels[labels == P.PAD] = P.IGNORE
+    if x.min() < 0:  # padding present (ids are never negative)
+        inputs[inputs == P.PAD] = eot_id
+        labels[labels == P.PAD] = P.IGNORE
     return inputs, labels  # numpy: pickles through worker queues far cheaper than shared-memory tensors
 
 
