@@ -136,6 +136,7 @@ def _shard_fingerprint(url: str) -> str:
 def index_shards(urls: list[str], cfg, tokenizer) -> list[dict]:
     """Document and token counts of each shard: from manifests, else from a cached scan."""
     manifests: dict = {}
+    idents: dict = {}
     out: list[dict | None] = []
     to_scan: list[tuple[int, str, str]] = []
     for url in urls:
@@ -143,6 +144,11 @@ def index_shards(urls: list[str], cfg, tokenizer) -> list[dict]:
         same_ids = m is not None and (cfg.tokenizer == "pretokenized"
                                       or m.get("tokenizer_ident") == getattr(tokenizer, "ident", None))
         if entry is not None and same_ids:
+            idents.setdefault(m.get("tokenizer_ident"), url)
+            if len(idents) > 1:
+                (a, ua), (b, ub) = list(idents.items())[:2]
+                raise DataError(f"data.urls: shards were tokenized differently ({ua}: {a}, {ub}: {b}); "
+                                "prepare all sources with one tokenizer")
             field = m.get("token_field", cfg.token_field)
             out.append({"url": url, "docs": int(entry["docs"]), "tokens": int(entry["tokens"]),
                         "mode": "tokens", "field": field})

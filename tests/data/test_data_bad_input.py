@@ -127,3 +127,13 @@ def test_config_errors_name_the_field(field, value, match):
     setattr(cfg, field, value)
     with pytest.raises(ValueError, match=match):
         cfg.validate()
+
+
+def test_pretokenized_sources_with_different_tokenizers_are_refused(tmp_path):
+    a, _ = write_unique_token_shards(tmp_path / "a", n_shards=1)
+    b, _ = write_unique_token_shards(tmp_path / "b", n_shards=1)
+    m = tmp_path / "b" / "manifest.json"
+    m.write_text(m.read_text().replace('"tokenizer_ident": "test-ids"', '"tokenizer_ident": "other-ids"'))
+    cfg = DataConfig(urls=a + b, tokenizer="pretokenized", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match="tokenized differently"):
+        train(cfg)
