@@ -107,10 +107,6 @@ def slot_bounds(remaining, slots: int, slot: int) -> tuple[int, int]:
     return slot * r // slots, (slot + 1) * r // slots
 
 
-def tokens_per_batch(layout: dict) -> int:
-    return layout["batch_size"] * (layout["seq_len"] + 1)
-
-
 def lane_bounds(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
     """A slot's lanes: row i of every batch of a slot reads lane i, its i-th contiguous part."""
     n = hi - lo

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tarfile
 
 import numpy as np
 from webdataset.gopen import gopen
@@ -130,9 +129,3 @@ def scan_shard(url: str, *, mode: str, field: str, tokenizer, on_corrupt: str) -
     return {"url": url, "docs": docs, "tokens": tokens, "missing_field": stats.get("missing_field", 0),
             "corrupt": stats.get("corrupt_shards", 0)}
 
-
-def is_tarfile(path: str) -> bool:
-    try:
-        return tarfile.is_tarfile(path)
-    except OSError:
-        return False
