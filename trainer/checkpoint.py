@@ -110,8 +110,8 @@ class CheckpointManager:
         dcp_load(sd, path)
         self.parts.load_state_dict(sd)
         self.state.step, self.state.tokens = meta["step"], meta["tokens"]
-        for sched, saved in zip(self.schedulers, meta["schedulers"]):
-            _load_scheduler(sched, saved)
+        for i, sched in enumerate(self.schedulers):       # a run's optimizers share one schedule
+            _load_scheduler(sched, meta["schedulers"][min(i, len(meta["schedulers"]) - 1)])
         self._load_rank_state(path, meta)
         self.last_saved_step = self.state.step
 
@@ -228,14 +228,19 @@ def _require_complete(path: Path) -> None:
 
 def _load_scheduler(sched, saved: dict) -> None:
     """Restore the schedule's position, then recompute the LR from *this* run's schedule (a
-    branch with more train.steps continues WSD's constant phase instead of the old decay)."""
-    sched.load_state_dict(saved)
+    branch with more train.steps continues WSD's constant phase instead of the old decay).
+    Only the position is taken from the checkpoint: every optimizer of a run follows the same
+    schedule, and pipeline stages may hold a different number of parameter groups per optimizer."""
     lambdas = getattr(sched, "lr_lambdas", None)
-    if lambdas:
-        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, lambdas)]
-        for group, lr in zip(sched.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        sched._last_lr = lrs
+    if not lambdas:
+        sched.load_state_dict(saved)
+        return
+    sched.last_epoch = saved["last_epoch"]
+    sched._step_count = saved.get("_step_count", saved["last_epoch"] + 1)
+    lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, lambdas)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
 
 
 def _loader_state_for(ranks: list[dict], dp_rank: int, dp_size: int, path: Path):

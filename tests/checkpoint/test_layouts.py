@@ -1,0 +1,58 @@
+"""Resharding on load: FSDP x4 -> TP 2 x DP 2 -> pipeline-stage parts -> one process, against
+one uninterrupted single-process run (same global batch; fp32)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = str(ROOT / "tests/checkpoint/layout_worker.py")
+
+
+def launch(nproc, *args):
+    if nproc == 1:                       # in this process: saves a process start-up
+        import contextlib
+        import io
+
+        import torch
+
+        from tests.checkpoint.layout_worker import main
+        threads, buf = torch.get_num_threads(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                main(args[0], args[1], int(args[2]), args[3], len(args) > 4 and args[4] == "async")
+        finally:
+            torch.set_num_threads(threads)
+        return buf.getvalue()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, WORKER, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--standalone", WORKER, *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_resume_across_layouts_matches_single_process(tmp_path):
+    ref = tmp_path / "ref.json"
+    launch(1, "single", str(tmp_path / "ref"), "8", str(ref))
+    want = {int(k): v for k, v in json.loads(ref.read_text()).items()}
+
+    run = str(tmp_path / "run")
+    got = {}
+    for nproc, layout, stop, extra in ((4, "fsdp4", 2, ["async"]), (4, "tp2dp2", 4, []),
+                                       (1, "parts2", 6, []), (1, "single", 8, [])):
+        out = tmp_path / f"{layout}.json"
+        printed = launch(nproc, layout, run, str(stop), str(out), *extra)
+        if layout != "fsdp4":
+            assert f"at step {stop - 2}" in printed and "resumed from" in printed
+        got.update({int(k): v for k, v in json.loads(out.read_text()).items()})
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert abs(got[step] - want[step]) < 1e-5, (step, got[step], want[step])
