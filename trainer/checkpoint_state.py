@@ -152,7 +152,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 class SafeFileSystemReader(dcp.FileSystemReader):
     def read_metadata(self, *args, **kwargs):
         rank = kwargs.get("rank")
-        path = self._get_metadata_path(rank)
+        get_path = getattr(self, "_get_metadata_path", None)        # torch < 2.12 has no per-rank metadata
+        path = get_path(rank) if get_path else self.fs.concat_path(self.path, ".metadata")
         with self.fs.create_stream(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
         from torch.distributed.checkpoint.metadata import StorageMeta
