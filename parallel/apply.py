@@ -68,7 +68,7 @@ def convert_precision(model: nn.Module, cfg, tp_mesh) -> nn.Module:
 def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Parallelized:
     """Spread `model` (built on CPU from the seed, identical on every rank) over the mesh."""
     pcfg = cfg.parallel
-    validate_layout(pcfg, cfg.model, cfg.train.batch_size)
+    validate_layout(pcfg, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
     device = next(model.parameters()).device
     pipeline = None
     if dims.pp_enabled:
