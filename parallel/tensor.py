@@ -36,16 +36,19 @@ def _block_plan(sp: bool) -> dict:
         "feed_forward.w2": RowwiseParallel(output_layouts=seq),
         "feed_forward.w3": ColwiseParallel(),
     }
+    rest = (None,) * (BLOCK_ARGS - 1)
+    # One entry point per half-block (Megatron's "f"/"g"): q/k/v (and w1/w3) take the same
+    # DTensor input, so backward sums their input gradients before one all-reduce (or one
+    # reduce-scatter under SP) instead of one per projection.
+    plan.update({
+        "attention": PrepareModuleInput(input_layouts=(seq, *rest), desired_input_layouts=(Replicate(), *rest)),
+        "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+    })
     if sp:
-        rest = (None,) * (BLOCK_ARGS - 1)
-        plan.update({
-            # Local outputs: the residual stream is plain local [B, T/tp, D] tensors, so adding
-            # it works for pre- and post-norm blocks alike.
-            "attention_norm": SequenceParallel(use_local_output=True),
-            "ffn_norm": SequenceParallel(use_local_output=True),
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest)),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        })
+        # Local outputs: the residual stream is plain local [B, T/tp, D] tensors, so adding
+        # it works for pre- and post-norm blocks alike.
+        plan["attention_norm"] = SequenceParallel(use_local_output=True)
+        plan["ffn_norm"] = SequenceParallel(use_local_output=True)
     return plan
 
 
