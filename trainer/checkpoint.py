@@ -67,6 +67,11 @@ class CheckpointManager:
     def restore(self) -> bool:
         """Resume from the newest complete checkpoint of this run; else start from
         checkpoint.init_from if set. Returns True when some state was loaded."""
+        loaded = self._restore()
+        self.preemption.install()
+        return loaded
+
+    def _restore(self) -> bool:
         for partial in files.partial_checkpoints(self.root):
             self._say(f"ignoring incomplete checkpoint {partial} (a save that did not finish)")
         ckpts = complete_checkpoints(self.root)

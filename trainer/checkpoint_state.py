@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+
+from trainer.config_parse import ConfigError
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict)
@@ -22,8 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this run: says what differs."""
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be loaded into this run: says what differs (the CLI prints it
+    without a traceback, as for a bad config value)."""
 
 
 def as_list(x) -> list:
@@ -35,31 +38,70 @@ def as_list(x) -> list:
 class ModelParts:
     """The model (one module, or the stage modules of a pipeline rank) and its optimizer(s).
 
-    With several parts there is one optimizer per part (as torchtitan builds them: DCP maps an
-    optimizer's parameters to FQNs through one module); each part's state dict uses the
-    single-process FQNs, so keys match whatever the pipeline split was."""
+    Pipeline stages come either as a list of modules with one optimizer each (torchtitan's way:
+    DCP maps an optimizer's parameters to FQNs through one module), or as one nn.ModuleList
+    with one optimizer over it (parallel/'s way), whose keys carry the list index ("0.layers.3...");
+    the index is dropped on save and put back on load. Either way the checkpoint holds the
+    single-process FQNs, so it does not depend on how a pipeline split the model."""
 
     def __init__(self, model, optimizer=None):
-        self.parts: list[nn.Module] = as_list(model)
+        self.container = model if isinstance(model, nn.ModuleList) else None
+        self.parts: list[nn.Module] = list(model) if self.container is not None else as_list(model)
         self.optimizers = as_list(optimizer)
-        if len(self.optimizers) not in (0, len(self.parts)):
+        want = (0, 1) if self.container is not None else (0, len(self.parts))
+        if len(self.optimizers) not in want:
             raise ValueError(f"checkpoint: {len(self.optimizers)} optimizers for {len(self.parts)} model parts; "
-                             "give one optimizer per model part")
+                             "give one optimizer per model part (or one over an nn.ModuleList of parts)")
+        self._index: dict[str, str] = {}      # FQN -> list index, for a ModuleList
 
-    def _pairs(self):
-        return list(zip(self.parts, self.optimizers))
+    def _modules(self):
+        """(module, optimizer-or-None) pairs that DCP's state-dict API is called on."""
+        if self.container is not None:
+            return [(self.container, self.optimizers[0] if self.optimizers else None)]
+        opts = self.optimizers or [None] * len(self.parts)
+        return list(zip(self.parts, opts))
+
+    def _strip(self, sd: dict, optim: bool) -> dict:
+        if self.container is None:
+            return sd
+        out = {}
+        for key, v in sd.items():
+            if optim:
+                kind, rest = key.split(".", 1)
+                idx, fqn = rest.split(".", 1)
+                out[f"{kind}.{fqn}"] = v
+            else:
+                idx, fqn = key.split(".", 1)
+                self._index[fqn] = idx
+                out[fqn] = v
+        return out
+
+    def _unstrip(self, sd: dict, optim: bool) -> dict:
+        if self.container is None:
+            return sd
+        if not self._index:
+            self.model_state_dict()
+        out = {}
+        for key, v in sd.items():
+            if optim:
+                kind, rest = key.split(".", 1)
+                fqn = rest.rsplit(".", 1)[0]           # flattened keys end in one dot-free name
+                out[f"{kind}.{self._index[fqn]}.{rest}"] = v
+            elif key in self._index:
+                out[f"{self._index[key]}.{key}"] = v
+        return out
 
     def model_state_dict(self) -> dict:
         sd = {}
-        for part in self.parts:
-            sd.update(get_model_state_dict(part, options=OPTIONS))
-        return sd
+        for module, _ in self._modules():
+            sd.update(get_model_state_dict(module, options=OPTIONS))
+        return self._strip(sd, optim=False)
 
     def optim_state_dict(self) -> dict:
         sd = {}
-        for part, opt in self._pairs():
-            sd.update(get_optimizer_state_dict(part, opt, options=OPTIONS))
-        return sd
+        for module, opt in self._modules():
+            sd.update(get_optimizer_state_dict(module, opt, options=OPTIONS))
+        return self._strip(sd, optim=True)
 
     def state_dict(self, with_optim: bool = True) -> dict:
         out = {"model": self.model_state_dict()}
@@ -68,20 +110,22 @@ class ModelParts:
         return out
 
     def load_state_dict(self, sd: dict) -> None:
-        for part in self.parts:
-            mine = {k: v for k, v in sd["model"].items() if k in _keys(part)}
-            set_model_state_dict(part, mine, options=OPTIONS)
-        if "optim" in sd:
-            for part, opt in self._pairs():
-                set_optimizer_state_dict(part, opt, sd["optim"], options=OPTIONS)
+        model_sd = self._unstrip(sd["model"], optim=False)
+        optim_sd = self._unstrip(sd["optim"], optim=True) if "optim" in sd else None
+        for module, opt in self._modules():
+            keys = _keys(module)
+            set_model_state_dict(module, {k: v for k, v in model_sd.items() if k in keys}, options=OPTIONS)
+            if optim_sd is not None:
+                set_optimizer_state_dict(module, opt, optim_sd, options=OPTIONS)
 
     def load_full_model_state_dict(self, full: dict) -> None:
         """Load full (unsharded) tensors, e.g. from safetensors, into whatever layout holds the
         parts: DCP slices each tensor to this rank's shard."""
         opts = StateDictOptions(full_state_dict=True, strict=True)
-        for part in self.parts:
-            keys = _keys(part)
-            set_model_state_dict(part, {k: v for k, v in full.items() if k in keys}, options=opts)
+        full = self._unstrip(full, optim=False)
+        for module, _ in self._modules():
+            keys = _keys(module)
+            set_model_state_dict(module, {k: v for k, v in full.items() if k in keys}, options=opts)
 
 
 def _keys(part: nn.Module) -> set[str]:

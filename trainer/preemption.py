@@ -33,9 +33,14 @@ class Preemption:
         self.ctx, self.check_every = ctx, max(1, check_every)
         self.requested = False
         self.signal_name = ""
+        self.signals = signals
         self._previous: dict = {}
-        if threading.current_thread() is threading.main_thread():
-            for name in signals:
+
+    def install(self) -> None:
+        """Catch the signals from now on (called once the run has restored its state: before
+        that there is nothing to save, and the default action, exiting, is right)."""
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            for name in self.signals:
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     self._previous[sig] = signal.signal(sig, self._handle)

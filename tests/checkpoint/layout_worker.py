@@ -8,6 +8,7 @@ no parallel code), so the test does not depend on parallel/:
   fsdp4   FSDP over 4 ranks                 tp2dp2  TP 2 x FSDP 2 (2-D mesh)
   parts2  one process holding two pipeline-stage modules (layers split 1+1) with an optimizer each:
           what a PP rank hands the checkpoint manager (`model_parts`)
+  stages2 the same two stages as one nn.ModuleList with one optimizer over it (parallel/'s way)
   single  one process
 """
 import copy
@@ -29,7 +30,7 @@ from trainer.model import Transformer
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.train import TrainState
 
-GLOBAL_BATCH, TOTAL_STEPS = 4, 8
+GLOBAL_BATCH, TOTAL_STEPS = 4, 10
 
 
 def apply_layout(model, layout, world):
@@ -53,13 +54,14 @@ def apply_layout(model, layout, world):
             fully_shard(block, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])
         return [model], dict(dp_rank=mesh["dp"].get_local_rank(), dp_size=2, dp_shard=2, tp=2)
-    if layout == "parts2":
+    if layout in ("parts2", "stages2"):
         first, second = copy.deepcopy(model), copy.deepcopy(model)
         del first.layers["1"]
         first.norm, first.output = None, None
         del second.layers["0"]
         second.tok_embeddings = None
-        return [first, second], dict(dp_rank=0, dp_size=1, dp_shard=1, tp=1)
+        parts = [first, second] if layout == "parts2" else [torch.nn.ModuleList([first, second])]
+        return parts, dict(dp_rank=0, dp_size=1, dp_shard=1, tp=1)
     return [model], dict(dp_rank=0, dp_size=1, dp_shard=1, tp=1)
 
 
@@ -92,7 +94,7 @@ def main(layout, run_dir, stop, out, use_async=False):
         for o in optimizers:
             o.zero_grad()
         h = inputs
-        for p in parts:
+        for p in (parts[0] if isinstance(parts[0], torch.nn.ModuleList) else parts):
             h = p(h)
         loss = cross_entropy(h, labels)
         loss.backward()

@@ -1,4 +1,5 @@
-"""Resharding on load: FSDP x4 -> TP 2 x DP 2 -> pipeline-stage parts -> one process, against
+"""Resharding on load: FSDP x4 -> TP 2 x DP 2 -> pipeline-stage parts (a list with an optimizer
+each, then a ModuleList with one optimizer) -> one process, against
 one uninterrupted single-process run (same global batch; fp32)."""
 import json
 import os
@@ -41,18 +42,18 @@ def launch(nproc, *args):
 @pytest.mark.slow
 def test_resume_across_layouts_matches_single_process(tmp_path):
     ref = tmp_path / "ref.json"
-    launch(1, "single", str(tmp_path / "ref"), "8", str(ref))
+    launch(1, "single", str(tmp_path / "ref"), "10", str(ref))
     want = {int(k): v for k, v in json.loads(ref.read_text()).items()}
 
     run = str(tmp_path / "run")
     got = {}
     for nproc, layout, stop, extra in ((4, "fsdp4", 2, ["async"]), (4, "tp2dp2", 4, []),
-                                       (1, "parts2", 6, []), (1, "single", 8, [])):
+                                       (1, "parts2", 6, []), (1, "stages2", 8, []), (1, "single", 10, [])):
         out = tmp_path / f"{layout}.json"
         printed = launch(nproc, layout, run, str(stop), str(out), *extra)
         if layout != "fsdp4":
             assert f"at step {stop - 2}" in printed and "resumed from" in printed
         got.update({int(k): v for k, v in json.loads(out.read_text()).items()})
-    assert sorted(got) == list(range(1, 9))
-    for step in range(1, 9):
+    assert sorted(got) == list(range(1, 11))
+    for step in range(1, 11):
         assert abs(got[step] - want[step]) < 1e-5, (step, got[step], want[step])
