@@ -1,11 +1,8 @@
-"""Child for test_layouts: train a few steps under one parallel layout with the CheckpointManager,
-resuming from whatever checkpoint the run folder holds.
+"""For test_layouts: train a few steps with the CheckpointManager holding the model as a
+pipeline rank does, resuming from whatever checkpoint the run folder holds.
 
-    [torchrun --nproc_per_node 4] tests/checkpoint/layout_worker.py LAYOUT RUN_DIR STOP OUT.json [async]
+    main(LAYOUT, RUN_DIR, STOP, OUT.json, use_async)
 
-Layouts are applied here with torch's own fully_shard / parallelize_module (the model file has
-no parallel code), so the test does not depend on parallel/:
-  fsdp4   FSDP over 4 ranks                 tp2dp2  TP 2 x FSDP 2 (2-D mesh)
   parts2  one process holding two pipeline-stage modules (layers split 1+1) with an optimizer each:
           what a PP rank hands the checkpoint manager (`model_parts`)
   stages2 the same two stages as one nn.ModuleList with one optimizer over it (parallel/'s way)
@@ -34,26 +31,6 @@ GLOBAL_BATCH, TOTAL_STEPS = 4, 10
 
 
 def apply_layout(model, layout, world):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    if layout == "fsdp4":
-        mesh = init_device_mesh("cpu", (world,))
-        for block in model.layers.values():
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return [model], dict(dp_rank=dist.get_rank(), dp_size=world, dp_shard=world, tp=1)
-    if layout == "tp2dp2":
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-        plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
-                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
-                "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
-                "feed_forward.w2": RowwiseParallel()}
-        for block in model.layers.values():
-            parallelize_module(block, mesh["tp"], plan)
-            fully_shard(block, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
-        return [model], dict(dp_rank=mesh["dp"].get_local_rank(), dp_size=2, dp_shard=2, tp=2)
     if layout in ("parts2", "stages2"):
         first, second = copy.deepcopy(model), copy.deepcopy(model)
         del first.layers["1"]

@@ -1,6 +1,7 @@
-"""Resharding on load: FSDP x4 -> TP 2 x DP 2 -> pipeline-stage parts (a list with an optimizer
-each, then a ModuleList with one optimizer) -> one process, against
-one uninterrupted single-process run (same global batch; fp32)."""
+"""Model parts as a pipeline rank holds them — a list of stage modules with an optimizer each
+(torchtitan's way), then one ModuleList with one optimizer (parallel/'s way) — save and load the
+single-process keys: resuming across them matches one uninterrupted run. The multi-process
+layouts (FSDP, TP x FSDP, PP) are in test_train_layouts.py through the real trainer."""
 import json
 import os
 import subprocess
@@ -39,20 +40,19 @@ def launch(nproc, *args):
     return r.stdout
 
 
-@pytest.mark.slow
-def test_resume_across_layouts_matches_single_process(tmp_path):
+def test_resume_across_model_parts_matches_single_process(tmp_path):
     ref = tmp_path / "ref.json"
     launch(1, "single", str(tmp_path / "ref"), "10", str(ref))
     want = {int(k): v for k, v in json.loads(ref.read_text()).items()}
 
     run = str(tmp_path / "run")
     got = {}
-    for nproc, layout, stop, extra in ((4, "fsdp4", 2, ["async"]), (4, "tp2dp2", 4, []),
-                                       (1, "parts2", 6, []), (1, "stages2", 8, []), (1, "single", 10, [])):
-        out = tmp_path / f"{layout}.json"
+    for nproc, layout, stop, extra in ((1, "single", 3, []), (1, "parts2", 6, ["async"]), (1, "stages2", 8, []),
+                                       (1, "single", 10, [])):
+        out = tmp_path / f"{layout}-{stop}.json"
         printed = launch(nproc, layout, run, str(stop), str(out), *extra)
-        if layout != "fsdp4":
-            assert f"at step {stop - 2}" in printed and "resumed from" in printed
+        if stop != 3:
+            assert "resumed from" in printed
         got.update({int(k): v for k, v in json.loads(out.read_text()).items()})
     assert sorted(got) == list(range(1, 11))
     for step in range(1, 11):
