@@ -123,7 +123,13 @@ class CheckpointManager:
     def _load_rank_state(self, path: Path, meta: dict) -> None:
         ranks = [files.read_json(path / f"rank-{r}.json", "checkpoint") for r in range(meta["world_size"])]
         if hasattr(self.loader, "load_state_dict"):
-            self.loader.load_state_dict(_loader_state_for(ranks, self.dp_rank, self.dp_size, path))
+            try:
+                self.loader.load_state_dict(_loader_state_for(ranks, self.dp_rank, self.dp_size, path))
+            except (ValueError, KeyError) as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"checkpoint {str(path)!r}: the data position does not fit this run's "
+                                      f"data loader: {e}") from None
         if meta.get("layout") == self.layout:
             set_rng_state(ranks[self.ctx.rank]["rng"], self.ctx.device)
         else:
