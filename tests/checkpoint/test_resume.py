@@ -170,3 +170,19 @@ def test_metadata_that_would_run_code_is_refused(tmp_path, reference):
     with pytest.raises(CheckpointError, match="refusing to load"):
         run(tmp_path / "c", *STEPS, "--checkpoint.init_from", str(bad))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_failed_background_write_is_raised_and_never_committed(monkeypatch, tmp_path):
+    from concurrent.futures import Future
+
+    from launch.context import DistContext
+    from trainer import checkpoint_async
+    failed = Future()
+    failed.set_exception(OSError("disk full"))
+    monkeypatch.setattr(checkpoint_async.dcp, "async_save", lambda *a, **k: failed)
+    committed = []
+    writer = checkpoint_async.AsyncCheckpointWriter(DistContext())
+    writer.start({}, tmp_path, on_done=lambda: committed.append(1))
+    with pytest.raises(OSError, match="disk full"):
+        writer.wait()
+    assert committed == [] and not writer.pending
