@@ -21,6 +21,7 @@ from trainer.engine import LocalEngine
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from trainer.model import Transformer
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.precision import convert_for_training
 
 LoaderFactory = Callable[..., object]
 
@@ -90,7 +91,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
     model = Transformer(cfg.model)
     n_params, n_body = model.num_params(), model.num_params(include_embedding=False)
     flops_per_token = model.flops_per_token(cfg.train.seq_len)
-    model = parallelize(model.to(ctx.device), dims, cfg)
+    model = convert_for_training(model.to(ctx.device), cfg.precision)  # fp8 layers; idempotent if parallelize() does it too
+    model = parallelize(model, dims, cfg)
     optimizer = build_optimizer(model, cfg.optim, ctx.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine = LocalEngine(model, optimizer, scheduler, ctx.device, cfg.precision.dtype, cfg.optim.grad_clip,
