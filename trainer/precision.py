@@ -107,7 +107,23 @@ def _convert_torchao(model: nn.Module, cfg: PrecisionConfig) -> None:
     # reference kernel ~30x slower than a bf16 matmul. The numbers (quantisation error) are the same.
     emulate = not has_fp8_gemm(_model_device(model))
     config = dataclasses.replace(config, emulate=emulate, enable_fsdp_float8_all_gather=cfg.fp8_fsdp_all_gather)
+    before = dict(model.named_modules())
     convert_to_float8_training(model, config=config, module_filter_fn=fp8_module_filter(cfg))
+    for name, new in model.named_modules():
+        if name in before and before[name] is not new:
+            _carry_hooks(before[name], new)
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Keep the forward hooks of a swapped layer: tensor parallel's input/output redistribution
+    lives in hooks on the nn.Linear it was applied to, and torchao's swap would drop them."""
+    for attr in _HOOK_DICTS:
+        if getattr(old, attr, None):
+            getattr(new, attr).update(getattr(old, attr))
 
 
 # ---- transformer-engine (CUDA only, imported lazily) -------------------------------------------
@@ -169,6 +185,7 @@ def _convert_te(model: nn.Module, cfg: PrecisionConfig, tp_mesh) -> None:
             new.weight.copy_(old.weight)
             if old.bias is not None:
                 new.bias.copy_(old.bias)
+        _carry_hooks(old, new)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     # TE layers read the fp8 state from an enclosing autocast: wrap the model's forward in it (as
