@@ -59,7 +59,7 @@ class LocalEngine:
         loss = self.forward_backward(batches)
         norm = self.clip_grad_norm()
         self.optimizer.step()
-        post_optimizer_hook([self.model])    # fp8 all-gather scales (torchao + FSDP); else nothing
+        post_optimizer_hook(getattr(self, "model_parts", [self.model]))  # fp8 all-gather scales (torchao + FSDP)
         self.scheduler.step()
         return self.reduce_loss(loss), float(norm)
 

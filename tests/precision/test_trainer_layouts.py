@@ -1,5 +1,6 @@
 """fp8 (torchao) through the real trainer: parallel/apply.py's parallelize() (which calls
-convert_for_training), DistEngine and post_optimizer_hook, with DDP x2 and FSDP x2 on gloo,
+convert_for_training), DistEngine and post_optimizer_hook, with DDP x2, FSDP x2, TP x2 (with
+sequence parallel) and PP x2 on gloo,
 against a single-process fp8 run. Uses the N-D parity harness (tests/parallel/layouts.py)."""
 import pytest
 
@@ -10,6 +11,8 @@ LAYOUTS = {
     "fsdp2_fp8": f"--parallel.dp_shard 2 {FP8}",
     "fsdp2_fp8_all_gather": f"--parallel.dp_shard 2 {FP8} --precision.fp8_fsdp_all_gather true",
     "ddp2_fp8": f"--parallel.dp_replicate 2 --parallel.dp_shard 1 {FP8}",
+    "tp2_sp_fp8": f"--parallel.tp 2 {FP8}",          # converted after TP: sharded layers, SP norms
+    "pp2_fp8": f"--parallel.pp 2 {FP8}",
 }
 
 
