@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -196,8 +197,23 @@ def last_error_line(text: str) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
-def run_all(args) -> list[dict]:
-    start = time.time()
+def run_child(cmd: list[str], env: dict, log_file: Path, timeout: float) -> bool:
+    """Run one mode; True if it had to be killed. Output goes to a file and the child gets its own
+    process group: killing it then also ends compile workers it started, which would otherwise
+    keep a pipe open and hang the wait."""
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+            return False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+
+
+def run_all(args, start: float) -> list[dict]:
+    """Every mode in its own process, within args.budget_s counted from `start`."""
     results = []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,15 +230,13 @@ def run_all(args) -> list[dict]:
             deadline = time.time() + timeout - 15
             t = time.time()
             print(f"[bench] {mode}: up to {timeout:.0f} s ...", file=sys.stderr, flush=True)
-            try:
-                proc = subprocess.run(child_command(mode, args, result_file, deadline), env=env, cwd=ROOT,
-                                      capture_output=True, text=True, timeout=timeout)
-                if result_file.exists():
-                    result = json.loads(result_file.read_text())
-                else:
-                    result = {"mode": mode, "status": f"failed: {last_error_line(proc.stderr + proc.stdout)}"}
-            except subprocess.TimeoutExpired:
+            log_file = Path(tmp) / f"{mode}.log"
+            if run_child(child_command(mode, args, result_file, deadline), env, log_file, timeout):
                 result = {"mode": mode, "status": f"failed: timed out after {timeout:.0f} s (--mode-timeout-s)"}
+            elif result_file.exists():
+                result = json.loads(result_file.read_text())
+            else:
+                result = {"mode": mode, "status": f"failed: {last_error_line(log_file.read_text(errors='replace'))}"}
             result["wall_s"] = round(time.time() - t, 1)
             print(f"[bench] {mode}: {result['status']} in {result['wall_s']} s", file=sys.stderr, flush=True)
             results.append(result)
@@ -266,6 +280,7 @@ def environment(args) -> dict:
 
 
 def main(argv=None) -> int:
+    start = time.time()
     args = parse_args(argv)
     if args.child:
         child_main(args)
@@ -276,7 +291,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     env = environment(args)
-    results = run_all(args)
+    results = run_all(args, start)
     shape = TINY if args.quick else LLAMA_1B
     head = (f"{env['device']}, torch {env['torch']}, torchao {env['torchao']}, transformer_engine {env['transformer_engine']}; "
             f"model dim {shape['dim']} x {shape['n_layers']} layers, vocab {shape['vocab_size']}; "

@@ -53,3 +53,31 @@ def test_quick_mode_measures_each_mode_and_skips_te_with_a_reason(tmp_path):
     assert results["fp8-te"]["status"].startswith("skipped: precision.fp8_backend=te needs a CUDA device")
     for mode in results:                       # the markdown table has a row per mode
         assert f"\n| {mode} |" in r.stdout
+
+
+def test_a_mode_past_its_time_box_is_killed_with_its_children(tmp_path):
+    # a child that starts a grandchild (as inductor's compile workers are) and never finishes
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            f"open({str(tmp_path / 'pid')!r}, 'w').write(str(p.pid))\n"
+            "time.sleep(120)\n")
+    import time
+    t = time.time()
+    assert gpu.run_child([sys.executable, "-c", code], dict(os.environ), tmp_path / "log", timeout=3) is True
+    assert time.time() - t < 30
+    grandchild = int((tmp_path / "pid").read_text())
+    for _ in range(50):                          # reaped by init soon after the kill
+        if not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the grandchild survived the time box")
+    assert gpu.run_child([sys.executable, "-c", "pass"], dict(os.environ), tmp_path / "log2", timeout=60) is False
+
+
+def test_a_slow_mode_reports_the_steps_it_measured_before_its_deadline():
+    import time
+    args = gpu.parse_args(["--quick", "--modes", "bf16", "--steps", "1000000", "--warmup", "1"])
+    args.child_deadline = time.time() + 3
+    result = gpu.run_mode("bf16", args)
+    assert result["status"] == "ok" and 1 <= result["steps"] < 1000000 and result["tokens_per_s"] > 0
