@@ -31,7 +31,7 @@ from trainer.precision_config import PrecisionConfig
 
 def _name_matches(fqn: str, name: str) -> bool:
     """`name` is the whole dotted path, a prefix, a suffix or a run of its dotted parts."""
-    return f".{fqn}.".find(f".{name}.") >= 0
+    return f".{name}." in f".{fqn}."
 
 
 def _local_shape(weight: torch.Tensor) -> tuple[int, ...]:
