@@ -8,16 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.precision import autocast_context, post_optimizer_hook
+
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss over all positions (in fp32 whatever the logits' dtype)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
-
-def autocast_context(device: torch.device, dtype: str, mode: str = "autocast"):
-    if dtype == "bf16" and mode == "autocast":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class LocalEngine:
@@ -32,7 +28,7 @@ class LocalEngine:
         self.device, self.precision, self.grad_clip, self.bf16_mode = device, precision, grad_clip, bf16_mode
 
     def autocast(self):
-        return autocast_context(self.device, self.precision, self.bf16_mode)
+        return autocast_context(self.device, self.precision, self.bf16_mode, self.model)
 
     def no_sync(self, last: bool):
         """Skip gradient synchronisation on all but the last micro-batch (DDP overrides)."""
@@ -63,6 +59,7 @@ class LocalEngine:
         loss = self.forward_backward(batches)
         norm = self.clip_grad_norm()
         self.optimizer.step()
+        post_optimizer_hook(getattr(self, "model_parts", [self.model]))  # fp8 all-gather scales (torchao + FSDP)
         self.scheduler.step()
         return self.reduce_loss(loss), float(norm)
 

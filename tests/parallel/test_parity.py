@@ -32,12 +32,22 @@ TWO_RANKS = {
                               "--model.activation gelu",
     "tp2_sp_alibi_postnorm": "--parallel.tp 2 --model.position alibi --model.norm_position post",
     "tp2_sp_sinusoidal_tied": "--parallel.tp 2 --model.position sinusoidal --model.tie_embeddings true",
+    "ddp2_accum2": "--parallel.dp_replicate 2 --parallel.dp_shard 1 --train.grad_accum 2",   # no_sync path
+    "pp2_gpipe": "--parallel.pp 2 --parallel.pp_schedule gpipe",
+    "pp2_1f1b": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4",
+    "pp2_1f1b_uneven_accum2": "--parallel.pp 2 --parallel.pp_layers 1,3 --train.grad_accum 2",
+    "pp2_interleaved_1f1b": "--parallel.pp 2 --parallel.pp_schedule interleaved_1f1b --parallel.pp_virtual_stages 2",
+    "pp2_zero_bubble": "--parallel.pp 2 --parallel.pp_schedule zero_bubble --parallel.pp_virtual_stages 2",
 }
 FOUR_RANKS = {
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
     "tp2_fsdp2": "--parallel.tp 2 --parallel.dp_shard 2",
+    "pp2_tp2": "--parallel.pp 2 --parallel.tp 2",
+    "pp2_fsdp2": "--parallel.pp 2 --parallel.dp_shard 2",
 }
-EIGHT_RANKS: dict[str, str] = {}
+EIGHT_RANKS = {
+    "pp2_tp2_fsdp2": "--parallel.pp 2 --parallel.tp 2 --parallel.dp_shard 2",
+}
 XFAIL: dict[str, str] = {}
 
 
