@@ -1,46 +1,49 @@
 """Checkpoints of the whole training state with torch.distributed.checkpoint (DCP).
 
-Layout: run.dir/checkpoints/step-00000100/ holds DCP shards of model + optimizer, `train.json`
-(step, tokens, LR schedule; written by rank 0), `rank-<r>.json` (this rank's data-loader position
-and RNG state) and, last, `COMPLETE`. A folder is written under a temporary name and renamed
-when complete, so a crash mid-save never leaves a half checkpoint that looks finished.
+What is saved: model and optimizer (DCP shards, each rank writes its own), the LR schedule,
+step and tokens (train.json), and per rank the data-loader position and RNG states
+(rank-<r>.json). When: every `checkpoint.every` steps, every `checkpoint.every_minutes`,
+at `checkpoint.at_steps`, at the end, and on SIGTERM/SIGUSR1 (trainer/preemption.py).
+How: synchronously, or in the background (`checkpoint.async`, trainer/checkpoint_async.py);
+always under a temporary name, renamed when complete (trainer/checkpoint_files.py).
+Resume: a run folder with a complete checkpoint continues from the newest one, under any
+parallel layout (trainer/checkpoint_state.py). See trainer/CHECKPOINTS.md.
 """
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from trainer import checkpoint_files as files
+from trainer.checkpoint_async import AsyncCheckpointWriter
+from trainer.checkpoint_files import COMPLETE, complete_checkpoints, step_dir_name  # noqa: F401 (public API)
+from trainer.checkpoint_state import (CheckpointError, ModelParts, as_list, check_against_metadata, dcp_load,
+                                      model_config_diff, read_metadata, rng_state, set_rng_state)
 from trainer.config_parse import ConfigError
+from trainer.preemption import EXIT_PREEMPTED, Preemption  # noqa: F401 (re-exported for launch/)
 
-COMPLETE = "COMPLETE"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+PREEMPTED_MARKER = "PREEMPTED"
 
 
 class CheckpointManager:
-    def __init__(self, cfg, ctx, run_dir: Path, *, model, optimizer, scheduler, loader, state):
-        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
-        self.root = run_dir / "checkpoints"
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+    def __init__(self, cfg, ctx, run_dir: Path, *, model, optimizer, scheduler, loader, state, dims=None):
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.parts = ModelParts(model, optimizer)
+        self.schedulers = as_list(scheduler)
         self.loader, self.state = loader, state
+        self.dp_rank = dims.dp_rank if dims is not None else ctx.rank
+        self.dp_size = dims.dp_size if dims is not None else ctx.world_size
+        self.layout = _layout(dims, ctx)
         self.last_save_time = time.monotonic()
+        self.last_saved_step = -1
+        self.preempted = False
+        self.writer = AsyncCheckpointWriter(ctx) if cfg.checkpoint.async_save else None
+        self.preemption = Preemption(ctx, cfg.checkpoint.signal_check_every)
 
     # ---- run folder -------------------------------------------------------------------------
     def prepare_run_dir(self) -> None:
@@ -57,89 +60,205 @@ class CheckpointManager:
         if has_run and not complete_checkpoints(self.root):
             raise ConfigError(f"run.dir: {str(self.run_dir)!r} already holds a run with no complete checkpoint to "
                               "resume; pick another run.dir or pass --run.overwrite true (the old run is moved aside)")
+        if self.ctx.is_main:
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
 
     # ---- restore ---------------------------------------------------------------------------
     def restore(self) -> bool:
+        """Resume from the newest complete checkpoint of this run; else start from
+        checkpoint.init_from if set. Returns True when some state was loaded."""
+        for partial in files.partial_checkpoints(self.root):
+            self._say(f"ignoring incomplete checkpoint {partial} (a save that did not finish)")
         ckpts = complete_checkpoints(self.root)
-        if not ckpts:
-            return False
-        self.load(ckpts[-1])
-        return True
+        if ckpts:
+            self.load(ckpts[-1])
+            self._say(f"resumed from {ckpts[-1]} at step {self.state.step}")
+            return True
+        if self.cfg.checkpoint.init_from:
+            self.init_from(self.cfg.checkpoint.init_from)
+            return True
+        return False
 
-    def load(self, path: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, checkpoint_id=str(path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        meta = json.loads((path / "train.json").read_text())
+    def init_from(self, source: str) -> None:
+        """A new run from a checkpoint folder (model, optimizer, step, tokens, LR position, data
+        position), a run folder (its newest checkpoint) or safetensors weights (weights only)."""
+        from trainer.hf_llama import find_weights_files, load_weights
+        path = Path(source)
+        if (path / "checkpoints").is_dir() and not (path / ".metadata").exists():
+            found = complete_checkpoints(path / "checkpoints")
+            if not found:
+                raise CheckpointError(f"checkpoint.init_from: run folder {source!r} has no complete checkpoint")
+            path = found[-1]
+        weights = find_weights_files(path)
+        if weights:
+            self.parts.load_full_model_state_dict(load_weights(weights, self.cfg.model))
+            self._say(f"initialised weights from {source} (fresh optimizer, step 0)")
+            return
+        self.load(path)
+        self._say(f"initialised from {path} at step {self.state.step} (checkpoint.init_from)")
+
+    def load(self, path: Path, *, with_optim: bool = True) -> None:
+        path = Path(path)
+        _require_complete(path)
+        meta = files.read_json(path / "train.json", "checkpoint")
+        diffs = model_config_diff(meta.get("model", {}), _asdict(self.cfg.model))
+        if diffs:
+            raise CheckpointError(f"checkpoint {str(path)!r} was saved with another model config:\n  "
+                                  + "\n  ".join(diffs))
+        check_against_metadata(path, read_metadata(path), self.cfg.model, with_optim)
+        sd = self.parts.state_dict(with_optim=with_optim)
+        dcp_load(sd, path)
+        self.parts.load_state_dict(sd)
         self.state.step, self.state.tokens = meta["step"], meta["tokens"]
-        self.scheduler.load_state_dict(meta["scheduler"])
-        rank_file = path / f"rank-{self.ctx.rank}.json"
-        if rank_file.is_file():
-            mine = json.loads(rank_file.read_text())
-            if mine.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
-                self.loader.load_state_dict(mine["loader"])
-            torch.set_rng_state(torch.tensor(mine["rng"], dtype=torch.uint8))
+        for sched, saved in zip(self.schedulers, meta["schedulers"]):
+            _load_scheduler(sched, saved)
+        self._load_rank_state(path, meta)
+        self.last_saved_step = self.state.step
+
+    def _load_rank_state(self, path: Path, meta: dict) -> None:
+        ranks = [files.read_json(path / f"rank-{r}.json", "checkpoint") for r in range(meta["world_size"])]
+        if hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(_loader_state_for(ranks, self.dp_rank, self.dp_size, path))
+        if meta.get("layout") == self.layout:
+            set_rng_state(ranks[self.ctx.rank]["rng"], self.ctx.device)
+        else:
+            self._say(f"layout changed ({meta.get('layout')} -> {self.layout}): RNG states are not restored "
+                      "(the model uses no randomness in training; data order comes from the loader state)")
 
     # ---- save ------------------------------------------------------------------------------
-    def _due(self, final: bool) -> bool:
-        c, step = self.cfg.checkpoint, self.state.step
-        if final and c.final:
-            return True
-        if c.every and step % c.every == 0:
-            return True
-        if step in c.at_steps:
-            return True
-        return bool(c.every_minutes) and time.monotonic() - self.last_save_time >= 60 * c.every_minutes
-
     def after_step(self, final: bool = False) -> None:
-        if self._due(final):
+        c, step = self.cfg.checkpoint, self.state.step
+        if self.writer is not None:
+            self.writer.poll()
+        time_due = bool(c.every_minutes) and time.monotonic() - self.last_save_time >= 60 * c.every_minutes
+        stop, time_due = self.preemption.vote(step, time_due)
+        if stop and not final:
+            self.save(blocking=True)
+            self.preempted = True
+            if self.ctx.is_main:
+                files.write_json(self.run_dir / PREEMPTED_MARKER, {
+                    "step": step, "signal": self.preemption.signal_name, "exit_code": EXIT_PREEMPTED,
+                    "checkpoint": str(self.root / step_dir_name(step))})
+            self._say(f"{self.preemption.signal_name}: saved step {step}; exiting with code {EXIT_PREEMPTED} "
+                      "so the launcher can requeue the job")
+            return
+        due = (final and c.final) or (c.every and step % c.every == 0) or step in c.at_steps or time_due
+        if due:
             self.save()
 
-    def save(self) -> Path:
-        name = step_dir_name(self.state.step)
-        final, tmp = self.root / name, self.root / f".tmp-{name}"
+    def save(self, blocking: bool = False) -> Path:
+        step = self.state.step
+        name = step_dir_name(step)
+        final, tmp = self.root / name, self.root / f"{files.TMP_PREFIX}{name}"
+        if self.writer is not None:
+            self.writer.wait()                  # commits the previous background save
+        if step == self.last_saved_step and (final / COMPLETE).exists():
+            return final
         if self.ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            files.remove_partials(self.root)
             tmp.mkdir(parents=True)
         self._barrier()
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        sd = self.parts.state_dict()
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
-        (tmp / f"rank-{self.ctx.rank}.json").write_text(
-            json.dumps({"loader": loader_state, "rng": torch.get_rng_state().tolist()}))
-        self._barrier()
+        files.write_json(tmp / f"rank-{self.ctx.rank}.json", {
+            "rank": self.ctx.rank, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+            "loader": loader_state, "rng": rng_state(self.ctx.device)})
         if self.ctx.is_main:
-            meta = {"step": self.state.step, "tokens": self.state.tokens, "scheduler": self.scheduler.state_dict(),
-                    "world_size": self.ctx.world_size}
-            (tmp / "train.json").write_text(json.dumps(meta))
-            (tmp / COMPLETE).write_text("")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            self._prune()
+            files.write_json(tmp / "train.json", self._train_meta())
+        self.last_saved_step, self.last_save_time = step, time.monotonic()
+        if self.writer is not None and not blocking:
+            self.writer.start(sd, tmp, on_done=lambda: self._commit(tmp, final))
+            return final
+        dcp.save(sd, checkpoint_id=str(tmp))
+        self._commit(tmp, final)
         self._barrier()
-        self.last_save_time = time.monotonic()
         return final
 
-    def _prune(self) -> None:
-        """Keep the newest `checkpoint.keep` complete checkpoints; at_steps ones are kept too."""
-        ckpts = complete_checkpoints(self.root)
-        keep_steps = set(self.cfg.checkpoint.at_steps)
-        for old in ckpts[: max(0, len(ckpts) - self.cfg.checkpoint.keep)]:
-            if int(old.name.split("-")[1]) not in keep_steps:
-                shutil.rmtree(old)
+    def _train_meta(self) -> dict:
+        from dataclasses import asdict
+        return {"step": self.state.step, "tokens": self.state.tokens,
+                "schedulers": [s.state_dict() for s in self.schedulers],
+                "world_size": self.ctx.world_size, "layout": self.layout,
+                "model": asdict(self.cfg.model), "config_toml": self.cfg.to_toml(), "format": 1}
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        if not self.ctx.is_main:
+            return
+        files.commit(tmp, final)
+        files.prune(self.root, self.cfg.checkpoint.keep, self.cfg.checkpoint.at_steps)
 
     def finish(self) -> None:
-        pass
+        """Wait for a background save and commit it; give the signal handlers back."""
+        if self.writer is not None:
+            self.writer.close()
+        self.preemption.close()
+        self._barrier()
 
+    # ---- helpers ---------------------------------------------------------------------------
     def _barrier(self) -> None:
         if self.ctx.distributed:
             dist.barrier()
 
+    def _say(self, text: str) -> None:
+        if self.ctx.is_main:
+            print(text, flush=True)
+
+
+def _layout(dims, ctx) -> dict:
+    if dims is None:
+        return {"world_size": ctx.world_size}
+    return {"world_size": ctx.world_size, **{k: getattr(dims, k) for k in ("pp", "dp_replicate", "dp_shard", "tp")}}
+
+
+def _asdict(section) -> dict:
+    from dataclasses import asdict
+    return asdict(section)
+
+
+def _require_complete(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a folder (a DCP checkpoint is a folder; "
+                              "safetensors files go through checkpoint.init_from)")
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no {COMPLETE} marker): its save did not "
+                              f"finish; use an earlier one: {[p.name for p in complete_checkpoints(path.parent)]}")
+
+
+def _load_scheduler(sched, saved: dict) -> None:
+    """Restore the schedule's position, then recompute the LR from *this* run's schedule (a
+    branch with more train.steps continues WSD's constant phase instead of the old decay)."""
+    sched.load_state_dict(saved)
+    lambdas = getattr(sched, "lr_lambdas", None)
+    if lambdas:
+        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
+
+
+def _loader_state_for(ranks: list[dict], dp_rank: int, dp_size: int, path: Path):
+    """The data position for this DP rank. The data package's loader state is the same on every
+    DP rank and survives a DP-size change, so when all saved states agree any one serves; else
+    the same DP coordinate under the same DP size; else the loader must merge them itself."""
+    states = [r.get("loader") for r in ranks]
+    if all(json.dumps(s, sort_keys=True) == json.dumps(states[0], sort_keys=True) for s in states):
+        return states[0]
+    saved_dp = ranks[0].get("dp_size")
+    if saved_dp == dp_size:
+        return next(r["loader"] for r in ranks if r.get("dp_rank") == dp_rank)
+    raise CheckpointError(f"checkpoint {str(path)!r}: the data loader's per-rank positions differ and the "
+                          f"data-parallel size changed ({saved_dp} -> {dp_size}); this loader cannot be resumed "
+                          "under another DP size")
+
 
 def load_model_weights(model, path: Path) -> None:
-    """Load only the model's weights from a checkpoint folder into a single-process model."""
+    """Load only the model's weights from a complete checkpoint folder into a single-process
+    model (generation, export); checks keys and shapes first."""
+    path = Path(path)
+    _require_complete(path)
+    check_against_metadata(path, read_metadata(path), model.cfg, with_optim=False)
     sd = {"model": model.state_dict()}
-    dcp.load(sd, checkpoint_id=str(path))
+    dcp_load(sd, path)
     model.load_state_dict(sd["model"])

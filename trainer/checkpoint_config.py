@@ -15,11 +15,19 @@ class CheckpointConfig:
     keep: int = _help("complete checkpoints to keep (the newest); never fewer than 1", 3)
     async_save: bool = _help("write in the background while training continues", False, key="async")
     at_steps: list[int] = field(default_factory=list, metadata={"help": "also save at exactly these steps"})
-    init_from: str = _help("start a new run from this checkpoint folder (model, optimizer, step)", "")
+    init_from: str = _help("start a new run from a checkpoint folder (model, optimizer, step, LR and data "
+                           "position) or a run folder (its newest checkpoint); a .safetensors file or an "
+                           "export folder loads only the weights", "")
     final: bool = _help("save when training ends", True)
+    signal_check_every: int = _help("agree across ranks on a termination signal (and on every_minutes saves) "
+                                    "every N steps: one tiny all_reduce", 1)
 
     def validate(self) -> None:
         if self.every < 0 or self.every_minutes < 0:
             raise ValueError("checkpoint.every and checkpoint.every_minutes must be >= 0")
         if self.keep < 1:
             raise ValueError(f"checkpoint.keep: must be >= 1 (the newest complete checkpoint is never deleted), got {self.keep}")
+        if self.signal_check_every < 1:
+            raise ValueError(f"checkpoint.signal_check_every: must be >= 1, got {self.signal_check_every}")
+        if any(s < 1 for s in self.at_steps):
+            raise ValueError(f"checkpoint.at_steps: steps must be >= 1, got {self.at_steps}")

@@ -31,9 +31,10 @@ def train_main(argv: list[str]) -> int:
     args, overrides = p.parse_known_args(argv)
     from trainer.config import load_config
     from trainer.train import train
+    from trainer.preemption import EXIT_PREEMPTED
     cfg = load_config(args.config, overrides)
-    train(cfg)
-    return 0
+    summary = train(cfg)
+    return EXIT_PREEMPTED if summary.get("preempted") else 0
 
 
 def generate_main(argv: list[str]) -> int:

@@ -99,7 +99,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
 
     state = TrainState()
     ckpt = CheckpointManager(cfg, ctx, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                             loader=train_loader, state=state)
+                             loader=train_loader, state=state, dims=dims)
     ckpt.prepare_run_dir()
     ckpt.restore()
     if ctx.is_main:
@@ -140,13 +140,15 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
             log.log({"step": state.step, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
             window_t = time.perf_counter()   # evaluation time is not training throughput
         ckpt.after_step(final=final)
+        if ckpt.preempted:          # a termination signal: saved; the CLI exits with EXIT_PREEMPTED
+            break
     ckpt.finish()
     log.close()
 
     summary = {"final_loss": last["loss"], "final_val_loss": last["val_loss"], "steps": state.step,
                "tokens": state.tokens, "wall_s": round(time.perf_counter() - start_wall, 3),
                "n_params": n_params, "n_params_non_embedding": n_body, "flops_per_token": flops_per_token,
-               "world_size": ctx.world_size}
+               "world_size": ctx.world_size, "preempted": ckpt.preempted}
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,0 +1,172 @@
+"""Stop and resume in one process: exact losses, signals, keep-last-k, init_from, async."""
+import json
+import shutil
+
+import pytest
+
+from tests.checkpoint.helpers import config, factory, losses, lrs, metrics, run
+from trainer import checkpoint_files as files
+from trainer.checkpoint import PREEMPTED_MARKER, CheckpointManager
+from trainer.checkpoint_state import CheckpointError
+from trainer.preemption import EXIT_PREEMPTED
+from trainer.train import train
+
+STEPS = ["--train.steps", "8"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref") / "run"
+    summary, rows = run(d, *STEPS, "--checkpoint.at_steps", "[4]")
+    return d, losses(rows)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_signal_saves_exits_and_resume_matches_uninterrupted_run(tmp_path, reference, mode, capsys):
+    _, want = reference
+    d = tmp_path / "run"
+    extra = [*STEPS, "--checkpoint.async", str(mode == "async").lower()]
+    summary, rows = run(d, *extra, signal_at=3)
+    assert summary["preempted"] and summary["steps"] == 3
+    assert [p.name for p in files.complete_checkpoints(d / "checkpoints")] == ["step-00000003"]
+    marker = json.loads((d / PREEMPTED_MARKER).read_text())
+    assert marker["step"] == 3 and marker["exit_code"] == EXIT_PREEMPTED and marker["signal"] == "SIGUSR1"
+    capsys.readouterr()
+
+    summary, rows = run(d, *extra)
+    assert f"resumed from {d / 'checkpoints' / 'step-00000003'} at step 3" in capsys.readouterr().out
+    assert not summary["preempted"] and summary["steps"] == 8
+    assert not (d / PREEMPTED_MARKER).exists()
+    got = losses(rows)
+    assert sorted(got) == list(range(1, 9))          # metrics.jsonl continues: 1-3, then 4-8
+    assert got == want                                # exact: fp32, same batches, same RNG
+
+
+def test_sigterm_is_handled_too(tmp_path):
+    import signal
+    summary, _ = run(tmp_path / "r", *STEPS, signal_at=2, sig=signal.SIGTERM)
+    assert summary["preempted"] and summary["steps"] == 2
+
+
+def test_keep_last_k_keeps_at_steps_and_records_latest(tmp_path):
+    d = tmp_path / "r"
+    run(d, "--train.steps", "7", "--checkpoint.every", "1", "--checkpoint.keep", "2", "--checkpoint.at_steps", "[2]")
+    names = [p.name for p in files.complete_checkpoints(d / "checkpoints")]
+    assert names == ["step-00000002", "step-00000006", "step-00000007"]
+    assert (d / "checkpoints" / "latest").read_text().strip() == "step-00000007"
+    assert not files.partial_checkpoints(d / "checkpoints")
+
+
+def test_keep_one_never_leaves_zero(tmp_path):
+    d = tmp_path / "r"
+    run(d, "--train.steps", "3", "--checkpoint.every", "1", "--checkpoint.keep", "1", "--checkpoint.async", "true")
+    assert [p.name for p in files.complete_checkpoints(d / "checkpoints")] == ["step-00000003"]
+
+
+def test_init_from_checkpoint_continues_step_optimizer_and_schedule(tmp_path, reference):
+    src, want = reference
+    d = tmp_path / "branch"
+    _, rows = run(d, *STEPS, "--checkpoint.init_from", str(src / "checkpoints" / "step-00000004"))
+    assert losses(rows) == {s: want[s] for s in range(5, 9)}     # same total steps: identical continuation
+
+
+def test_init_from_branch_with_longer_wsd_keeps_constant_lr(tmp_path):
+    base = ["--optim.schedule", "wsd", "--optim.decay_steps", "4"]
+    _, rows = run(tmp_path / "a", "--train.steps", "8", *base, "--checkpoint.at_steps", "[3]")
+    a = lrs(rows)
+    peak = a[3]
+    assert a[8] < 0.3 * peak                                           # a decayed over steps 5-8
+    _, rows = run(tmp_path / "b", "--train.steps", "16", *base,
+                  "--checkpoint.init_from", str(tmp_path / "a" / "checkpoints" / "step-00000003"))
+    # b branches at step 3 with 16 steps: constant LR up to step 12, then its own decay
+    got = lrs(rows)
+    assert min(got) == 4
+    assert all(got[s] == pytest.approx(peak) for s in range(4, 13)), got
+    assert got[16] < 0.3 * peak
+
+
+def test_init_from_run_folder_takes_its_newest_checkpoint(tmp_path, reference, capsys):
+    src, want = reference
+    summary, _ = run(tmp_path / "b", "--train.steps", "9", "--checkpoint.init_from", str(src))
+    assert f"initialised from {src / 'checkpoints' / 'step-00000008'} at step 8" in capsys.readouterr().out
+    assert summary["steps"] == 9
+
+
+def test_async_save_writes_the_state_of_its_step(tmp_path):
+    """Training continues while the write runs: the checkpoint must hold the weights as they
+    were at save time, not as the next steps changed them."""
+    import torch
+    from trainer.optim import build_optimizer, build_scheduler
+    from trainer.model import Transformer
+    from trainer.train import TrainState
+    from launch.context import DistContext
+    cfg = config(tmp_path / "r", "--checkpoint.async", "true")
+    model = Transformer(cfg.model)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    sched = build_scheduler(opt, cfg.optim, 10)
+    loader = factory()(cfg.data, split="train", seq_len=16, batch_size=4, dp_rank=0, dp_size=1, seed=0)
+    ckpt = CheckpointManager(cfg, DistContext(), tmp_path / "r", model=model, optimizer=opt, scheduler=sched,
+                             loader=loader, state=TrainState(step=5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt.save()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ckpt.finish()
+    fresh = Transformer(cfg.model)
+    from trainer.checkpoint import load_model_weights
+    load_model_weights(fresh, tmp_path / "r" / "checkpoints" / "step-00000005")
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def test_changed_model_config_names_the_field(tmp_path, reference):
+    src, _ = reference
+    d = tmp_path / "r"
+    shutil.copytree(src / "checkpoints", d / "checkpoints")
+    with pytest.raises(CheckpointError, match=r"model\.dim: checkpoint has 32, this run has 64"):
+        train(config(d, *STEPS, "--model.dim", "64"), loader_factory=factory())
+    with pytest.raises(CheckpointError, match=r"model\.rope_theta"):
+        train(config(d, *STEPS, "--model.rope_theta", "500000"), loader_factory=factory())
+
+
+def test_shape_mismatch_is_reported_tensor_by_tensor(tmp_path, reference):
+    """Even when train.json agrees, the tensors themselves are checked: no silent partial load."""
+    src, _ = reference
+    d = tmp_path / "r"
+    shutil.copytree(src / "checkpoints", d / "checkpoints")
+    meta_file = d / "checkpoints" / "step-00000008" / "train.json"
+    meta = json.loads(meta_file.read_text())
+    meta["model"]["n_layers"] = 3
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"missing in the checkpoint: layers\.2\.attention\.wq\.weight"):
+        train(config(d, *STEPS, "--model.n_layers", "3"), loader_factory=factory())
+
+
+def test_missing_and_partial_checkpoints_are_refused(tmp_path, reference):
+    src, _ = reference
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run(tmp_path / "a", *STEPS, "--checkpoint.init_from", str(tmp_path / "nope"))
+    partial = tmp_path / "partial"
+    shutil.copytree(src / "checkpoints" / "step-00000004", partial)
+    (partial / files.COMPLETE).unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        run(tmp_path / "b", *STEPS, "--checkpoint.init_from", str(partial))
+
+
+def test_metadata_that_would_run_code_is_refused(tmp_path, reference):
+    import os
+    import pickle
+    src, _ = reference
+    bad = tmp_path / "bad"
+    shutil.copytree(src / "checkpoints" / "step-00000004", bad)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    (bad / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        run(tmp_path / "c", *STEPS, "--checkpoint.init_from", str(bad))
+    assert not (tmp_path / "pwned").exists()

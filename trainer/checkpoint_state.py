@@ -1,0 +1,201 @@
+"""What goes into a checkpoint and how it comes back, independent of the parallel layout.
+
+Model and optimizer go through DCP's state-dict API, which turns FSDP/TP DTensors into global
+tensors sharded however the current layout holds them; the optimizer state is *flattened*
+(keys `state.<fqn>.exp_avg`, `param_groups.<fqn>.lr`), so keys do not depend on parameter order
+or on how a pipeline split the model: a list of model parts (pipeline stages) writes the same
+keys as the single-process model, and any layout can read them back.
+"""
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+    set_optimizer_state_dict)
+
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this run: says what differs."""
+
+
+def as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class ModelParts:
+    """The model (one module, or the stage modules of a pipeline rank) and its optimizer(s).
+
+    With several parts there is one optimizer per part (as torchtitan builds them: DCP maps an
+    optimizer's parameters to FQNs through one module); each part's state dict uses the
+    single-process FQNs, so keys match whatever the pipeline split was."""
+
+    def __init__(self, model, optimizer=None):
+        self.parts: list[nn.Module] = as_list(model)
+        self.optimizers = as_list(optimizer)
+        if len(self.optimizers) not in (0, len(self.parts)):
+            raise ValueError(f"checkpoint: {len(self.optimizers)} optimizers for {len(self.parts)} model parts; "
+                             "give one optimizer per model part")
+
+    def _pairs(self):
+        return list(zip(self.parts, self.optimizers))
+
+    def model_state_dict(self) -> dict:
+        sd = {}
+        for part in self.parts:
+            sd.update(get_model_state_dict(part, options=OPTIONS))
+        return sd
+
+    def optim_state_dict(self) -> dict:
+        sd = {}
+        for part, opt in self._pairs():
+            sd.update(get_optimizer_state_dict(part, opt, options=OPTIONS))
+        return sd
+
+    def state_dict(self, with_optim: bool = True) -> dict:
+        out = {"model": self.model_state_dict()}
+        if with_optim and self.optimizers:
+            out["optim"] = self.optim_state_dict()
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        for part in self.parts:
+            mine = {k: v for k, v in sd["model"].items() if k in _keys(part)}
+            set_model_state_dict(part, mine, options=OPTIONS)
+        if "optim" in sd:
+            for part, opt in self._pairs():
+                set_optimizer_state_dict(part, opt, sd["optim"], options=OPTIONS)
+
+    def load_full_model_state_dict(self, full: dict) -> None:
+        """Load full (unsharded) tensors, e.g. from safetensors, into whatever layout holds the
+        parts: DCP slices each tensor to this rank's shard."""
+        opts = StateDictOptions(full_state_dict=True, strict=True)
+        for part in self.parts:
+            keys = _keys(part)
+            set_model_state_dict(part, {k: v for k, v in full.items() if k in keys}, options=opts)
+
+
+def _keys(part: nn.Module) -> set[str]:
+    return set(get_model_state_dict(part, options=StateDictOptions()).keys())
+
+
+# ---- what the config expects ----------------------------------------------------------------
+
+def expected_model_shapes(model_cfg) -> dict[str, tuple]:
+    """FQN -> global shape of the single-process model for this config (built on the meta
+    device: no memory, no init cost). Resharding never changes these."""
+    from trainer.model import Transformer
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# Model config fields that do not change what the weights mean.
+HARMLESS_MODEL_FIELDS = {"init_std", "max_seq_len"}
+
+
+def model_config_diff(saved: dict, current: dict) -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if key in HARMLESS_MODEL_FIELDS and not (key == "max_seq_len" and current.get("position") == "learned"):
+            continue
+        if saved.get(key) != current.get(key):
+            diffs.append(f"model.{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
+    return diffs
+
+
+def check_against_metadata(path: Path, metadata, model_cfg, with_optim: bool) -> None:
+    """Compare the checkpoint's tensor keys and global shapes with the model this config builds;
+    raise naming every missing, unexpected or mis-shaped tensor (never a silent partial load)."""
+    saved = {k[len("model."):]: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
+             if k.startswith("model.") and hasattr(v, "size")}
+    want = expected_model_shapes(model_cfg)
+    problems = [f"missing in the checkpoint: {k} {list(s)}" for k, s in want.items() if k not in saved]
+    problems += [f"not in this model: {k} {list(s)}" for k, s in saved.items() if k not in want]
+    problems += [f"shape of {k}: checkpoint {list(saved[k])}, this model {list(s)}"
+                 for k, s in want.items() if k in saved and saved[k] != s]
+    if with_optim and not any(k.startswith("optim.") for k in metadata.state_dict_metadata):
+        problems.append("the checkpoint holds no optimizer state")
+    if problems:
+        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model:\n  " + "\n  ".join(shown))
+
+
+# ---- safe metadata --------------------------------------------------------------------------
+
+_SAFE_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
+_SAFE_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                 ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle. Allow only DCP's own metadata classes and plain torch types,
+    so a crafted checkpoint cannot run code on load (tensor data itself is read as raw bytes)."""
+
+    def find_class(self, module, name):
+        if module.startswith(_SAFE_MODULE_PREFIXES) or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank)
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        from torch.distributed.checkpoint.metadata import StorageMeta
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def read_metadata(path: Path):
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no DCP .metadata file: not a (complete) checkpoint")
+    try:
+        return SafeFileSystemReader(str(path)).read_metadata()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from None
+
+
+def dcp_load(sd: dict, path: Path, process_group=None) -> None:
+    dcp.load(sd, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group)
+
+
+# ---- RNG ------------------------------------------------------------------------------------
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state().tolist(), "python": _py_state_to_json(random.getstate())}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "python" in state:
+        random.setstate(_py_state_from_json(state["python"]))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
+
+
+def _py_state_to_json(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _py_state_from_json(s):
+    return (s[0], tuple(s[1]), s[2])

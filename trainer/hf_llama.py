@@ -1,0 +1,156 @@
+"""Our Transformer's weights <-> Hugging Face Llama (`LlamaForCausalLM`) weights and config.
+
+Names: tok_embeddings -> model.embed_tokens, layers.N.attention.w{q,k,v,o} -> model.layers.N.
+self_attn.{q,k,v,o}_proj, feed_forward.w1/w3/w2 -> mlp.gate_proj/up_proj/down_proj, attention_norm ->
+input_layernorm, ffn_norm -> post_attention_layernorm, norm -> model.norm, output -> lm_head.
+RoPE: ours rotates interleaved pairs (x[2i], x[2i+1]); HF's rotate_half pairs x[i] with x[i+d/2].
+Permuting the rows of wq and wk within each head (as Meta's convert_llama_weights_to_hf does)
+makes HF's convention compute the same attention scores.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint_state import CheckpointError, expected_model_shapes
+
+LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+
+
+def check_llama_shaped(mc) -> None:
+    wrong = []
+    for field, want in (("position", "rope"), ("norm", "rmsnorm"), ("norm_position", "pre"),
+                        ("activation", "swiglu"), ("bias", False)):
+        if getattr(mc, field) != want:
+            wrong.append(f"model.{field} = {getattr(mc, field)!r} (Llama needs {want!r})")
+    if wrong:
+        raise CheckpointError("only Llama-shaped models (rope, rmsnorm, pre-norm, swiglu, no bias) can be exported "
+                              "to or imported from Hugging Face Llama; this model has " + "; ".join(wrong))
+
+
+def hf_name(ours: str) -> str:
+    if ours in TOP_NAMES:
+        return TOP_NAMES[ours]
+    _, n, rest = ours.split(".", 2)
+    return f"model.layers.{n}.{LAYER_NAMES[rest]}"
+
+
+def _rope_permute(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Tensor:
+    """Rows of one projection, per head: interleaved pair order <-> rotate-half order."""
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    if not inverse:
+        return w.view(n_heads, hd // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return w.view(n_heads, 2, hd // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def to_hf(sd: dict, mc) -> dict:
+    """Our full state dict -> HF Llama tensors (contiguous; the tied head is left out, as HF does)."""
+    check_llama_shaped(mc)
+    out = {}
+    for k, v in sd.items():
+        if k == "output.weight" and mc.tie_embeddings:
+            continue
+        if k.endswith("attention.wq.weight"):
+            v = _rope_permute(v, mc.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            v = _rope_permute(v, mc.kv_heads)
+        out[hf_name(k)] = v.detach().contiguous()
+    return out
+
+
+def from_hf(hf: dict, mc) -> dict:
+    """HF Llama tensors -> our full state dict, checked name by name and shape by shape."""
+    check_llama_shaped(mc)
+    want = expected_model_shapes(mc)
+    names = {hf_name(k): k for k in want}
+    if mc.tie_embeddings:
+        names.pop("lm_head.weight", None)
+    sd, problems = {}, []
+    for theirs, ours in names.items():
+        if theirs not in hf:
+            problems.append(f"missing: {theirs}")
+            continue
+        v = hf[theirs]
+        if ours.endswith("attention.wq.weight"):
+            v = _rope_permute(v, mc.n_heads, inverse=True)
+        elif ours.endswith("attention.wk.weight"):
+            v = _rope_permute(v, mc.kv_heads, inverse=True)
+        if tuple(v.shape) != want[ours]:
+            problems.append(f"shape of {theirs}: file {list(v.shape)}, this model {list(want[ours])}")
+        sd[ours] = v
+    problems += [f"not in this model: {k}" for k in hf if k not in names and not (k == "lm_head.weight" and mc.tie_embeddings)]
+    if problems:
+        raise CheckpointError("the weights do not fit this model (check model.* against the export's config.json):\n  "
+                              + "\n  ".join(problems[:12]))
+    if mc.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    return sd
+
+
+def hf_config(mc, dtype: str = "float32") -> dict:
+    check_llama_shaped(mc)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": mc.vocab_size, "hidden_size": mc.dim, "intermediate_size": mc.hidden,
+        "num_hidden_layers": mc.n_layers, "num_attention_heads": mc.n_heads, "num_key_value_heads": mc.kv_heads,
+        "head_dim": mc.head_dim, "hidden_act": "silu", "max_position_embeddings": mc.max_seq_len,
+        "rms_norm_eps": mc.norm_eps, "rope_theta": mc.rope_theta, "tie_word_embeddings": mc.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": mc.init_std,
+        "torch_dtype": dtype, "use_cache": True,
+    }
+
+
+def check_hf_config(config: dict, mc, where: str) -> None:
+    mine = hf_config(mc)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
+    diffs = [f"{k}: {where} has {config.get(k)!r}, this run's model.* gives {mine[k]!r}"
+             for k in keys if k in config and config[k] != mine[k]]
+    if config.get("rope_scaling"):
+        diffs.append(f"rope_scaling: {where} uses {config['rope_scaling']!r}; not supported")
+    if diffs:
+        raise CheckpointError("the exported model's config differs from this run's model config:\n  " + "\n  ".join(diffs))
+
+
+def find_weights_files(path: Path) -> list[Path]:
+    """A .safetensors file, or the *.safetensors files of an export folder; [] for anything else."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return [path]
+    if path.is_dir() and not (path / ".metadata").exists():
+        return sorted(path.glob("*.safetensors"))
+    return []
+
+
+def load_weights(files: list[Path], mc) -> dict:
+    """Full state dict in our names from safetensors (never unpickles); HF names are converted;
+    an export folder's config.json is checked against the model config first."""
+    from safetensors.torch import load_file
+    files = [Path(f) for f in files]
+    config = files[0].parent / "config.json"
+    if config.is_file():
+        check_hf_config(json.loads(config.read_text()), mc, str(config))
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    if "model.embed_tokens.weight" in tensors:
+        return from_hf(tensors, mc)
+    want = expected_model_shapes(mc)
+    problems = [f"missing: {k}" for k in want if k not in tensors]
+    problems += [f"not in this model: {k}" for k in tensors if k not in want]
+    problems += [f"shape of {k}: file {list(tensors[k].shape)}, this model {list(want[k])}"
+                 for k in want if k in tensors and tuple(tensors[k].shape) != want[k]]
+    if problems:
+        raise CheckpointError(f"weights {[str(f) for f in files]} do not fit this model:\n  " + "\n  ".join(problems[:12]))
+    return tensors
