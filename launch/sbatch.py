@@ -66,7 +66,9 @@ while :; do
 done
 echo "meshformer: training step ended with exit code $rc"
 
-if [ "$signalled" = 1 ] && [ "$rc" -ne 0 ] && [ "@@{requeue}" = yes ]; then
+# Requeue when the step stopped after our signal, or a trainer reports it saved on a signal
+# (exit code @@{exit_preempted}, trainer/preemption.py) that reached it some other way.
+if [ "@@{requeue}" = yes ] && { { [ "$signalled" = 1 ] && [ "$rc" -ne 0 ]; } || [ "$rc" = @@{exit_preempted} ]; }; then
   if [ "$restarts" -lt @@{max_requeues} ]; then
     echo "meshformer: requeueing job $SLURM_JOB_ID to resume from the newest checkpoint" >&2
     scontrol requeue "$SLURM_JOB_ID" && exit 0
@@ -121,6 +123,15 @@ def launch_lines(p: SlurmProfile, trainer_args: list[str]) -> str:
     return " \\\n  ".join(lines)
 
 
+def exit_preempted() -> int:
+    """The trainer's "saved on a signal, please requeue" exit code."""
+    try:
+        from trainer.preemption import EXIT_PREEMPTED
+        return EXIT_PREEMPTED
+    except ImportError:           # a trainer without preemption support: 75 is EX_TEMPFAIL
+        return 75
+
+
 def render(p: SlurmProfile, trainer_args: list[str], *, job_name: str, chdir: str, array: str = "",
            template: str = TEMPLATE) -> str:
     env = {"OMP_NUM_THREADS": str(p.cpus_per_task), **{k: str(v) for k, v in p.env.items()}}
@@ -133,5 +144,5 @@ def render(p: SlurmProfile, trainer_args: list[str], *, job_name: str, chdir: st
         env_lines="\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
         master_port=str(p.master_port) if p.master_port else "$((20000 + SLURM_JOB_ID % 10000))",
         forward_signal="TERM" if p.mode == "torchrun" else "USR1",
-        requeue="yes" if p.requeue else "no", max_requeues=str(p.max_requeues),
+        requeue="yes" if p.requeue else "no", exit_preempted=str(exit_preempted()), max_requeues=str(p.max_requeues),
         launch_lines=launch_lines(p, trainer_args))
