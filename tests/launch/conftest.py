@@ -71,7 +71,7 @@ class SlurmCluster:
             base = random.randint(17100, 19900)
             if _port_range_free(base, self.nodes):
                 break
-        env = dict(os.environ, D=str(self.root), N=str(self.nodes), CPUS=str(os.cpu_count() or 2),
+        env = dict(os.environ, D=str(self.root), N=str(self.nodes), CPUS="4",   # 2 jobs of 2x2 fit at once
                    CTLD_PORT=str(free_port()), NODE_PORT0=str(base))
         done = subprocess.run(["bash", str(HERE / "local_slurm" / "start.sh")], env=env, capture_output=True,
                               text=True, timeout=120)
@@ -127,3 +127,32 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+def run_logged(cmd: list[str], log: Path, *, env: dict | None = None, timeout: float = 300,
+               cwd: Path | None = None) -> int:
+    """Run a launcher command in its own process group, output to `log`; on timeout kill the
+    whole group (torchrun and mpiexec leave workers behind otherwise) and fail with the log."""
+    import signal
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env or child_env(), stdout=out, stderr=subprocess.STDOUT,
+                                cwd=cwd or REPO, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"{' '.join(cmd)} ran over {timeout} s; log {log}:\n{tail(log)}")
+
+
+def tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def find_mpiexec() -> str | None:
+    """The mpiexec of this Python's environment (the mpich wheel mpi4py was built against) first."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")

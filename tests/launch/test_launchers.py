@@ -1,0 +1,142 @@
+"""The same training run started four ways must give the same loss: torchrun on one node (the
+reference), two torchrun node groups on loopback, a 2-node x 2-task Slurm batch job (also one
+that is cut by its time limit, checkpoints, requeues and resumes), and mpiexec -n 4.
+
+Every run uses one 2-D layout over 4 processes, so one reference serves all comparisons.
+The preempted Slurm job is submitted by the first Slurm test and runs (mostly asleep, see
+slow_trainer.py) while the other launchers are tested; the last test waits for it.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch.conftest import (REPO, assert_same_loss, child_env, find_mpiexec, free_port, last_loss,
+                                   run_logged, tail)
+from tests.launch.runs import write_config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 40
+LAYOUT = ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"]     # HSDP: 2-D over 4 processes
+# The preempted job: Slurm signals `signal_seconds` + 30..60 s before the limit (its check runs
+# every 30 s), so with 2 min and 5 s the signal comes 55-85 s in, after start-up, and the
+# first run (pausing 3.5 s a step: 140 s for the whole run) is still training then.
+PREEMPT_TIME, PREEMPT_SIGNAL, PREEMPT_PAUSE = "2", 5, 3.5
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("launchers")
+    write_config(root, steps=STEPS, every=0)
+    return root
+
+
+def trainer_args(work: Path, name: str) -> list[str]:
+    return ["--config", str(work / "run.toml"), "--run.dir", str(work / name), *LAYOUT]
+
+
+@pytest.fixture(scope="module")
+def reference(work) -> Path:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           "-m", "trainer", *trainer_args(work, "torchrun")]
+    rc = run_logged(cmd, work / "torchrun.log")
+    assert rc == 0, tail(work / "torchrun.log")
+    return work / "torchrun"
+
+
+class PreemptedJob:
+    def __init__(self, cluster, work: Path):
+        self.cluster, self.work, self.run_dir = cluster, work, work / "slurm-preempted"
+        self.log = work / "preempted-job.out"
+        self.stop, self.released = threading.Event(), []
+        env = dict(cluster.env, MESHFORMER_TEST_STEP_SLEEP=str(PREEMPT_PAUSE))
+        cmd = [sys.executable, "-m", "trainer.cli", "slurm", "--profile", "local", "--nodes", "2",
+               "--tasks-per-node", "2", "--time", PREEMPT_TIME, "--signal-seconds", str(PREEMPT_SIGNAL),
+               "--module", "tests.launch.slow_trainer", "--output", str(self.log), "--job-name", "preempted",
+               *trainer_args(work, "slurm-preempted")]
+        done = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        self.job_id = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
+        self.releaser = threading.Thread(target=cluster.release_requeued, args=(self.stop, self.released), daemon=True)
+        self.releaser.start()
+
+    def wait(self, timeout: float = 420) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.cluster.run("squeue", "-h", "-j", self.job_id, "-o", "%T", check=False)
+            if out.returncode == 0 and not out.stdout.strip():
+                break
+            time.sleep(2)
+        else:
+            pytest.fail(f"job {self.job_id} still queued/running after {timeout} s:\n{tail(self.log)}")
+        self.stop.set()
+        state = self.cluster.run("scontrol", "show", "job", self.job_id, check=False).stdout
+        return state
+
+
+@pytest.fixture(scope="module")
+def preempted_job(slurm_cluster, work):
+    job = PreemptedJob(slurm_cluster, work)
+    yield job
+    job.stop.set()
+
+
+def test_sbatch_two_nodes_two_tasks_matches_torchrun(slurm_cluster, preempted_job, reference, work):
+    """`meshformer slurm --wait`: sbatch --wait, srun one task per process over 2 nodes."""
+    log = work / "slurm-job.out"
+    cmd = [sys.executable, "-m", "trainer.cli", "slurm", "--profile", "local", "--nodes", "2",
+           "--tasks-per-node", "2", "--time", "10", "--wait", "--output", str(log), *trainer_args(work, "slurm")]
+    done = subprocess.run(cmd, env=slurm_cluster.env, cwd=work, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{tail(log)}\n{slurm_cluster.logs()}"
+    text = log.read_text()
+    assert "on n[1-2], rendezvous 127.0.0.1:" in text          # two nodes; NodeAddr of the first
+    assert "world 4 on cpu" in text
+    assert_same_loss(work / "slurm", reference)
+
+
+def test_mpiexec_two_d_layout_matches_torchrun(reference, work):
+    mpiexec = find_mpiexec()
+    if not mpiexec:
+        pytest.skip("no mpiexec: pip install mpich mpi4py (the 'mpi' extra)")
+    pytest.importorskip("mpi4py")
+    cmd = [mpiexec, "-n", "4", sys.executable, "-m", "trainer", *trainer_args(work, "mpi")]
+    rc = run_logged(cmd, work / "mpi.log")
+    assert rc == 0, tail(work / "mpi.log")
+    assert "world 4 on cpu" in (work / "mpi.log").read_text()
+    assert_same_loss(work / "mpi", reference)
+
+
+def test_two_torchrun_node_groups_on_loopback_match(reference, work):
+    """Two `torchrun --nnodes 2` processes meeting at a c10d rendezvous act as two nodes."""
+    from concurrent.futures import ThreadPoolExecutor
+    port = free_port()
+    cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+             "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+             "--rdzv-id", "loopback-nodes", "-m", "trainer", *trainer_args(work, "two-nodes")] for node in (0, 1)]
+    logs = [work / f"node{node}.log" for node in (0, 1)]
+    with ThreadPoolExecutor(2) as pool:
+        rcs = list(pool.map(run_logged, cmds, logs))
+    assert rcs == [0, 0], "\n".join(tail(log) for log in logs)
+    assert_same_loss(work / "two-nodes", reference)
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(preempted_job, reference, work):
+    state = preempted_job.wait()
+    text = preempted_job.log.read_text()
+    assert "JobState=COMPLETED" in state and "Restarts=1" in state, f"{state}\n{tail(preempted_job.log)}"
+    saved = re.search(r"SIGUSR1: saved step (\d+); exiting with code 75", text)
+    assert saved, f"no signal checkpoint in the job log:\n{tail(preempted_job.log, 80)}"
+    step = int(saved.group(1))
+    assert 0 < step < STEPS
+    assert "requeueing job" in text and "(restart 1)" in text
+    assert f"resumed at step {step}" in text
+    assert preempted_job.released, "the requeued job was never seen waiting (BeginTime)"
+    assert last_loss(preempted_job.run_dir)[0] == STEPS
+    assert_same_loss(preempted_job.run_dir, reference)
