@@ -1,11 +1,19 @@
-"""Sizes of the parallel dimensions for a world size, and the device mesh over them."""
+"""Sizes of the parallel dimensions for a world size, and accessors for the device mesh over them.
+
+The mesh itself is built in parallel/mesh.py (`build_mesh`, re-exported here so callers keep one
+import). `ParallelDims` is the small context object passed to whoever needs a group or a rank:
+no module-level process-group state anywhere.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.context import DistContext
 from parallel.config import ParallelConfig
 from trainer.config_parse import ConfigError
+
+# Outermost first: pipeline stages and data-parallel replicas span nodes, tensor parallel is the
+# innermost (fastest-varying) dimension so a TP group is consecutive ranks, i.e. inside one node.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 @dataclass
@@ -15,9 +23,11 @@ class ParallelDims:
     dp_shard: int
     tp: int
     world_size: int
-    mesh: object = None          # torch DeviceMesh over (pp, dp_replicate, dp_shard, tp) when world > 1
+    mesh: object = None          # torch DeviceMesh over MESH_DIMS (plus flattened "dp") when world > 1
     dp_rank: int = 0
     dp_size: int = 1
+    pp_rank: int = 0
+    tp_rank: int = 0
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
@@ -34,9 +44,57 @@ class ParallelDims:
         return cls(pp=cfg.pp, dp_replicate=cfg.dp_replicate, dp_shard=shard, tp=cfg.tp, world_size=world_size,
                    dp_size=cfg.dp_replicate * shard)
 
+    # ---- which wrappers are on ----------------------------------------------------------------
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
 
-def build_mesh(cfg: ParallelConfig, ctx: DistContext) -> ParallelDims:
-    dims = ParallelDims.resolve(cfg, ctx.world_size)
-    if ctx.world_size > 1:
-        raise ConfigError("parallel: multi-process layouts land with the N-D parallel work (issue 4)")
-    return dims
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_size > 1
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """FSDP2 (or HSDP) carries data parallel unless plain DDP suffices: DDP is used only for
+        pure replication without TP (DDP does not compose with DTensor parameters)."""
+        return self.dp_shard > 1 or (self.dp_replicate > 1 and self.tp > 1)
+
+    @property
+    def ddp_enabled(self) -> bool:
+        return self.dp_replicate > 1 and not self.fsdp_enabled
+
+    # ---- sub-meshes -----------------------------------------------------------------------------
+    def submesh(self, *names: str):
+        """The sub-mesh over `names` (e.g. "tp", "pp", "dp", or ("dp_replicate", "dp_shard"))."""
+        if self.mesh is None:
+            raise RuntimeError("parallel: no device mesh in a single-process run")
+        return self.mesh[names[0] if len(names) == 1 else names]
+
+    @property
+    def tp_mesh(self):
+        return self.submesh("tp")
+
+    @property
+    def pp_mesh(self):
+        return self.submesh("pp")
+
+    @property
+    def dp_mesh(self):
+        """Flattened data-parallel mesh (dp_replicate x dp_shard) for loss averaging and loaders."""
+        return self.submesh("dp")
+
+    @property
+    def fsdp_mesh(self):
+        """1-D shard mesh for FSDP, 2-D (replicate, shard) for HSDP."""
+        if self.dp_replicate > 1:
+            return self.submesh("dp_replicate", "dp_shard")
+        return self.submesh("dp_shard")
+
+
+def build_mesh(cfg: ParallelConfig, ctx) -> ParallelDims:
+    from parallel.mesh import build_mesh as _build
+    return _build(cfg, ctx)

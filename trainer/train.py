@@ -17,7 +17,6 @@ from parallel.dims import ParallelDims, build_mesh
 from trainer.checkpoint import CheckpointManager
 from trainer.config import Config
 from trainer.config_parse import ConfigError
-from trainer.engine import LocalEngine
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from trainer.model import Transformer
 from trainer.optim import build_optimizer, build_scheduler
@@ -90,11 +89,11 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
     model = Transformer(cfg.model)
     n_params, n_body = model.num_params(), model.num_params(include_embedding=False)
     flops_per_token = model.flops_per_token(cfg.train.seq_len)
-    model = parallelize(model.to(ctx.device), dims, cfg)
+    par = parallelize(model.to(ctx.device), dims, cfg)
+    model = par.model                    # one module, or a ModuleList of this rank's pipeline stages
     optimizer = build_optimizer(model, cfg.optim, ctx.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    engine = LocalEngine(model, optimizer, scheduler, ctx.device, cfg.precision.dtype, cfg.optim.grad_clip,
-                         cfg.precision.bf16_mode)
+    engine = par.make_engine(optimizer, scheduler, ctx.device, cfg)
     train_loader, val_loader = build_loaders(cfg, dims, loader_factory)
 
     state = TrainState()
@@ -102,6 +101,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
                              loader=train_loader, state=state, dims=dims)
     ckpt.prepare_run_dir()
     ckpt.restore()
+    if ctx.distributed:   # every rank has looked at the run folder before rank 0 writes into it
+        torch.distributed.barrier()
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())

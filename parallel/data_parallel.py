@@ -1,0 +1,43 @@
+"""Data parallel wrappers: DDP, FSDP2 (`fully_shard`), and HSDP (replicate x shard) on the mesh."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from parallel.dims import ParallelDims
+
+
+def mixed_precision(precision_cfg) -> MixedPrecisionPolicy:
+    """bf16 parameters for compute with fp32 master weights and fp32 gradient reduction when
+    precision is bf16 in "params" mode; otherwise compute in the parameters' own dtype."""
+    if precision_cfg.dtype == "bf16" and precision_cfg.bf16_mode == "params":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, parallel_cfg, precision_cfg) -> nn.Module:
+    """`fully_shard` each Transformer block, then the root (embeddings, norm, head), so a block's
+    parameters are gathered just before it runs. A 2-D mesh (dp_replicate, dp_shard) gives HSDP."""
+    kwargs = dict(mesh=dims.fsdp_mesh, mp_policy=mixed_precision(precision_cfg))
+    if parallel_cfg.fsdp_cpu_offload:
+        # pin_memory needs an accelerator (PLATFORM.md); pinned memory only pays with one.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    reshard = parallel_cfg.fsdp_reshard_after_forward
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(block, reshard_after_forward=reshard and i < len(blocks) - 1, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard, **kwargs)
+    return model
+
+
+def apply_ddp(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    """Plain replication: gradients all-reduced (averaged) over the data-parallel group."""
+    return DistributedDataParallel(model, process_group=dims.dp_mesh.get_group(),
+                                   device_ids=[model_device(model)] if torch.cuda.is_available() else None)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

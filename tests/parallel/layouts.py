@@ -1,0 +1,79 @@
+"""Parity harness: run several parallel layouts inside ONE multi-process launch (start-up costs
+more than the tiny runs) and record each layout's per-step losses and gradient norms.
+
+Run by the tests as `torchrun --nproc_per_node N tests/parallel/layouts.py OUT.json NAME=ARGS ...`,
+where ARGS are `--parallel.*` overrides separated by spaces. Rank 0 writes OUT.json.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+GLOBAL_BATCH = 8
+STEPS = 10
+# lr 3e-3, not higher: Adam moves every weight by ~lr whatever the size of its gradient, so at
+# lr 1e-2 rounding-level differences in near-zero gradients grow to ~1e-5 in the gradient norm
+# within 5 steps even between two single-process runs that only sum the batch in another order.
+# A tiny model with every dimension divisible by tp=2 and 4 layers for uneven/virtual stages.
+BASE = ["--model.dim", "32", "--model.n_layers", "4", "--model.n_heads", "4", "--model.n_kv_heads", "2",
+        "--model.vocab_size", "128", "--model.ffn_hidden", "64", "--train.seq_len", "32",
+        "--train.steps", str(STEPS), "--train.eval_batches", "1", "--metrics.progress", "false",
+        "--metrics.tensorboard", "false", "--metrics.log_every", "1", "--optim.warmup_steps", "2",
+        "--optim.lr", "3e-3", "--optim.grad_clip", "1.0", "--checkpoint.every", "0", "--checkpoint.final", "false", "--train.threads", "1"]
+
+
+def overrides(run_dir: str, dp: int, extra: list[str]) -> list[str]:
+    return BASE + ["--run.dir", run_dir, "--train.batch_size", str(GLOBAL_BATCH // dp), *extra]
+
+
+def run_layout(run_dir: str, extra: list[str], ctx=None, dp: int = 1) -> dict:
+    from tests.trainer.fixtures import fixed_factory
+    from trainer.config import load_config
+    from trainer.train import train
+    cfg = load_config("configs/tiny.toml", overrides(run_dir, dp, extra))
+    train(cfg, loader_factory=fixed_factory(n=3, vocab=128), ctx=ctx)
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()] \
+        if (ctx is None or ctx.is_main) else []
+    return {"loss": [r["loss"] for r in rows if "loss" in r], "grad_norm": [r["grad_norm"] for r in rows if "loss" in r],
+            "val_loss": [r["val_loss"] for r in rows if "val_loss" in r]}
+
+
+def dp_degree(extra: list[str], world: int) -> int:
+    vals = dict(zip(extra[::2], extra[1::2]))
+    fixed = int(vals.get("--parallel.pp", 1)) * int(vals.get("--parallel.tp", 1))
+    return world // fixed
+
+
+def main() -> None:
+    import torch.distributed as dist
+    from launch.config import LaunchConfig
+    from launch.context import init_distributed, shutdown
+    out, specs = sys.argv[1], sys.argv[2:]
+    if os.environ.get("ND_DUMP_AFTER"):   # debugging hangs: print every thread's stack, then exit
+        faulthandler.dump_traceback_later(float(os.environ["ND_DUMP_AFTER"]), exit=True)
+    ctx = init_distributed(LaunchConfig(), "cpu")
+    results = {}
+    root = tempfile.mkdtemp(prefix="nd-parity-") if ctx.is_main else None
+    holder = [root]
+    dist.broadcast_object_list(holder, src=0)
+    for spec in specs:
+        name, _, args = spec.partition("=")
+        extra = args.split()
+        try:
+            results[name] = run_layout(f"{holder[0]}/{name}", extra, ctx, dp_degree(extra, ctx.world_size))
+        except Exception:  # report and go on: one broken layout should not hide the others
+            results[name] = {"error": traceback.format_exc()}
+            if not ctx.is_main:
+                traceback.print_exc()
+    if ctx.is_main:
+        Path(out).write_text(json.dumps(results, indent=1))
+    shutdown(ctx)
+
+
+if __name__ == "__main__":
+    main()
