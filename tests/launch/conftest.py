@@ -95,15 +95,22 @@ class SlurmCluster:
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr}")
         return done
 
-    def release_requeued(self, stop: threading.Event, released: list) -> None:
-        """Start requeued jobs now instead of after Slurm's 120 s requeue delay."""
+    def release_requeued(self, stop: threading.Event, released: list, settle_s: float = 5.0) -> None:
+        """Start requeued jobs now instead of after Slurm's 120 s requeue delay, but only once a
+        job has waited `settle_s`: a job restarted within a second of its requeue is refused by
+        slurmd ("Job credential revoked") and fails."""
+        waiting: dict[str, float] = {}
         while not stop.wait(1.0):
             out = self.run("squeue", "-h", "-o", "%i %r", check=False).stdout
             for line in out.splitlines():
                 job, _, reason = line.partition(" ")
-                if reason.strip() == "BeginTime":
+                if reason.strip() != "BeginTime":
+                    continue
+                first = waiting.setdefault(job, time.monotonic())
+                if time.monotonic() - first >= settle_s:
                     self.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
                     released.append(job)
+                    del waiting[job]
 
 
 def slurm_unavailable() -> str:

@@ -25,10 +25,11 @@ pytestmark = pytest.mark.slow
 
 STEPS = 40
 LAYOUT = ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"]     # HSDP: 2-D over 4 processes
-# The preempted job: Slurm signals `signal_seconds` + 30..60 s before the limit (its check runs
-# every 30 s), so with 2 min and 5 s the signal comes 55-85 s in, after start-up, and the
-# first run (pausing 3.5 s a step: 140 s for the whole run) is still training then.
-PREEMPT_TIME, PREEMPT_SIGNAL, PREEMPT_PAUSE = "2", 5, 3.5
+# The preempted job: Slurm checks time limits every 30 s, so the signal comes 0-30 s (measured
+# here; up to ~60 s) before the `signal_seconds` asked for: with 2 min and 30 s it comes 60-90 s
+# in. The first run pauses 3.5 s a step (140 s for the whole run), so it is still training then,
+# and after the signal it has ~30 s to finish its step and save before the hard limit.
+PREEMPT_TIME, PREEMPT_SIGNAL, PREEMPT_PAUSE = "2", 30, 3.5
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,13 @@ class PreemptedJob:
         self.releaser = threading.Thread(target=cluster.release_requeued, args=(self.stop, self.released), daemon=True)
         self.releaser.start()
 
+    def wait_until_training(self, timeout: float = 90) -> None:
+        """Let the job start alone: a trainer still starting up when the signal comes has no
+        handler yet and dies without a checkpoint. The other launchers start after this."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (self.run_dir / "metrics.jsonl").exists():
+            time.sleep(1)
+
     def wait(self, timeout: float = 420) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -84,6 +92,7 @@ class PreemptedJob:
 @pytest.fixture(scope="module")
 def preempted_job(slurm_cluster, work):
     job = PreemptedJob(slurm_cluster, work)
+    job.wait_until_training()
     yield job
     job.stop.set()
 
@@ -130,7 +139,9 @@ def test_two_torchrun_node_groups_on_loopback_match(reference, work):
 def test_time_limit_signal_checkpoints_requeues_and_resumes(preempted_job, reference, work):
     state = preempted_job.wait()
     text = preempted_job.log.read_text()
-    assert "JobState=COMPLETED" in state and "Restarts=1" in state, f"{state}\n{tail(preempted_job.log)}"
+    restarts = re.search(r"Restarts=(\d+)", state)
+    # one requeue is expected; a second one only if a loaded machine made the resumed run slow
+    assert "JobState=COMPLETED" in state and restarts and int(restarts.group(1)) >= 1, f"{state}\n{tail(preempted_job.log)}"
     saved = re.search(r"SIGUSR1: saved step (\d+); exiting with code 75", text)
     assert saved, f"no signal checkpoint in the job log:\n{tail(preempted_job.log, 80)}"
     step = int(saved.group(1))

@@ -158,3 +158,20 @@ def test_step_that_finished_cleanly_is_not_requeued(tmp_path):
     rc, log, out = _run_with_signal(tmp_path, step_exit="0")
     assert "step got USR1" in log and "scontrol requeue" not in log
     assert rc == 0
+
+
+def test_trainer_exit_75_requeues_without_our_signal(tmp_path):
+    """A trainer that saved on a signal which reached it another way (e.g. scancel --signal=USR1
+    JOB.0) exits with EXIT_PREEMPTED: the script requeues on that code alone."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "srun").write_text('#!/bin/bash\necho "srun $*" >> "$LOG"\nexit 75\n')
+    (bin_ / "scontrol").write_text(FAKE_SCONTROL)
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    log = tmp_path / "log"
+    script = tmp_path / "job.sh"
+    script.write_text(render(SlurmProfile(), ["--config", "c.toml"], job_name="j", chdir=str(tmp_path)))
+    done = subprocess.run(["bash", str(script)], env={"PATH": f"{bin_}:{os.environ['PATH']}", "LOG": str(log),
+                          "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n1"}, capture_output=True, text=True, timeout=30)
+    assert "scontrol requeue 5" in log.read_text() and done.returncode == 0
