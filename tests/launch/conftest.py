@@ -71,7 +71,7 @@ class SlurmCluster:
             base = random.randint(17100, 19900)
             if _port_range_free(base, self.nodes):
                 break
-        env = dict(os.environ, D=str(self.root), N=str(self.nodes), CPUS="4",   # 2 jobs of 2x2 fit at once
+        env = dict(os.environ, D=str(self.root), N=str(self.nodes), CPUS="6",   # 3 jobs of 2x2 fit at once
                    CTLD_PORT=str(free_port()), NODE_PORT0=str(base))
         done = subprocess.run(["bash", str(HERE / "local_slurm" / "start.sh")], env=env, capture_output=True,
                               text=True, timeout=120)

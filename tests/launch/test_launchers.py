@@ -98,16 +98,24 @@ def preempted_job(slurm_cluster, work):
 
 
 def test_sbatch_two_nodes_two_tasks_matches_torchrun(slurm_cluster, preempted_job, reference, work):
-    """`meshformer slurm --wait`: sbatch --wait, srun one task per process over 2 nodes."""
-    log = work / "slurm-job.out"
-    cmd = [sys.executable, "-m", "trainer.cli", "slurm", "--profile", "local", "--nodes", "2",
-           "--tasks-per-node", "2", "--time", "10", "--wait", "--output", str(log), *trainer_args(work, "slurm")]
-    done = subprocess.run(cmd, env=slurm_cluster.env, cwd=work, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{tail(log)}\n{slurm_cluster.logs()}"
-    text = log.read_text()
-    assert "on n[1-2], rendezvous 127.0.0.1:" in text          # two nodes; NodeAddr of the first
-    assert "world 4 on cpu" in text
-    assert_same_loss(work / "slurm", reference)
+    """`meshformer slurm --wait` (sbatch --wait) over 2 nodes x 2 processes, both ways a job can
+    start them: srun with one task per process (SLURM_* discovery), and srun with one torchrun per
+    node (c10d rendezvous on the first node). The two jobs run at the same time."""
+    procs = {}
+    for mode in ("tasks", "torchrun"):
+        log = work / f"slurm-{mode}.out"
+        cmd = [sys.executable, "-m", "trainer.cli", "slurm", "--profile", "local", "--nodes", "2",
+               "--tasks-per-node", "2", "--mode", mode, "--time", "10", "--wait", "--output", str(log),
+               "--job-name", mode, *trainer_args(work, f"slurm-{mode}")]
+        procs[mode] = (subprocess.Popen(cmd, env=slurm_cluster.env, cwd=work, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True), log)
+    for mode, (proc, log) in procs.items():
+        out, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, f"{mode}: {out}\n{tail(log)}\n{slurm_cluster.logs()}"
+        text = log.read_text()
+        assert "on n[1-2], rendezvous 127.0.0.1:" in text          # two nodes; NodeAddr of the first
+        assert "world 4 on cpu" in text
+        assert_same_loss(work / f"slurm-{mode}", reference)
 
 
 def test_mpiexec_two_d_layout_matches_torchrun(reference, work):
