@@ -45,7 +45,7 @@ class Parallelized:
         if self.pipeline is not None:
             from parallel.pipeline import PipelineEngine
             return PipelineEngine(self.model_parts, *common, dims=self.dims, vocab_parallel=self.vocab_parallel,
-                                  ddp=self.dims.ddp_enabled, pipeline=self.pipeline)
+                                  ddp=False, pipeline=self.pipeline)   # the schedule handles DDP's no_sync
         if self.dims.world_size == 1:
             return LocalEngine(self.model_parts[0], *common)
         return DistEngine(self.model_parts, *common, dims=self.dims, vocab_parallel=self.vocab_parallel,
@@ -68,7 +68,7 @@ def convert_precision(model: nn.Module, cfg, tp_mesh) -> nn.Module:
 def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Parallelized:
     """Spread `model` (built on CPU from the seed, identical on every rank) over the mesh."""
     pcfg = cfg.parallel
-    validate_layout(pcfg, cfg.model, cfg.train.batch_size)
+    validate_layout(pcfg, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
     device = next(model.parameters()).device
     pipeline = None
     if dims.pp_enabled:

@@ -10,6 +10,12 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor.placement_types import _StridedShard
+
+
+def _is_shard(placement) -> bool:
+    # FSDP over TP gives _StridedShard, which is not a Shard subclass in torch 2.13.
+    return placement.is_shard() or isinstance(placement, _StridedShard)
 
 
 def settle_partial_grads(params) -> None:
@@ -30,7 +36,7 @@ def grad_norm(params, pp_group=None) -> torch.Tensor:
     device = None
     for g in grads:
         if isinstance(g, DTensor):
-            shard_dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+            shard_dims = tuple(i for i, pl in enumerate(g.placements) if _is_shard(pl))
             groups[(id(g.device_mesh), shard_dims)].append(g)
             device = g.to_local().device
         else:

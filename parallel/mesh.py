@@ -41,7 +41,7 @@ def stage_layer_counts(cfg: ParallelConfig, n_layers: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(n_stages)]
 
 
-def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int) -> None:
+def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int, seq_len: int = 0) -> None:
     """Checks that need the model and batch as well as the layout; each error names the field."""
     tp = cfg.tp
     if tp > 1:
@@ -50,6 +50,9 @@ def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int) -> None:
                             ("model.vocab_size (vocab-parallel head)", model_cfg.vocab_size)):
             if value % tp:
                 raise ConfigError(f"parallel.tp: {tp} does not divide {what} = {value}; pick a tp that divides it")
+        if cfg.sp and seq_len % tp:
+            raise ConfigError(f"parallel.sp: sequence parallel splits train.seq_len = {seq_len} over tp = {tp}; "
+                              "use a multiple of tp or parallel.sp = false")
     n_stages = cfg.pp * cfg.pp_virtual_stages
     if cfg.pp > 1 or cfg.pp_virtual_stages > 1:
         if n_stages > model_cfg.n_layers:

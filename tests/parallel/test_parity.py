@@ -24,9 +24,18 @@ TWO_RANKS = {
     "fsdp2": "--parallel.dp_shard 2",
     "fsdp2_keep_offload": "--parallel.dp_shard 2 --parallel.fsdp_reshard_after_forward false "
                           "--parallel.fsdp_cpu_offload true",
+    "tp2_sp": "--parallel.tp 2",
+    "tp2_no_sp": "--parallel.tp 2 --parallel.sp false",
+    # the model's variants under TP+SP: positions applied on full sequences, sharded ALiBi slopes,
+    # post-norm residuals, LayerNorm with biases, GELU MLP, a tied vocab-parallel head
+    "tp2_sp_learned_gelu_ln": "--parallel.tp 2 --model.position learned --model.norm layernorm --model.bias true "
+                              "--model.activation gelu",
+    "tp2_sp_alibi_postnorm": "--parallel.tp 2 --model.position alibi --model.norm_position post",
+    "tp2_sp_sinusoidal_tied": "--parallel.tp 2 --model.position sinusoidal --model.tie_embeddings true",
 }
 FOUR_RANKS = {
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
+    "tp2_fsdp2": "--parallel.tp 2 --parallel.dp_shard 2",
 }
 EIGHT_RANKS: dict[str, str] = {}
 XFAIL: dict[str, str] = {}
@@ -50,9 +59,29 @@ def launch(nproc: int, layouts: dict[str, str], tmp: Path, timeout: float) -> di
     return json.loads(out.read_text())
 
 
+def model_args(layout: str) -> list[str]:
+    """The non-parallel overrides of a layout: its single-process reference uses the same ones."""
+    words = layout.split()
+    pairs = zip(words[::2], words[1::2])
+    return [w for k, v in pairs if not k.startswith("--parallel.") for w in (k, v)]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return run_layout(str(tmp_path_factory.mktemp("ref") / "single"), [])
+def references(tmp_path_factory):
+    """Single-process runs, one per model variant, computed here on first use."""
+    cache: dict = {}
+
+    def get(layout: str) -> dict:
+        key = " ".join(model_args(layout))
+        if key not in cache:
+            cache[key] = run_layout(str(tmp_path_factory.mktemp("ref") / "single"), model_args(layout))
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references("")
 
 
 def check(name: str, got: dict, ref: dict) -> None:
@@ -86,16 +115,16 @@ def test_reference_trains(reference):
 
 
 @pytest.mark.parametrize("name", list(TWO_RANKS))
-def test_two_rank_parity(name, two_rank_results, reference):
-    check(name, two_rank_results[name], reference)
+def test_two_rank_parity(name, two_rank_results, references):
+    check(name, two_rank_results[name], references(TWO_RANKS[name]))
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
-def test_four_rank_parity(name, four_rank_results, reference):
-    check(name, four_rank_results[name], reference)
+def test_four_rank_parity(name, four_rank_results, references):
+    check(name, four_rank_results[name], references(FOUR_RANKS[name]))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EIGHT_RANKS))
-def test_eight_rank_parity(name, eight_rank_results, reference):
-    check(name, eight_rank_results[name], reference)
+def test_eight_rank_parity(name, eight_rank_results, references):
+    check(name, eight_rank_results[name], references(EIGHT_RANKS[name]))

@@ -1,0 +1,134 @@
+"""Pipeline parallel with torch.distributed.pipelining: split the layers into stages, build a
+schedule (GPipe, 1F1B, interleaved 1F1B, interleaved zero-bubble), and the engine step.
+
+Stages are the model itself with other stages' parts removed: the first keeps the embeddings,
+the last the final norm and head (and computes the loss); layer keys keep their original names,
+so parameter names match the unsplit model. A rank holds `pp_virtual_stages` stages in loop
+order (rank r holds stages r, r+pp, ...), so the last stage is always on pp rank pp-1.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (PipelineScheduleMulti, Schedule1F1B, ScheduleGPipe,
+                                                    ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
+
+from parallel.engine import DistEngine, full_value
+from parallel.mesh import microbatches, stage_layer_counts
+from trainer.engine import cross_entropy
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
+             "zero_bubble": ScheduleInterleavedZeroBubble}
+
+
+def split_model(model: nn.Module, stage: int, counts: list[int]) -> nn.Module:
+    """A copy of `model` holding only stage `stage`'s layers (and the ends it owns)."""
+    start = sum(counts[:stage])
+    keep = {str(i) for i in range(start, start + counts[stage])}
+    part = copy.deepcopy(model)
+    for key in list(part.layers.keys()):
+        if key not in keep:
+            del part.layers[key]
+    if stage > 0:
+        part.tok_embeddings, part.pos_embeddings = None, None
+    if stage < len(counts) - 1:
+        part.norm, part.output = None, None
+    return part
+
+
+@dataclass
+class PipelineSetup:
+    """This rank's stages and, once the data-parallel wrappers are on, the schedule over them."""
+    stage_ids: list[int]
+    n_stages: int
+    dims: object
+    device: torch.device
+    modules: list[nn.Module] = field(default_factory=list)
+    schedule: object = None
+    loss_scale: float = 1.0
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.stage_ids
+
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, labels) * self.loss_scale
+
+    def build_schedule(self, parts: list[nn.Module], cfg) -> None:
+        self.modules = parts
+        group = self.dims.pp_mesh.get_group()
+        stages = [PipelineStage(part, sid, self.n_stages, self.device, group=group)
+                  for part, sid in zip(parts, self.stage_ids)]
+        cls = SCHEDULES[cfg.parallel.pp_schedule]
+        n_micro = microbatches(cfg.parallel)
+        if issubclass(cls, PipelineScheduleMulti):
+            self.schedule = cls(stages, n_microbatches=n_micro, loss_fn=self.loss_fn)
+        else:
+            self.schedule = cls(stages[0], n_microbatches=n_micro, loss_fn=self.loss_fn)
+
+    def run(self, inputs, labels, train: bool = True) -> torch.Tensor | None:
+        """One pipelined pass over a batch; returns the mean microbatch loss on the last stage."""
+        losses: list = []
+        step = self.schedule.step if train else self.schedule.eval
+        args = (inputs,) if self.has_first else ()
+        step(*args, target=labels if self.has_last else None, losses=losses if self.has_last else None)
+        if not self.has_last:
+            return None
+        return torch.stack([full_value(l).detach() for l in losses]).mean()
+
+
+def split_stages(model: nn.Module, dims, pcfg, device: torch.device) -> PipelineSetup:
+    counts = stage_layer_counts(pcfg, model.cfg.n_layers)
+    stage_ids = [dims.pp_rank + k * dims.pp for k in range(pcfg.pp_virtual_stages)]
+    setup = PipelineSetup(stage_ids=stage_ids, n_stages=len(counts), dims=dims, device=device)
+    setup.modules = [split_model(model, sid, counts) for sid in stage_ids]
+    return setup
+
+
+class PipelineEngine(DistEngine):
+    """The step is the schedule's: forward and backward of all microbatches interleaved."""
+
+    def __init__(self, *args, pipeline: PipelineSetup, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pipeline = pipeline
+
+    def forward_backward(self, batches) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        self.pipeline.loss_scale = 1.0 / len(batches)
+        for inputs, labels in batches:
+            with self.loss_context(), self.autocast():
+                loss = self.pipeline.run(inputs.to(self.device), labels.to(self.device))
+            if loss is not None:
+                total += loss
+        return total
+
+    def reduce_loss(self, loss: torch.Tensor) -> float:
+        """The last stage's loss, sent to the other stages, then averaged over data parallel."""
+        group = self.dims.pp_mesh.get_group()
+        loss = loss.detach().clone()
+        dist.broadcast(loss, src=dist.get_global_rank(group, self.dims.pp - 1), group=group)
+        return super().reduce_loss(loss)
+
+    @torch.no_grad()
+    def eval_loss(self, batches) -> float:
+        for m in self.model_parts:
+            m.eval()
+        total = torch.zeros((), device=self.device)
+        self.pipeline.loss_scale = 1.0
+        for inputs, labels in batches:
+            with self.loss_context(), self.autocast():
+                loss = self.pipeline.run(inputs.to(self.device), labels.to(self.device), train=False)
+            if loss is not None:
+                total += loss
+        for m in self.model_parts:
+            m.train()
+        return self.reduce_loss(total / max(1, len(batches)))
