@@ -117,6 +117,24 @@ def free_port(host: str = "") -> int:
         return s.getsockname()[1]
 
 
+def host_address() -> str:
+    """This host's address for other nodes: its name's address unless that is loopback (Debian
+    maps the host name to 127.0.1.1), else the address of the interface of the default route
+    (a UDP connect sends nothing). Set MASTER_ADDR or launch.master_addr to pick a network."""
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        addr = "127.0.0.1"
+    if not addr.startswith("127."):
+        return addr
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return addr
+
+
 def from_mpi(cfg: LaunchConfig | None = None, comm=None) -> ProcessInfo:
     """Rank and world from MPI; rank 0 picks the rendezvous and broadcasts it (mpiexec gives no
     MASTER_ADDR/PORT of its own)."""
@@ -139,7 +157,7 @@ def from_mpi(cfg: LaunchConfig | None = None, comm=None) -> ProcessInfo:
     rendezvous = None
     if rank == 0:
         addr = cfg.master_addr or os.environ.get("MASTER_ADDR", "") or (
-            "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(socket.gethostname()))
+            "127.0.0.1" if len(set(hosts)) == 1 else host_address())
         port = cfg.master_port or int(os.environ.get("MASTER_PORT", "0") or 0) or free_port()
         rendezvous = (addr, port)
     addr, port = comm.bcast(rendezvous, root=0)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from launch.config import LaunchConfig
-from launch.discovery import LaunchError, detect_launcher, discover, from_slurm, from_torchrun, slurm_port
+from launch.discovery import LaunchError, detect_launcher, discover, from_mpi, from_slurm, from_torchrun, slurm_port
 
 TORCHRUN = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
             "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x",
@@ -124,3 +124,36 @@ def test_rank0_alone_times_out_naming_missing_processes(tmp_path):
     done = subprocess.run([sys.executable, "-c", UNREACHABLE], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "not all 2 processes joined" in done.stderr, done.stderr[-2000:]
+
+
+class FakeComm:
+    """COMM_WORLD as seen by one rank: allgather/bcast return what the other ranks would send."""
+
+    def __init__(self, rank, hosts, root_value=None):
+        self.rank, self.hosts, self.root_value = rank, hosts, root_value
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return len(self.hosts)
+
+    def allgather(self, mine):
+        return [mine if r == self.rank else h for r, h in enumerate(self.hosts)]
+
+    def bcast(self, value, root=0):
+        return value if self.rank == root else self.root_value
+
+
+def test_mpi_rank0_picks_the_rendezvous_and_others_receive_it():
+    import socket
+    me = socket.gethostname()
+    info0 = from_mpi(LaunchConfig(), comm=FakeComm(0, [me, me]))
+    assert (info0.rank, info0.world_size, info0.launcher, info0.master_addr) == (0, 2, "mpi", "127.0.0.1")
+    assert 0 < info0.master_port < 65536
+    info1 = from_mpi(LaunchConfig(), comm=FakeComm(1, [me, me], root_value=("10.0.0.9", 4242)))
+    assert (info1.rank, info1.master_addr, info1.master_port, info1.node_rank) == (1, "10.0.0.9", 4242, 0)
+    info3 = from_mpi(LaunchConfig(), comm=FakeComm(3, ["a", "a", "b", me], root_value=("a", 1)))
+    assert info3.node_rank == 2                       # third distinct host in rank order
+    fixed = from_mpi(LaunchConfig(master_addr="head", master_port=5000), comm=FakeComm(0, [me, "other"]))
+    assert (fixed.master_addr, fixed.master_port) == ("head", 5000)
