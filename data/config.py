@@ -1,7 +1,7 @@
 """The `[data]` section of a run config: where shards come from and how they become tokens."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: field types stay real types (dataclasses.fields(...).type),
+# which the config loader maps TOML values and --data.key overrides onto.
 import os
 from dataclasses import dataclass, field
 from typing import Literal

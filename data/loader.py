@@ -20,6 +20,7 @@ from .shards import iter_documents
 
 log = logging.getLogger("meshformer.data")
 STATE_VERSION = 1
+WORKER_GROUP = 8  # batches per worker->trainer message
 
 
 def shard_tokens(entry: dict, *, cfg, tokenizer, seed: int, epoch: int, shuffle: bool, stats: dict):
@@ -79,34 +80,45 @@ def read_positions(plan: list[dict], intervals, **kw):
             i += 1
 
 
-def pack(pieces, n_batches: int, batch_size: int, seq_len: int, eot_id: int):
-    """Cut a token stream into n_batches (inputs, labels) batches; PAD fills a short stream's end."""
-    tpb = batch_size * (seq_len + 1)
-    buf = np.empty(tpb, dtype=np.int64)
-    fill = 0
+def sequences(pieces, count: int, seq_len: int):
+    """Cut a token stream into `count` arrays of seq_len+1 tokens; PAD fills a short stream's end."""
+    size = seq_len + 1
     pieces = iter(pieces)
     piece, off = None, 0
-    for _ in range(n_batches):
-        while fill < tpb:
+    for _ in range(count):
+        if piece is not None and off + size <= len(piece):  # fast path: a view, no copy
+            yield piece[off:off + size]
+            off += size
+            continue
+        buf = np.empty(size, dtype=np.int64)
+        fill = 0
+        while fill < size:
             if piece is None or off >= len(piece):
                 piece, off = next(pieces, None), 0
                 if piece is None:
                     buf[fill:] = P.PAD
-                    fill = tpb
                     break
-            take = min(tpb - fill, len(piece) - off)
+            take = min(size - fill, len(piece) - off)
             buf[fill:fill + take] = piece[off:off + take]
             fill, off = fill + take, off + take
-        x = buf.reshape(batch_size, seq_len + 1)
-        inputs, labels = x[:, :-1].copy(), x[:, 1:].copy()
+        yield buf
+
+
+def to_batch(rows: list, eot_id: int):
+    x = np.stack(rows).astype(np.int64, copy=False)
+    inputs, labels = x[:, :-1].copy(), x[:, 1:].copy()
+    if x.min() < 0:  # padding present (ids are never negative)
         inputs[inputs == P.PAD] = eot_id
         labels[labels == P.PAD] = P.IGNORE
-        yield torch.from_numpy(inputs), torch.from_numpy(labels)
-        fill = 0
+    return inputs, labels  # numpy: pickles through worker queues far cheaper than shared-memory tensors
+
+
+def _as_is(batch):
+    return batch
 
 
 class SlotStream(IterableDataset):
-    """Batches of one rank; in worker j it serves role (j + batches) % n of the current phase."""
+    """Messages (lists of batches) of one rank's slot; worker j plays the role whose turn is j-th."""
 
     def __init__(self, *, sources, cfg, tokenizer, state: dict, dp_rank: int, seed: int, shuffle: bool,
                  forever: bool):
@@ -119,24 +131,31 @@ class SlotStream(IterableDataset):
         j = info.id if info is not None else 0
         st = self.state
         layout, epoch, remaining, k = st["layout"], st["epoch"], st["remaining"], st["batches"]
-        n = layout["slots_per_rank"]
-        role = (j + k) % n
+        n, group = layout["slots_per_rank"], layout.get("group", 1)
+        seq = layout["seq_len"] + 1
         stats: dict = {}
+        m = P.phase_batches(remaining, layout)
+        role = (j + P.next_message(k, layout, m)) % n  # the DataLoader asks worker 0 first
         while True:
             plan = P.epoch_plan(self.sources, epoch, self.seed, self.shuffle)
-            slots = layout["dp_size"] * n
-            lo, hi = P.slot_bounds(remaining, slots, self.dp_rank * n + role)
-            tpb = P.tokens_per_batch(layout)
-            done = P.worker_batches_done(k, role, n)
-            todo = P.phase_batches(remaining, layout) - done
-            pieces = read_positions(plan, P.cut(remaining, min(lo + done * tpb, hi), hi), cfg=self.cfg,
-                                    tokenizer=self.tokenizer, seed=self.seed, epoch=epoch,
-                                    shuffle=self.shuffle, stats=stats)
-            yield from pack(pieces, todo, layout["batch_size"], layout["seq_len"], self.tokenizer.eot_id)
+            lo, hi = P.slot_bounds(remaining, layout["dp_size"] * n, self.dp_rank * n + role)
+            done = P.worker_batches_done(k, role, layout, m)
+            count = m - done
+            lanes = [sequences(read_positions(plan, P.cut(remaining, min(a + done * seq, b), b), cfg=self.cfg,
+                                              tokenizer=self.tokenizer, seed=self.seed, epoch=epoch,
+                                              shuffle=self.shuffle, stats=stats), count, layout["seq_len"])
+                     for a, b in P.lane_bounds(lo, hi, layout["batch_size"])]
+            message = []
+            for b in range(done, m):
+                message.append(to_batch([next(lane) for lane in lanes], self.tokenizer.eot_id))
+                if (b + 1) % group == 0 or b + 1 == m:  # messages end at group and phase boundaries
+                    yield message
+                    message = []
             if not self.forever:
                 return
             epoch, k = epoch + 1, 0
             remaining = [[0, P.plan_total(P.epoch_plan(self.sources, epoch, self.seed, self.shuffle))]]
+            m = P.phase_batches(remaining, layout)
 
 
 class TokenLoader:
@@ -151,7 +170,7 @@ class TokenLoader:
         self.sources, self.cfg, self.tokenizer = sources, cfg, tokenizer
         self.dp_rank, self.seed, self.stats, self.fingerprint = dp_rank, seed, stats, fingerprint
         self.layout = {"dp_size": dp_size, "slots_per_rank": max(cfg.num_workers, 1), "batch_size": batch_size,
-                       "seq_len": seq_len}
+                       "seq_len": seq_len, "group": WORKER_GROUP if cfg.num_workers else 1}
         self._start_epoch(0)
 
     def _start_epoch(self, epoch: int):
@@ -172,12 +191,14 @@ class TokenLoader:
             batches = iter(stream)
         else:
             batches = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                                      prefetch_factor=self.cfg.prefetch, persistent_workers=False))
-        for batch in batches:
-            self.batches += 1
-            if self.batches >= self._phase_len:
-                self._start_epoch(self.epoch + 1)
-            yield batch
+                                      prefetch_factor=self.cfg.prefetch, persistent_workers=False,
+                                      collate_fn=_as_is))
+        for message in batches:
+            for inputs, labels in message:
+                self.batches += 1
+                if self.batches >= self._phase_len:
+                    self._start_epoch(self.epoch + 1)
+                yield torch.from_numpy(inputs), torch.from_numpy(labels)
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "remaining": [list(r) for r in self.remaining],
@@ -221,8 +242,11 @@ class ValLoader:
 
     def __iter__(self):
         state = {"epoch": 0, "remaining": self.remaining, "layout": self.layout, "batches": 0}
-        return iter(SlotStream(sources=self.sources, cfg=self.cfg, tokenizer=self.tokenizer, state=state,
-                               dp_rank=self.dp_rank, seed=0, shuffle=False, forever=False))
+        stream = SlotStream(sources=self.sources, cfg=self.cfg, tokenizer=self.tokenizer, state=state,
+                            dp_rank=self.dp_rank, seed=0, shuffle=False, forever=False)
+        for message in stream:
+            for inputs, labels in message:
+                yield torch.from_numpy(inputs), torch.from_numpy(labels)
 
     def state_dict(self) -> dict:
         return {}

@@ -4,15 +4,17 @@ An epoch is a deterministic order of shards (seeded per epoch; several sources i
 weight). Laid end to end, with an end-of-text token after each document, its documents form one
 token stream; a *position* is an offset in that stream. The positions not yet trained on are a
 list of intervals, `remaining`. They are cut into `dp_size * slots_per_rank` equal contiguous
-slots (rank-major: slot = dp_rank * slots_per_rank + worker); each slot is packed into batches of
-batch_size sequences of seq_len+1 tokens, and worker w of a rank serves that rank's batches
-w, w+n, w+2n, ... (the order torch's DataLoader yields them in).
+slots (rank-major: slot = dp_rank * slots_per_rank + worker). A slot is cut again into
+batch_size equal contiguous lanes; row i of the slot's batches reads lane i, seq_len+1 tokens at a
+time, so the rows of a batch come from distant documents (often other shards). Workers send `group` batches per message (one
+message per batch costs more than making it) and torch's DataLoader takes messages round robin,
+so worker w of a rank serves that rank's batch groups w, w+n, w+2n, ...
 
 All DP ranks consume batches in lockstep, so the global state is (epoch, remaining, layout,
 batches consumed per rank): the same on every rank. From it any new layout (other DP size,
 worker count, batch size) can compute what was consumed and cut the rest anew: nothing repeated,
 nothing skipped, down to the token. Slots of one phase all give the same number of batches; the
-last batch of a slot is padded (inputs end-of-text, labels -100, the ignore index).
+end of each lane is padded (inputs end-of-text, labels -100, the ignore index).
 """
 
 from __future__ import annotations
@@ -75,13 +77,11 @@ def plan_total(plan: list[dict]) -> int:
 
 def data_fingerprint(sources) -> str:
     """Identifies the indexed data, so a state is not applied to other data by mistake."""
-    text = json.dumps([[s.weight, [[os_basename(x["url"]), x["docs"], x["tokens"]] for x in s.shards]]
+    from .sources import shard_name
+
+    text = json.dumps([[s.weight, [[shard_name(x["url"]), x["docs"], x["tokens"]] for x in s.shards]]
                        for s in sources])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def os_basename(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def total(remaining) -> int:
@@ -107,20 +107,45 @@ def slot_bounds(remaining, slots: int, slot: int) -> tuple[int, int]:
     return slot * r // slots, (slot + 1) * r // slots
 
 
-def tokens_per_batch(layout: dict) -> int:
-    return layout["batch_size"] * (layout["seq_len"] + 1)
+def lane_bounds(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
+    """A slot's lanes: row i of every batch of a slot reads lane i, its i-th contiguous part."""
+    n = hi - lo
+    return [(lo + i * n // batch_size, lo + (i + 1) * n // batch_size) for i in range(batch_size)]
 
 
 def phase_batches(remaining, layout: dict) -> int:
     """Batches each slot (and each worker) gives before the epoch ends."""
     slots = layout["dp_size"] * layout["slots_per_rank"]
-    longest = math.ceil(total(remaining) / slots)
-    return math.ceil(longest / tokens_per_batch(layout))
+    longest_lane = math.ceil(math.ceil(total(remaining) / slots) / layout["batch_size"])
+    return math.ceil(longest_lane / (layout["seq_len"] + 1))
 
 
-def worker_batches_done(k: int, worker: int, n: int) -> int:
-    """How many of a rank's first k batches worker `worker` of n served (round robin)."""
-    return max(0, (k - worker + n - 1) // n)
+def _group_shape(layout: dict, m: int) -> tuple[int, int, int, int]:
+    """(n, G, Q, r): workers, batches per message, messages per worker per phase, last message's size."""
+    n, g = layout["slots_per_rank"], layout.get("group", 1)
+    q = max(1, math.ceil(m / g))
+    return n, g, q, m - g * (q - 1)
+
+
+def worker_batches_done(k: int, worker: int, layout: dict, m: int) -> int:
+    """How many of a rank's first k batches of a phase (m batches per worker) worker `worker` served.
+
+    Workers send messages of `group` batches (the last of a phase shorter, r), and torch's
+    DataLoader takes messages round robin: message g of the phase comes from worker g % n.
+    """
+    n, g, q, r = _group_shape(layout, m)
+    full = n * g * (q - 1)
+    if k <= full:
+        cycles, rem = divmod(k, g * n)
+        return cycles * g + min(max(rem - worker * g, 0), g)
+    return (q - 1) * g + min(max(k - full - worker * r, 0), r)
+
+
+def next_message(k: int, layout: dict, m: int) -> int:
+    """Index in the phase of the message that holds the rank's batch k."""
+    n, g, q, r = _group_shape(layout, m)
+    full = n * g * (q - 1)
+    return k // g if k < full else n * (q - 1) + (k - full) // r
 
 
 def merge(intervals) -> list[list[int]]:
@@ -139,15 +164,16 @@ def unconsumed(remaining, layout: dict, k: int) -> list[list[int]]:
     """The remaining intervals after every rank consumed k batches under `layout`."""
     n = layout["slots_per_rank"]
     slots = layout["dp_size"] * n
-    tpb = tokens_per_batch(layout)
+    seq = layout["seq_len"] + 1
+    m = phase_batches(remaining, layout)
     left = []
     for s in range(slots):
-        lo, hi = slot_bounds(remaining, slots, s)
-        used = min(worker_batches_done(k, s % n, n) * tpb, hi - lo)
-        left += cut(remaining, lo + used, hi)
+        done = worker_batches_done(k, s % n, layout, m)
+        for lo, hi in lane_bounds(*slot_bounds(remaining, slots, s), layout["batch_size"]):
+            left += cut(remaining, min(lo + done * seq, hi), hi)
     return merge(left)
 
 
 def same_layout(a: dict, b: dict) -> bool:
-    keys = ("dp_size", "slots_per_rank", "batch_size", "seq_len")
-    return all(a[k] == b[k] for k in keys)
+    keys = ("dp_size", "slots_per_rank", "batch_size", "seq_len", "group")
+    return all(a.get(k, 1) == b.get(k, 1) for k in keys)

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from collections import deque
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
 from tqdm import tqdm
@@ -80,7 +80,9 @@ def write_shards(docs, out_dir: str, *, tokenizer: str = "bytes", eot_token: str
     index = 0
     pool = None
     if workers > 1:
-        pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer, eot_token))
+        # fork: workers start in milliseconds (spawn would re-import torch through the data package)
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        pool = get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer, eot_token))
         tokenized = _tokenize_in_pool(pool, _chunks(docs), ahead=4 * workers)
     else:
         tokenized = ((c, [tok.encode_bytes(d) for d in c]) for c in _chunks(docs))
@@ -136,6 +138,17 @@ def iter_input_docs(paths: list[str], fmt: str, text_key: str, stats: dict):
             if kind == "text":
                 yield f.read().encode("utf-8")
                 continue
+            if kind == "jsonl" and _starts_with_bracket(f):  # a JSON array of objects
+                try:
+                    items = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: not valid JSON ({e})") from e
+                for obj in items:
+                    if isinstance(obj, dict) and isinstance(obj.get(text_key), str):
+                        yield obj[text_key].encode("utf-8")
+                    else:
+                        stats["missing"] = stats.get("missing", 0) + 1
+                continue
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -152,6 +165,12 @@ def iter_input_docs(paths: list[str], fmt: str, text_key: str, stats: dict):
                 yield obj[text_key].encode("utf-8")
 
 
+def _starts_with_bracket(f) -> bool:
+    head = f.read(4096).lstrip()
+    f.seek(0)
+    return head.startswith("[")
+
+
 def expand_inputs(inputs: list[str]) -> list[str]:
     paths = []
     for item in inputs:
@@ -162,6 +181,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         for p in found:
             if not os.path.isfile(p):
                 raise ValueError(f"input {p!r} not found; give text/JSON-lines files, folders or globs")
+        if not found:
+            raise ValueError(f"input {item!r} matches no files")
         paths += found
     if not paths:
         raise ValueError(f"no input files in {inputs}")
@@ -169,7 +190,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="meshformer prepare", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="meshformer prepare", description="Turn text corpora (plain text, JSON "
+                                 "lines, JSON arrays) into tokenized webdataset shards with a manifest.")
     ap.add_argument("inputs", nargs="+", help="text or JSON-lines files (.gz ok), folders, or globs")
     ap.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json (must be "
                     "empty or new)")
@@ -185,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         paths = expand_inputs(args.inputs)
+        if args.shard_size_mb <= 0 or args.workers < 1:
+            raise ValueError("--shard-size-mb must be > 0 and --workers >= 1")
         if os.path.isdir(args.out) and os.listdir(args.out):
             raise ValueError(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
         tokenizer_from_spec(args.tokenizer, args.eot_token)  # fail early on a bad tokenizer

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tarfile
 
 import numpy as np
 from webdataset.gopen import gopen
@@ -57,6 +56,7 @@ def _pipe_failure(stream, url: str):
 def iter_samples(url: str, on_corrupt: str, stats: dict):
     """Yield webdataset samples (dicts of field -> bytes) of one shard."""
     stream = open_shard(url)
+    read_to_end = False
     try:
         def files():
             for f in tar_file_iterator(stream, handler=reraise_exception):
@@ -64,9 +64,11 @@ def iter_samples(url: str, on_corrupt: str, stats: dict):
                 yield f
 
         yield from group_by_keys(files(), handler=reraise_exception)
+        read_to_end = True
     except DataError:
         raise
     except Exception as e:  # tarfile.ReadError, EOFError, zlib errors, duplicate names ...
+        read_to_end = True
         failure = _pipe_failure(stream, url)
         if failure is not None:
             raise failure from e
@@ -76,12 +78,20 @@ def iter_samples(url: str, on_corrupt: str, stats: dict):
         stats["corrupt_shards"] = stats.get("corrupt_shards", 0) + 1
         log.warning("corrupt or truncated data shard %s: %s; kept the documents before the damage", url, e)
     finally:
-        try:
-            stream.close()
-        except Exception as e:
-            failure = _pipe_failure(stream, url)
-            if failure is not None:
-                raise failure from e
+        _close(stream, url, check=read_to_end)
+
+
+def _close(stream, url: str, check: bool):
+    """Close a shard stream. A reader that stopped early (its slot ended mid-shard) stops a pipe:
+    command too, and that command's exit status (killed by SIGPIPE) is no error."""
+    proc = getattr(stream, "proc", None)
+    if not check and proc is not None:
+        proc.kill()
+    try:
+        stream.close()
+    except Exception as e:
+        if check:
+            raise DataError(f"cannot read data shard {url}: {e}") from e
 
 
 def decode_tokens(data: bytes) -> np.ndarray:
@@ -119,9 +129,3 @@ def scan_shard(url: str, *, mode: str, field: str, tokenizer, on_corrupt: str) -
     return {"url": url, "docs": docs, "tokens": tokens, "missing_field": stats.get("missing_field", 0),
             "corrupt": stats.get("corrupt_shards", 0)}
 
-
-def is_tarfile(path: str) -> bool:
-    try:
-        return tarfile.is_tarfile(path)
-    except OSError:
-        return False

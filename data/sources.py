@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
@@ -112,7 +113,13 @@ def _manifest_entry(cfg, url: str, cache: dict):
     m = cache[key]
     if m is None:
         return None, None
-    return m, m["_by_name"].get(os.path.basename(local_path(url)))
+    return m, m["_by_name"].get(shard_name(url))
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name, also inside a command: 'pipe:aws s3 cp s3://b/x/shard-000001.tar -'."""
+    found = re.findall(r"[^\s/'\"]+\.(?:tar\.gz|tgz|tar)\b", url)
+    return found[-1] if found else os.path.basename(local_path(url))
 
 
 def _shard_fingerprint(url: str) -> str:
@@ -129,6 +136,7 @@ def _shard_fingerprint(url: str) -> str:
 def index_shards(urls: list[str], cfg, tokenizer) -> list[dict]:
     """Document and token counts of each shard: from manifests, else from a cached scan."""
     manifests: dict = {}
+    idents: dict = {}
     out: list[dict | None] = []
     to_scan: list[tuple[int, str, str]] = []
     for url in urls:
@@ -136,6 +144,11 @@ def index_shards(urls: list[str], cfg, tokenizer) -> list[dict]:
         same_ids = m is not None and (cfg.tokenizer == "pretokenized"
                                       or m.get("tokenizer_ident") == getattr(tokenizer, "ident", None))
         if entry is not None and same_ids:
+            idents.setdefault(m.get("tokenizer_ident"), url)
+            if len(idents) > 1:
+                (a, ua), (b, ub) = list(idents.items())[:2]
+                raise DataError(f"data.urls: shards were tokenized differently ({ua}: {a}, {ub}: {b}); "
+                                "prepare all sources with one tokenizer")
             field = m.get("token_field", cfg.token_field)
             out.append({"url": url, "docs": int(entry["docs"]), "tokens": int(entry["tokens"]),
                         "mode": "tokens", "field": field})

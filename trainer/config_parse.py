@@ -72,8 +72,10 @@ def coerce(value: Any, tp, where: str) -> Any:
     if origin is list:
         (item,) = get_args(tp)
         if isinstance(value, str):
+            # A TOML list (`[1, 2]`) is a list; any other string is one item (no comma
+            # splitting: brace patterns like shard-{a,b}.tar contain commas).
             parsed = _parse_cli_value(value)
-            value = parsed if isinstance(parsed, list) else [v for v in value.split(",") if v != ""]
+            value = parsed if isinstance(parsed, list) else [value]
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]

@@ -1,6 +1,7 @@
 """The training job: the walk a batch takes, from config to metrics and checkpoints."""
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -62,7 +63,8 @@ def take(it: Iterator, n: int) -> list:
 
 
 def evaluate(engine, val_loader, n_batches: int) -> float:
-    return engine.eval_loss(take(iter(val_loader), n_batches))
+    """Mean loss over the first `n_batches` of the (finite, fixed) validation pass."""
+    return engine.eval_loss(list(itertools.islice(iter(val_loader), n_batches)))
 
 
 def train(cfg: Config, *, loader_factory: LoaderFactory | None = None, ctx: DistContext | None = None) -> dict:

@@ -4,8 +4,9 @@ from collections import Counter
 
 import torch
 
-from conftest import real_tokens, slot_stream, take, text_docs, write_text_shards
+from datahelpers import real_tokens, slot_stream, take, text_docs, write_text_shards
 from data import DataConfig, build_loader, build_tokenizer
+from data import plan as P
 
 
 def epoch_batches(cfg, dp_size, **kw):
@@ -38,17 +39,23 @@ def test_unique_tokens_once_across_2_ranks_2_workers(unique_cfg):
 
 
 def test_text_documents_once_across_2_ranks_2_workers(tmp_path):
-    docs = text_docs(37, seed=1)
+    docs = text_docs(90, seed=1)
     cfg = DataConfig(urls=write_text_shards(tmp_path / "s", docs, per_shard=6), cache_dir=str(tmp_path / "c"),
                      num_workers=2, shuffle_buffer=3)
     eot = build_tokenizer(cfg).eot_id
     per_rank = epoch_batches(cfg, 2, seq_len=31, batch_size=2)
-    # Slots are contiguous parts of the epoch stream in order rank-major, then worker (batch i of a rank
-    # comes from worker i % 2): joined they give the whole epoch's stream.
+    # Slots are contiguous parts of the epoch stream in order rank-major, then worker: joined they give
+    # the whole epoch's stream. plan.worker_batches_done says which worker served a rank's batch i.
+    loader = build_loader(cfg, split="train", seq_len=31, batch_size=2, dp_rank=0, dp_size=2, seed=5)
+    layout, m = loader.layout, len(per_rank[0]) // 2
+    assert layout["group"] > 1  # workers send several batches per message
     stream = []
     for batches in per_rank:
         for w in range(2):
-            stream += slot_stream(batches[w::2], eot)
+            mine = [b for i, b in enumerate(batches)
+                    if P.worker_batches_done(i + 1, w, layout, m) > P.worker_batches_done(i, w, layout, m)]
+            assert len(mine) == m
+            stream += slot_stream(mine, eot)
     texts, cur = [], []
     for t in stream:
         if t == eot:
@@ -96,3 +103,13 @@ def test_workers_prefetch_does_not_move_state(unique_cfg):
     loader = build_loader(cfg, split="train", seq_len=5, batch_size=2, dp_rank=0, dp_size=1, seed=0)
     take(loader, 3)
     assert loader.state_dict()["batches"] == 3
+
+
+def test_rows_of_a_batch_come_from_distant_lanes(unique_cfg):
+    cfg, ids = unique_cfg
+    cfg.shuffle = False  # shard and document order as written: lane i holds smaller ids than lane i+1
+    loader = build_loader(cfg, split="train", seq_len=5, batch_size=4, dp_rank=0, dp_size=1, seed=0)
+    x, _ = take(loader, 1)[0]
+    firsts = [max(row) for row in x.tolist()]
+    lane = len(ids) // 4
+    assert all(b - a >= lane - 12 for a, b in zip(firsts, firsts[1:])), firsts  # ~a quarter of the epoch apart

@@ -6,20 +6,22 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import real_tokens, take
+from datahelpers import real_tokens, take
 from data import build_loader
+from data import plan as P
 
 
 def loader_for(cfg, r=0, d=1, seed=3, seq_len=6, batch_size=2):
     return build_loader(cfg, split="train", seq_len=seq_len, batch_size=batch_size, dp_rank=r, dp_size=d, seed=seed)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_gives_the_same_next_batches(unique_cfg, workers):
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores: fine here
+@pytest.mark.parametrize("workers,back", [(0, 3), (2, 3), (2, 13), (3, 29)])
+def test_resume_gives_the_same_next_batches(unique_cfg, workers, back):
     cfg, _ = unique_cfg
     cfg.num_workers = workers
     steps = loader_for(cfg, r=1, d=2).batches_per_epoch()
-    k, more = steps - 3, 7  # resume near the end of epoch 0 and run into epoch 1
+    k, more = steps - back, back + 4  # resume inside epoch 0 and run into epoch 1
     straight = take(loader_for(cfg, r=1, d=2), k + more)
     first = loader_for(cfg, r=1, d=2)
     take(first, k)
@@ -95,3 +97,21 @@ def test_state_from_other_data_or_seed_is_refused(unique_cfg):
     state["data"] = "something-else"
     with pytest.raises(ValueError, match="data"):
         loader_for(cfg, seed=1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("n,group", [(1, 1), (2, 1), (2, 8), (3, 4)])
+def test_worker_bookkeeping_matches_round_robin_messages(n, group):
+    """Simulate torch's DataLoader: messages round robin over workers, each worker's batches cut at
+    multiples of `group` and at the phase end; the closed forms must agree at every k."""
+    for m in (1, 5, 8, 13, 16):
+        layout = {"slots_per_rank": n, "group": group}
+        order = []  # worker of each batch of the rank, in the order the trainer gets them
+        messages = {w: [min(group, m - s) for s in range(0, m, group)] for w in range(n)}
+        for q in range(len(messages[0])):
+            for w in range(n):
+                order += [w] * messages[w][q]
+        for k in range(len(order) + 1):
+            for w in range(n):
+                assert P.worker_batches_done(k, w, layout, m) == order[:k].count(w)
+            if k < len(order):
+                assert P.next_message(k, layout, m) % n == order[k]
