@@ -32,6 +32,7 @@ LAYOUT = ["--parallel.tp", "2", "--parallel.dp_shard", "2"]
 # in. The first run pauses 8 s a step (160 s for the whole run), so it is still training then,
 # and after the signal it has ~30 s to finish its step and save before the hard limit. The
 # requeued run does not pause and has 2 minutes before the next signal even on a loaded machine.
+# Start-up may take a minute when the other launchers start at the same time: well inside that.
 PREEMPT_TIME, PREEMPT_SIGNAL, PREEMPT_PAUSE = "3", 30, 8.0
 
 
@@ -71,13 +72,6 @@ class PreemptedJob:
         self.releaser = threading.Thread(target=cluster.release_requeued, args=(self.stop, self.released), daemon=True)
         self.releaser.start()
 
-    def wait_until_training(self, timeout: float = 90) -> None:
-        """Let the job start alone: a trainer still starting up when the signal comes has no
-        handler yet and dies without a checkpoint. The other launchers start after this."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not (self.run_dir / "metrics.jsonl").exists():
-            time.sleep(1)
-
     def wait(self, timeout: float = 600) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -95,7 +89,6 @@ class PreemptedJob:
 @pytest.fixture(scope="module")
 def preempted_job(slurm_cluster, work):
     job = PreemptedJob(slurm_cluster, work)
-    job.wait_until_training()
     yield job
     job.stop.set()
 
