@@ -1,0 +1,112 @@
+"""`meshformer slurm`: render a run's sbatch script, print it (--dry-run) or submit it (--wait
+blocks until the job, requeues included, has ended and returns its exit status).
+
+    meshformer slurm --config configs/tiny.toml --profile local --nodes 2 --tasks-per-node 2 --dry-run
+    meshformer slurm --config FILE --profile example-ib --nodes 4 --time 12:00:00 --wait --optim.lr 3e-4
+
+Arguments this command does not know (--section.key value) are trainer overrides: they are
+checked here, before anything is queued, and passed to every task.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from launch.sbatch import TEMPLATE, render
+from launch.slurm_profile import load_profile
+from trainer.config_parse import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshformer slurm", allow_abbrev=False,
+                                description="Render or submit an sbatch script that trains --config on a Slurm cluster.",
+                                epilog="Other --section.key value pairs override the run config, e.g. --optim.lr 3e-4.")
+    p.add_argument("--config", default=None, help="run config TOML (default: built-in defaults)")
+    p.add_argument("--profile", default=None,
+                   help="cluster profile: a TOML path or a name in configs/slurm/ or configs/clusters/ (its [slurm] table)")
+    g = p.add_argument_group("profile keys (override the profile)")
+    g.add_argument("--nodes", type=int)
+    g.add_argument("--tasks-per-node", type=int, help="training processes per node (= GPUs per node)")
+    g.add_argument("--gpus-per-node", type=int)
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--time", help="time limit, e.g. 30, 04:00:00, 1-00:00:00")
+    g.add_argument("--mode", choices=["tasks", "torchrun"], help="one srun task per GPU, or one torchrun per node")
+    g.add_argument("--signal-seconds", type=int, help="SIGUSR1 this long before the time limit (checkpoint + requeue)")
+    g.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--job-name")
+    g.add_argument("--output", help="job log path (%%j = job id)")
+    g.add_argument("--python", help="Python on the nodes (default: python)")
+    g.add_argument("--module", help="module each task runs (default: trainer)")
+    p.add_argument("--array", default="", help="job array indices, e.g. 0-7 or 0-15%%4; '{array_task}' in an "
+                                               "override becomes the index (--run.dir runs/s-{array_task})")
+    p.add_argument("--template", default=None, help="your own template file with the @@{...} slots of the built-in one")
+    p.add_argument("--script-out", default=None, help="also write the script to this file")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    mode.add_argument("--wait", action="store_true", help="block until the job ends; exit with its exit status")
+    return p
+
+
+def _profile_overrides(args) -> dict:
+    keys = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "partition", "account", "qos", "time",
+            "mode", "signal_seconds", "requeue", "job_name", "output", "python", "module")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def check_run_config(config: str | None, overrides: list[str], world: int, mode: str):
+    """Fail before queueing: a bad config or a layout that does not fit the job's world size
+    would otherwise only show after the job waited its turn."""
+    from parallel.dims import ParallelDims
+    from trainer.config import load_config
+    cfg = load_config(config, overrides)
+    try:
+        ParallelDims.resolve(cfg.parallel, world)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (this job starts nodes x tasks_per_node = {world} processes)") from None
+    wanted = {"tasks": "slurm", "torchrun": "torchrun"}[mode]
+    if cfg.launch.launcher not in ("auto", wanted):
+        raise ConfigError(f"launch.launcher: {cfg.launch.launcher!r} contradicts slurm.mode={mode!r}, which starts "
+                          f"the trainer through {wanted}; use 'auto' or {wanted!r}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    stray = [a for a in overrides if a.startswith("-") and not a.startswith("--")]
+    if stray:
+        raise ConfigError(f"unknown option {stray[0]!r}; see meshformer slurm --help")
+    profile = load_profile(args.profile, _profile_overrides(args))
+    if args.config and not Path(args.config).is_file():
+        raise ConfigError(f"config file {args.config!r} not found")
+    cfg = check_run_config(args.config, overrides, profile.world_size, profile.mode)
+    trainer_args = (["--config", os.path.abspath(args.config)] if args.config else []) + list(overrides)
+    template = Path(args.template).read_text() if args.template else TEMPLATE
+    script = render(profile, trainer_args, job_name=profile.job_name or f"meshformer-{Path(cfg.run.dir).name}",
+                    chdir=os.getcwd(), array=args.array, template=template)
+    if args.script_out:
+        Path(args.script_out).write_text(script)
+    if args.dry_run:
+        sys.stdout.write(script)
+        return 0
+    if not shutil.which("sbatch"):
+        raise ConfigError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run to print the script")
+    cmd = ["sbatch", *(["--wait"] if args.wait else [])]
+    done = subprocess.run(cmd, input=script, text=True)     # sbatch reads the script from stdin
+    if done.returncode and not args.wait:
+        print(f"meshformer slurm: sbatch failed with exit code {done.returncode}", file=sys.stderr)
+    return done.returncode
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as e:
+        print(f"meshformer slurm: config error: {e}", file=sys.stderr)
+        sys.exit(2)
