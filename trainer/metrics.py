@@ -39,6 +39,17 @@ def peak_memory_gib(device: torch.device) -> float:
     return kib / 2**20
 
 
+def trim_after(path: Path, step: int) -> None:
+    """Drop rows logged after `step`: a run resumed from the checkpoint at `step` logs those
+    steps again, and each step should appear once. The file is replaced atomically."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
 class MetricsLogger:
     """Writes on the main process only; other ranks get a logger that does nothing."""
 
@@ -49,7 +60,10 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            trim_after(path, start_step)
+        self.file = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
