@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from trainer.config_parse import ConfigError
@@ -33,6 +34,10 @@ def train_main(argv: list[str]) -> int:
     from trainer.train import train
     from trainer.preemption import EXIT_PREEMPTED
     cfg = load_config(args.config, overrides)
+    # A Slurm warning signal (USR1) that arrives before the loop catches it or after the final
+    # save must not kill the process with 138 (the batch script would requeue a finished run).
+    # The loop installs its own handler in between; SIGTERM keeps its default (scancel works).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     summary = train(cfg)
     return EXIT_PREEMPTED if summary.get("preempted") else 0
 
