@@ -28,6 +28,7 @@ class ParallelDims:
     dp_size: int = 1
     pp_rank: int = 0
     tp_rank: int = 0
+    dp_flat_mesh: object = None  # 1-D mesh over dp_replicate x dp_shard
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
@@ -85,7 +86,9 @@ class ParallelDims:
     @property
     def dp_mesh(self):
         """Flattened data-parallel mesh (dp_replicate x dp_shard) for loss averaging and loaders."""
-        return self.submesh("dp")
+        if self.dp_flat_mesh is None:
+            raise RuntimeError("parallel: no device mesh in a single-process run")
+        return self.dp_flat_mesh
 
     @property
     def fsdp_mesh(self):
