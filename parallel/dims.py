@@ -61,8 +61,11 @@ class ParallelDims:
     @property
     def fsdp_enabled(self) -> bool:
         """FSDP2 (or HSDP) carries data parallel unless plain DDP suffices: DDP is used only for
-        pure replication without TP (DDP does not compose with DTensor parameters)."""
-        return self.dp_shard > 1 or (self.dp_replicate > 1 and self.tp > 1)
+        pure replication without TP or PP. DDP does not compose with DTensor parameters, and under
+        a pipeline schedule's per-microbatch backward torch 2.13's DDP reducer fails an internal
+        assert ("rebuilt parameter indices size is not same as original model parameters size");
+        FSDP2 on a (replicate, shard=1) mesh replicates instead."""
+        return self.dp_shard > 1 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
 
     @property
     def ddp_enabled(self) -> bool:
