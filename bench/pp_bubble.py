@@ -69,15 +69,17 @@ def worker() -> None:
             if step >= WARMUP:
                 fractions.append(1 - busy[0] / elapsed)
         mine = torch.tensor(sorted(fractions)[len(fractions) // 2])   # median: robust to a busy machine
-        dist.all_reduce(mine)
+        per_stage = [torch.zeros(()) for _ in range(ctx.world_size)]
+        dist.all_gather(per_stage, mine)
         p = ctx.world_size
-        rows.append((m, mine.item() / p, (p - 1) / (m + p - 1)))
+        rows.append((m, sum(t.item() for t in per_stage) / p, (p - 1) / (m + p - 1), [t.item() for t in per_stage]))
     if ctx.is_main:
         print(f"1F1B pipeline bubble, p = {ctx.world_size} stages, microbatch {MICRO_BATCH}x{SEQ} tokens, "
               f"4 layers of width 256, gloo on CPU")
-        print(f"{'m':>3} {'measured':>9} {'theory':>9} {'measured/theory':>16}")
-        for m, meas, theory in rows:
-            print(f"{m:>3} {meas:>9.3f} {theory:>9.3f} {meas / theory:>16.2f}")
+        print(f"{'m':>3} {'measured':>9} {'theory':>9} {'measured/theory':>16}   per stage")
+        for m, meas, theory, stages in rows:
+            print(f"{m:>3} {meas:>9.3f} {theory:>9.3f} {meas / theory:>16.2f}   "
+                  + " ".join(f"{f:.3f}" for f in stages))
     shutdown(ctx)
 
 
