@@ -11,6 +11,7 @@ compile wrap whole blocks after their contents are final; data parallel goes las
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -55,10 +56,9 @@ class Parallelized:
 def convert_precision(model: nn.Module, cfg, tp_mesh) -> nn.Module:
     """Hook for fp8 training: trainer.precision.convert_for_training(model, cfg.precision, tp_mesh)
     when that module exists (issue 8); without it, the model is unchanged."""
-    try:
-        precision = importlib.import_module("trainer.precision")
-    except ImportError:
+    if importlib.util.find_spec("trainer.precision") is None:
         return model
+    precision = importlib.import_module("trainer.precision")   # its own import errors surface
     convert = getattr(precision, "convert_for_training", None)
     if convert is None:
         return model

@@ -20,7 +20,7 @@ class ParallelConfig:
     ep: int = _help("expert-parallel degree (reserved; must be 1 for now)", 1)
     sp: bool = _help("sequence parallel on norms/dropout when tp > 1", True)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = _help("pipeline schedule", "1f1b")
-    pp_microbatches: int = _help("microbatches per step under pipeline parallel (0 = pp)", 0)
+    pp_microbatches: int = _help("microbatches per step under pipeline parallel (0 = pp x pp_virtual_stages)", 0)
     pp_virtual_stages: int = _help("stages per rank for interleaved schedules", 1)
     pp_layers: list[int] = field(default_factory=list, metadata={"help": "layers per stage for uneven splits (empty = even)"})
     ac: Literal["none", "full", "selective"] = _help("activation checkpointing", "none")

@@ -28,6 +28,7 @@ class ParallelDims:
     dp_size: int = 1
     pp_rank: int = 0
     tp_rank: int = 0
+    dp_flat_mesh: object = None  # 1-D mesh over dp_replicate x dp_shard
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
@@ -60,8 +61,11 @@ class ParallelDims:
     @property
     def fsdp_enabled(self) -> bool:
         """FSDP2 (or HSDP) carries data parallel unless plain DDP suffices: DDP is used only for
-        pure replication without TP (DDP does not compose with DTensor parameters)."""
-        return self.dp_shard > 1 or (self.dp_replicate > 1 and self.tp > 1)
+        pure replication without TP or PP. DDP does not compose with DTensor parameters, and under
+        a pipeline schedule's per-microbatch backward torch 2.13's DDP reducer fails an internal
+        assert ("rebuilt parameter indices size is not same as original model parameters size");
+        FSDP2 on a (replicate, shard=1) mesh replicates instead."""
+        return self.dp_shard > 1 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
 
     @property
     def ddp_enabled(self) -> bool:
@@ -85,7 +89,9 @@ class ParallelDims:
     @property
     def dp_mesh(self):
         """Flattened data-parallel mesh (dp_replicate x dp_shard) for loss averaging and loaders."""
-        return self.submesh("dp")
+        if self.dp_flat_mesh is None:
+            raise RuntimeError("parallel: no device mesh in a single-process run")
+        return self.dp_flat_mesh
 
     @property
     def fsdp_mesh(self):

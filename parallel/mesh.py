@@ -19,9 +19,10 @@ def build_mesh(cfg: ParallelConfig, ctx) -> ParallelDims:
     shape = tuple(getattr(dims, name) for name in MESH_DIMS)
     mesh = init_device_mesh(ctx.device.type, shape, mesh_dim_names=MESH_DIMS)
     # Private but stable since torch 2.6 and what torchtitan uses; the public replacement is not in 2.11.
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    # Kept on dims: slicing a flattened dim from the root mesh is deprecated.
+    dims.dp_flat_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     dims.mesh = mesh
-    dims.dp_rank = mesh["dp"].get_local_rank()
+    dims.dp_rank = dims.dp_flat_mesh.get_local_rank()
     dims.pp_rank = mesh["pp"].get_local_rank()
     dims.tp_rank = mesh["tp"].get_local_rank()
     return dims

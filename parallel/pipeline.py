@@ -51,6 +51,7 @@ class PipelineSetup:
     modules: list[nn.Module] = field(default_factory=list)
     schedule: object = None
     loss_scale: float = 1.0
+    n_micro: int = 1
 
     @property
     def has_first(self) -> bool:
@@ -70,20 +71,27 @@ class PipelineSetup:
                   for part, sid in zip(parts, self.stage_ids)]
         cls = SCHEDULES[cfg.parallel.pp_schedule]
         n_micro = microbatches(cfg.parallel)
-        if issubclass(cls, PipelineScheduleMulti):
-            self.schedule = cls(stages, n_microbatches=n_micro, loss_fn=self.loss_fn)
-        else:
-            self.schedule = cls(stages[0], n_microbatches=n_micro, loss_fn=self.loss_fn)
+        self.n_micro = n_micro
+        # scale_grads=False: the schedule would divide all of a stage's gradients by n_micro after
+        # each step, also those accumulated by earlier steps of a gradient-accumulation window;
+        # the loss carries the 1 / (n_micro * accumulation) factor instead.
+        kwargs = dict(n_microbatches=n_micro, loss_fn=self.loss_fn, scale_grads=False)
+        self.schedule = cls(stages, **kwargs) if issubclass(cls, PipelineScheduleMulti) else cls(stages[0], **kwargs)
 
-    def run(self, inputs, labels, train: bool = True) -> torch.Tensor | None:
-        """One pipelined pass over a batch; returns the mean microbatch loss on the last stage."""
+    def run(self, inputs, labels, train: bool = True, accumulation: int = 1) -> torch.Tensor | None:
+        """One pipelined pass over a batch; on the last stage returns the batch's mean loss
+        divided by `accumulation` (the sum of the scaled microbatch losses)."""
+        self.loss_scale = 1.0 / (self.n_micro * accumulation)
         losses: list = []
+        if not train and not hasattr(self.schedule, "eval"):
+            raise RuntimeError("pipeline evaluation needs PipelineSchedule.eval (newer torch); set train.eval_every = 0 "
+                               "and evaluate after training without parallel.pp")
         step = self.schedule.step if train else self.schedule.eval
         args = (inputs,) if self.has_first else ()
         step(*args, target=labels if self.has_last else None, losses=losses if self.has_last else None)
         if not self.has_last:
             return None
-        return torch.stack([full_value(l).detach() for l in losses]).mean()
+        return torch.stack([full_value(l).detach() for l in losses]).sum()
 
 
 def split_stages(model: nn.Module, dims, pcfg, device: torch.device) -> PipelineSetup:
@@ -103,10 +111,9 @@ class PipelineEngine(DistEngine):
 
     def forward_backward(self, batches) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
-        self.pipeline.loss_scale = 1.0 / len(batches)
         for inputs, labels in batches:
             with self.loss_context(), self.autocast():
-                loss = self.pipeline.run(inputs.to(self.device), labels.to(self.device))
+                loss = self.pipeline.run(inputs.to(self.device), labels.to(self.device), accumulation=len(batches))
             if loss is not None:
                 total += loss
         return total
@@ -123,7 +130,6 @@ class PipelineEngine(DistEngine):
         for m in self.model_parts:
             m.eval()
         total = torch.zeros((), device=self.device)
-        self.pipeline.loss_scale = 1.0
         for inputs, labels in batches:
             with self.loss_context(), self.autocast():
                 loss = self.pipeline.run(inputs.to(self.device), labels.to(self.device), train=False)

@@ -44,6 +44,7 @@ FOUR_RANKS = {
     "tp2_fsdp2": "--parallel.tp 2 --parallel.dp_shard 2",
     "pp2_tp2": "--parallel.pp 2 --parallel.tp 2",
     "pp2_fsdp2": "--parallel.pp 2 --parallel.dp_shard 2",
+    "pp2_ddp2": "--parallel.pp 2 --parallel.dp_replicate 2 --parallel.dp_shard 1",
 }
 EIGHT_RANKS = {
     "pp2_tp2_fsdp2": "--parallel.pp 2 --parallel.tp 2 --parallel.dp_shard 2",
