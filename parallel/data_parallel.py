@@ -10,11 +10,10 @@ from parallel.dims import ParallelDims
 
 
 def mixed_precision(precision_cfg) -> MixedPrecisionPolicy:
-    """bf16 parameters for compute with fp32 master weights and fp32 gradient reduction when
-    precision is bf16 in "params" mode; otherwise compute in the parameters' own dtype."""
-    if precision_cfg.dtype == "bf16" and precision_cfg.bf16_mode == "params":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+    """The precision module decides (bf16 or fp8 with bf16_mode=params: bf16 compute, fp32 master
+    weights and reductions); otherwise compute in the parameters' own dtype."""
+    from trainer.precision import fsdp_mixed_precision
+    return fsdp_mixed_precision(precision_cfg) or MixedPrecisionPolicy()
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, parallel_cfg, precision_cfg) -> nn.Module:
