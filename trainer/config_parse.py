@@ -72,10 +72,10 @@ def coerce(value: Any, tp, where: str) -> Any:
     if origin is list:
         (item,) = get_args(tp)
         if isinstance(value, str):
-            # A TOML list (`[1, 2]`) is a list; any other string is one item (no comma
-            # splitting: brace patterns like shard-{a,b}.tar contain commas).
+            # A TOML list (`[1, 2]`) is a list; otherwise commas outside braces separate items
+            # (`a,b` is two; the brace pattern `shard-{a,b}.tar` stays one).
             parsed = _parse_cli_value(value)
-            value = parsed if isinstance(parsed, list) else [value]
+            value = parsed if isinstance(parsed, list) else split_outside_braces(value)
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -112,6 +112,17 @@ def coerce(value: Any, tp, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def split_outside_braces(text: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in items if item != ""]
 
 
 def _is_intlike(s: str) -> bool:

@@ -85,7 +85,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
         torch.use_deterministic_algorithms(True)
     run_dir = Path(cfg.run.dir)
     dims = build_mesh(cfg.parallel, ctx)
-    check_vocab(cfg)
+    if loader_factory is None:          # a custom loader brings its own token ids
+        check_vocab(cfg)
 
     seed_everything(cfg.run.seed)        # the same initial weights in every layout
     model = Transformer(cfg.model)

@@ -59,3 +59,11 @@ def test_presets_load_with_published_sizes(path):
     expected = {"tiny": 0.935e6, "llama3-1b": 1.236e9, "llama3-8b": 8.03e9, "llama3-70b": 70.55e9, "gpt2-124m": 124.5e6}
     name = path.split("/")[-1][:-5]
     assert abs(n - expected[name]) / expected[name] < 0.01, (name, n)
+
+
+def test_list_values_from_the_command_line():
+    load = lambda v: load_config(None, ["--data.urls", v]).data.urls  # noqa: E731
+    assert load("a.tar,b.tar") == ["a.tar", "b.tar"]
+    assert load("shard-{000..009}.tar") == ["shard-{000..009}.tar"]
+    assert load("x/{a,b}.tar,y.tar") == ["x/{a,b}.tar", "y.tar"]
+    assert load('["p,q.tar"]') == ["p,q.tar"]
