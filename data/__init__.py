@@ -1,0 +1,1 @@
+"""meshformer: data package."""

@@ -1,0 +1,1 @@
+"""meshformer: parallel package."""

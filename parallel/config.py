@@ -1,0 +1,38 @@
+"""The parallel layout: the `[parallel]` config section (sizes of each mesh dimension and how
+each wrapper behaves)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = _help("data-parallel replicas (DDP, or the replicate dim of HSDP)", 1)
+    dp_shard: int = _help("FSDP shard group size; -1 = whatever the world size leaves", -1)
+    tp: int = _help("tensor-parallel degree (keep it within a node)", 1)
+    pp: int = _help("pipeline stages", 1)
+    cp: int = _help("context-parallel degree (reserved; must be 1 for now)", 1)
+    ep: int = _help("expert-parallel degree (reserved; must be 1 for now)", 1)
+    sp: bool = _help("sequence parallel on norms/dropout when tp > 1", True)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = _help("pipeline schedule", "1f1b")
+    pp_microbatches: int = _help("microbatches per step under pipeline parallel (0 = pp)", 0)
+    pp_virtual_stages: int = _help("stages per rank for interleaved schedules", 1)
+    pp_layers: list[int] = field(default_factory=list, metadata={"help": "layers per stage for uneven splits (empty = even)"})
+    ac: Literal["none", "full", "selective"] = _help("activation checkpointing", "none")
+    compile: bool = _help("torch.compile each Transformer block", False)
+    fsdp_reshard_after_forward: bool = _help("FSDP: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2-like)", True)
+    fsdp_cpu_offload: bool = _help("FSDP: keep sharded parameters and optimizer state on the CPU", False)
+
+    def validate(self) -> None:
+        for name in ("dp_replicate", "tp", "pp", "cp", "ep", "pp_virtual_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ValueError(f"parallel.dp_shard: must be >= 1 or -1 (fill), got {self.dp_shard}")
+        if self.cp != 1 or self.ep != 1:
+            raise ValueError("parallel.cp and parallel.ep: context and expert parallel are not built yet; use 1")

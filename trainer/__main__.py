@@ -1,0 +1,10 @@
+"""`python -m trainer ...` is `meshformer ...`; with only overrides (`python -m trainer --config F`)
+it trains, so `torchrun -m trainer --config F` works as the issue's examples show."""
+import sys
+
+from trainer.cli import SUBCOMMANDS, main
+
+argv = sys.argv[1:]
+if argv and argv[0].startswith("--") and argv[0] not in ("--help",):
+    argv = ["train", *argv]
+sys.exit(main(argv))

@@ -1,0 +1,169 @@
+"""The run configuration: one typed section per concern, loaded from TOML plus overrides.
+
+`load_config("configs/tiny.toml", ["--optim.lr", "3e-4"])` returns a validated `Config`.
+Each package owns its section's dataclass (model shape in trainer/model_config.py, data in
+data/config.py, parallel layout in parallel/config.py, ...); this file only gathers them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+
+from data.config import DataConfig
+from launch.config import LaunchConfig
+from parallel.config import ParallelConfig
+from trainer.checkpoint_config import CheckpointConfig
+from trainer.config_parse import ConfigError, apply_overrides, build_section, section_to_dict
+from trainer.model_config import ModelConfig
+from trainer.precision_config import PrecisionConfig
+
+
+def _help(text: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class RunConfig:
+    dir: str = _help("run folder: config.toml, metrics.jsonl, TensorBoard files, checkpoints/", "runs/tiny")
+    seed: int = _help("seed for initialisation, data order and dropout", 0)
+    name: str = _help("a label for logs (default: the run folder's name)", "")
+    overwrite: bool = _help("start fresh in a run folder that already holds a run (its files are moved aside, never deleted)", False)
+
+    def validate(self) -> None:
+        if not self.dir:
+            raise ValueError("run.dir: must name a folder, e.g. runs/tiny")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _help("optimizer steps to train", 300)
+    batch_size: int = _help("sequences per optimizer step per data-parallel rank (per accumulation micro-step)", 16)
+    grad_accum: int = _help("micro-batches accumulated per optimizer step", 1)
+    seq_len: int = _help("tokens per sequence", 128)
+    eval_every: int = _help("evaluate on the validation split every N steps (0 = only at the end)", 100)
+    eval_batches: int = _help("validation batches per evaluation", 8)
+    device: Literal["auto", "cpu", "cuda"] = _help("where to train; auto = cuda if available", "auto")
+    deterministic: bool = _help("use deterministic algorithms (slower on GPU)", False)
+    threads: int = _help("torch CPU threads per process (0 = torch's default)", 0)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError("train.eval_every: must be >= 0 (0 = only at the end)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("peak learning rate", 3e-3)
+    weight_decay: float = _help("decoupled weight decay for matrices (not for norms, biases, embeddings)", 0.1)
+    beta1: float = _help("AdamW beta1", 0.9)
+    beta2: float = _help("AdamW beta2", 0.95)
+    eps: float = _help("AdamW epsilon", 1e-8)
+    grad_clip: float = _help("clip the global gradient norm to this (0 = no clipping)", 1.0)
+    schedule: Literal["cosine", "wsd", "constant"] = _help("LR schedule after warmup", "cosine")
+    warmup_steps: int = _help("linear warmup steps", 30)
+    min_lr_ratio: float = _help("final LR as a fraction of the peak (cosine, wsd)", 0.1)
+    decay_steps: int = _help("wsd: length of the final decay phase in steps (0 = use decay_fraction)", 0)
+    decay_fraction: float = _help("wsd: decay phase as a fraction of train.steps when decay_steps is 0", 0.2)
+    decay_shape: Literal["linear", "1-sqrt", "cosine"] = _help("wsd: shape of the decay phase", "linear")
+    fused: bool = _help("use torch's fused AdamW kernel where the device has one", True)
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise ValueError("optim.beta1/beta2: must be in [0, 1)")
+        if self.warmup_steps < 0 or self.decay_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("optim.warmup_steps, decay_steps, grad_clip and weight_decay must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.decay_fraction <= 1:
+            raise ValueError("optim.min_lr_ratio and optim.decay_fraction must be in [0, 1]")
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = _help("log training metrics every N steps", 10)
+    progress: bool = _help("show a progress bar on the console", True)
+    tensorboard: bool = _help("write TensorBoard event files to run.dir/tb", True)
+    peak_tflops: float = _help("peak FLOP/s of one device in TFLOP/s for MFU (0 = look up the device in the table)", 0.0)
+    cpu_peak_tflops: float = _help("peak TFLOP/s assumed for a CPU process (MFU on CPU is only indicative)", 1.0)
+
+    def validate(self) -> None:
+        if self.log_every < 1:
+            raise ValueError("metrics.log_every: must be >= 1")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig, "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig,
+    "data": DataConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,
+    "checkpoint": CheckpointConfig, "metrics": MetricsConfig, "launch": LaunchConfig,
+}
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self) -> None:
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if hasattr(section, "validate"):
+                try:
+                    section.validate()
+                except ConfigError:
+                    raise
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+    def to_dict(self) -> dict:
+        return {name: section_to_dict(getattr(self, name)) for name in SECTIONS}
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, section: str, **changes) -> "Config":
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+def config_from_tables(tables: dict) -> Config:
+    for name in tables:
+        if name not in SECTIONS:
+            from trainer.config_parse import _closest
+            raise ConfigError(f"unknown section [{name}]{_closest(name, SECTIONS)}")
+    cfg = Config(**{name: build_section(cls, tables.get(name, {}), name) for name, cls in SECTIONS.items()})
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (None = all defaults), apply `--section.key value` overrides, validate."""
+    tables: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found (try configs/tiny.toml)")
+        try:
+            tables = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    apply_overrides(tables, list(overrides or []), SECTIONS)
+    return config_from_tables(tables)

@@ -1,0 +1,77 @@
+"""One optimizer step behind a small interface, so a pipeline schedule or a DeepSpeed engine can
+take over forward/backward/step without the training loop changing."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over all positions (in fp32 whatever the logits' dtype)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def autocast_context(device: torch.device, dtype: str, mode: str = "autocast"):
+    if dtype == "bf16" and mode == "autocast":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class LocalEngine:
+    """Forward/backward over the micro-batches of one step, clip, optimizer and LR step.
+
+    Subclasses (pipeline, DeepSpeed) override `forward_backward` and/or `clip_grad_norm`.
+    """
+
+    def __init__(self, model: nn.Module, optimizer, scheduler, device: torch.device,
+                 precision: str = "fp32", grad_clip: float = 0.0, bf16_mode: str = "autocast"):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.device, self.precision, self.grad_clip, self.bf16_mode = device, precision, grad_clip, bf16_mode
+
+    def autocast(self):
+        return autocast_context(self.device, self.precision, self.bf16_mode)
+
+    def no_sync(self, last: bool):
+        """Skip gradient synchronisation on all but the last micro-batch (DDP overrides)."""
+        return contextlib.nullcontext()
+
+    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for i, (inputs, labels) in enumerate(batches):
+            inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            with self.no_sync(last=i == len(batches) - 1), self.autocast():
+                loss = cross_entropy(self.model(inputs), labels) / len(batches)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    def reduce_loss(self, loss: torch.Tensor) -> float:
+        """The step's loss averaged over the whole job (single process: as is)."""
+        return loss.item()
+
+    def clip_grad_norm(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def train_step(self, batches) -> tuple[float, float]:
+        """One optimizer step over `batches` (grad accumulation); returns (loss, grad norm)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(batches)
+        norm = self.clip_grad_norm()
+        self.optimizer.step()
+        self.scheduler.step()
+        return self.reduce_loss(loss), float(norm)
+
+    @torch.no_grad()
+    def eval_loss(self, batches) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for inputs, labels in batches:
+            with self.autocast():
+                total += cross_entropy(self.model(inputs.to(self.device)), labels.to(self.device))
+        self.model.train()
+        return self.reduce_loss(total / max(1, len(batches)))

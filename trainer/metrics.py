@@ -1,0 +1,96 @@
+"""Per-step metrics to the console (progress bar), a JSONL file and TensorBoard."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense peak matrix TFLOP/s per GPU (vendor datasheets, no sparsity). Overridable by
+# metrics.peak_tflops. A100 has no fp8: its fp8 entry is its bf16 peak.
+PEAK_TFLOPS = {
+    "a100": {"bf16": 312.0, "fp8": 312.0, "fp32": 19.5},
+    "h100": {"bf16": 989.0, "fp8": 1979.0, "fp32": 67.0},
+    "h200": {"bf16": 989.0, "fp8": 1979.0, "fp32": 67.0},
+    "b200": {"bf16": 2250.0, "fp8": 4500.0, "fp32": 80.0},
+}
+
+
+def peak_flops(device: torch.device, dtype: str, override_tflops: float, cpu_tflops: float) -> float:
+    """Peak FLOP/s of one device for MFU; the CPU figure is whatever the config says."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return cpu_tflops * 1e12
+    name = torch.cuda.get_device_name(device).lower()
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table.get(dtype, table["bf16"]) * 1e12
+    raise RuntimeError(f"metrics.peak_tflops: unknown GPU {name!r}; set metrics.peak_tflops for MFU")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20
+
+
+class MetricsLogger:
+    """Writes on the main process only; other ranks get a logger that does nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int = 0,
+                 progress: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.bar = self.tb = self.file = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, disable=None)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        row = dict(row)
+        row["time"] = round(time.time(), 3)
+        self.file.write(json.dumps(row) + "\n")
+        step = row["step"]
+        if self.tb is not None:
+            for key, value in row.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(("val/" if key.startswith("val") else "train/") + key, value, step)
+        if self.bar is not None:
+            shown = {k: row[k] for k in ("loss", "val_loss", "lr", "tokens_per_s", "mfu") if k in row}
+            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False)
+        elif "loss" in row or "val_loss" in row:
+            print(json.dumps(row), flush=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()

@@ -1,0 +1,232 @@
+"""A decoder-only Transformer whose design choices are switches in `ModelConfig`.
+
+No parallel code lives here. The structure follows torchtitan so that parallel/ can wrap it from
+outside: `layers` is a ModuleDict (pipeline stages delete entries and keep the others' names),
+attention derives its local head count from the projected width (tensor parallel shards wq/wk/wv
+column-wise and nothing here changes), and any of `tok_embeddings`, `norm`, `output` may be set to
+None by a pipeline split (a middle stage receives and returns hidden states).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.model_config import ModelConfig
+
+
+# ---- positions ------------------------------------------------------------------------------
+
+def rope_cache(head_dim: int, max_len: int, theta: float, device=None) -> torch.Tensor:
+    """[max_len, head_dim/2, 2] of (cos, sin) for rotary embeddings."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of x [B, T, H, D] by the angles in cache [T, D/2, 2]."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = cache[None, :, None, :, 0], cache[None, :, None, :, 1]
+    out = torch.stack([xf[..., 0] * cos - xf[..., 1] * sin, xf[..., 0] * sin + xf[..., 1] * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Press et al. 2022: geometric slopes; for a head count that is not a power of two,
+    the closest power's slopes plus every other slope of the next one (their reference code)."""
+    def power_of_2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_2(closest)
+    if closest != n_heads:
+        slopes += power_of_2(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def sinusoidal_table(max_len: int, dim: int, device=None) -> torch.Tensor:
+    pos = torch.arange(max_len, device=device, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_len, dim, device=device)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div[: dim // 2])
+    return table
+
+
+# ---- blocks ---------------------------------------------------------------------------------
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class KVCache:
+    """Keys and values of earlier positions, per layer, for incremental decoding."""
+
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if layer in self.k:
+            k = torch.cat([self.k[layer], k], dim=1)
+            v = torch.cat([self.v[layer], v], dim=1)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = cfg.head_dim
+        self.position = cfg.position
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
+        if cfg.position == "alibi":
+            # One slope per head; a tensor-parallel plan shards this buffer with the heads.
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, start_pos: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        gqa = q.shape[1] != k.shape[1]
+        mask, causal = None, True
+        if self.position == "alibi" or (cache is not None and start_pos > 0):
+            causal = False
+            qpos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
+            kpos = torch.arange(k.shape[2], device=x.device)
+            dist = (qpos[:, None] - kpos[None, :]).to(torch.float32)  # i - j, >= 0 where visible
+            mask = torch.where(dist >= 0, 0.0, float("-inf"))
+            if self.position == "alibi":
+                mask = mask - self.alibi_slopes.to(x.device)[:, None, None] * dist.clamp(min=0)
+            mask = mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.activation == "swiglu"
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=cfg.bias) if self.swiglu else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attention = Attention(cfg, layer_id)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = make_norm(cfg)
+        self.ffn_norm = make_norm(cfg)
+
+    def forward(self, x, rope=None, start_pos: int = 0, cache: KVCache | None = None):
+        if self.pre_norm:
+            h = x + self.attention(self.attention_norm(x), rope, start_pos, cache)
+            return h + self.feed_forward(self.ffn_norm(h))
+        h = self.attention_norm(x + self.attention(x, rope, start_pos, cache))
+        return self.ffn_norm(h + self.feed_forward(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.position == "learned" else None
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = make_norm(cfg)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope", self._rope_table(), persistent=False)
+        self.register_buffer("sinusoidal", self._sin_table(), persistent=False)
+        self.init_weights()
+
+    def _rope_table(self, device=None):
+        c = self.cfg
+        return rope_cache(c.head_dim, c.max_seq_len, c.rope_theta, device) if c.position == "rope" else None
+
+    def _sin_table(self, device=None):
+        c = self.cfg
+        return sinusoidal_table(c.max_seq_len, c.dim, device) if c.position == "sinusoidal" else None
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """(Re)initialise parameters and position buffers; called after materialising a model
+        that was built on the meta device (parameters may be DTensors by then)."""
+        c = self.cfg
+        self.rope = self._rope_table(buffer_device)
+        self.sinusoidal = self._sin_table(buffer_device)
+        out_std = c.init_std / math.sqrt(2 * c.n_layers)  # GPT-2: scale residual projections
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.ones_(p)
+            else:
+                std = out_std if name.endswith(("wo.weight", "w2.weight")) else c.init_std
+                nn.init.normal_(p, 0.0, std)
+        for layer in self.layers.values():
+            if hasattr(layer.attention, "alibi_slopes"):
+                layer.attention.alibi_slopes = alibi_slopes(c.n_heads).to(buffer_device or layer.attention.alibi_slopes.device)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V]; on a pipeline stage, hidden states in or out."""
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(tokens)
+            seqlen = tokens.shape[1]
+            if self.pos_embeddings is not None:
+                h = h + self.pos_embeddings(torch.arange(start_pos, start_pos + seqlen, device=h.device))
+            if self.sinusoidal is not None:
+                h = h + self.sinusoidal[start_pos:start_pos + seqlen].to(h.dtype)
+        else:
+            h = tokens
+        seqlen = h.shape[1]
+        rope = self.rope[start_pos:start_pos + seqlen] if self.rope is not None else None
+        for layer in self.layers.values():
+            h = layer(h, rope, start_pos, cache)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)
+        return h
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Counted from the real tensors (tied weights once); equals ModelConfig.num_params."""
+        seen, n = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not include_embedding and name.split(".")[0] in ("tok_embeddings", "pos_embeddings", "output"):
+                continue
+            n += p.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.cfg.flops_per_token(seq_len)

@@ -1,0 +1,109 @@
+"""The model's shape as configuration, with its parameter count and training FLOPs per token.
+
+Counting is analytic (from the shape alone) so that the layout planner, the scaling sweeps and the
+metrics can all ask "how big / how expensive is this model" without building it. The model itself
+(`trainer.model.Transformer`) checks its real parameter count against `num_params` in the tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _help("vocabulary size (>= the tokenizer's)", 320)
+    dim: int = _help("model width (hidden size)", 128)
+    n_layers: int = _help("number of Transformer blocks", 4)
+    n_heads: int = _help("attention (query) heads", 4)
+    n_kv_heads: int | None = _help("key/value heads: = n_heads (MHA), 1 < k < n_heads (GQA), 1 (MQA); unset = n_heads", None)
+    ffn_hidden: int = _help("MLP hidden width; 0 = 4*dim for gelu, 8/3*dim rounded up to ffn_multiple_of for swiglu", 0)
+    ffn_multiple_of: int = _help("round the automatic swiglu width up to a multiple of this", 64)
+    activation: Literal["swiglu", "gelu"] = _help("MLP kind", "swiglu")
+    norm: Literal["rmsnorm", "layernorm"] = _help("normalisation layer", "rmsnorm")
+    norm_position: Literal["pre", "post"] = _help("pre-norm (GPT-2/Llama) or post-norm (original Transformer)", "pre")
+    norm_eps: float = _help("epsilon of the norm layers", 1e-5)
+    position: Literal["rope", "alibi", "sinusoidal", "learned", "none"] = _help("position encoding", "rope")
+    rope_theta: float = _help("RoPE base frequency", 10000.0)
+    max_seq_len: int = _help("longest sequence (size of learned/sinusoidal tables and the RoPE cache)", 2048)
+    tie_embeddings: bool = _help("share the input embedding with the output head", False)
+    bias: bool = _help("biases in linear and norm layers (GPT-2 style)", False)
+    init_std: float = _help("std of the normal initialisation", 0.02)
+
+    # ---- derived shape -------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.activation == "gelu":
+            return 4 * self.dim
+        m = self.ffn_multiple_of
+        return -(-int(8 * self.dim / 3) // m) * m
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}: must be a positive integer, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim: {self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"model.n_kv_heads: {self.kv_heads} must divide model.n_heads={self.n_heads} "
+                "(n_heads for MHA, a divisor for GQA, 1 for MQA)")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"model.position: rope needs an even head dim, got dim/n_heads={self.head_dim}")
+        if self.ffn_hidden < 0 or self.ffn_multiple_of < 1:
+            raise ValueError("model.ffn_hidden must be >= 0 and model.ffn_multiple_of >= 1")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("model.norm_eps and model.init_std must be > 0")
+
+    # ---- counts ----------------------------------------------------------------------------
+    def _layer_matmul_params(self) -> int:
+        d, hd = self.dim, self.head_dim
+        attn = d * self.n_heads * hd * 2 + d * self.kv_heads * hd * 2        # wq, wo, wk, wv
+        mlp = (3 if self.activation == "swiglu" else 2) * d * self.hidden
+        return attn + mlp
+
+    def _norm_params(self) -> int:
+        return self.dim * (2 if (self.norm == "layernorm" and self.bias) else 1)
+
+    def _layer_other_params(self) -> int:
+        """Norm weights and biases: parameters that take part in no matmul."""
+        n = 2 * self._norm_params()
+        if self.bias:
+            hd = self.head_dim
+            n += self.n_heads * hd + 2 * self.kv_heads * hd + self.dim  # q, k, v, o biases
+            n += (2 if self.activation == "swiglu" else 1) * self.hidden + self.dim
+        return n
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count. Without embeddings: no token/position tables and no output head
+        (Kaplan et al.'s N); with them: every distinct tensor, a tied head counted once."""
+        body = self.n_layers * (self._layer_matmul_params() + self._layer_other_params()) + self._norm_params()
+        if not include_embedding:
+            return body
+        emb = self.vocab_size * self.dim
+        if self.position == "learned":
+            emb += self.max_seq_len * self.dim
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return body + emb + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6 x (weights used in
+        matmuls, the output head included) + 12 * L * H * Q * T for attention scores and values.
+        Counts the full T x T attention, as torch's flop counter does for SDPA."""
+        matmul = self.n_layers * self._layer_matmul_params() + self.vocab_size * self.dim
+        attn = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        return float(6 * matmul + attn)

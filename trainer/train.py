@@ -1,0 +1,152 @@
+"""The training job: the walk a batch takes, from config to metrics and checkpoints."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+import data as data_pkg
+from launch.context import DistContext, init_distributed, shutdown
+from parallel.apply import parallelize
+from parallel.dims import ParallelDims, build_mesh
+from trainer.checkpoint import CheckpointManager
+from trainer.config import Config
+from trainer.config_parse import ConfigError
+from trainer.engine import LocalEngine
+from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from trainer.model import Transformer
+from trainer.optim import build_optimizer, build_scheduler
+
+LoaderFactory = Callable[..., object]
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides model and optimizer; the loop advances it."""
+    step: int = 0
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_loaders(cfg: Config, dims: ParallelDims, factory: LoaderFactory | None):
+    """Train and validation loaders for this rank's data-parallel coordinate: tensor- and
+    pipeline-parallel peers of one replica pass the same dp_rank and so see the same batches."""
+    factory = factory or data_pkg.build_loader
+    common = dict(seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+                  dp_rank=dims.dp_rank, dp_size=dims.dp_size, seed=cfg.run.seed)
+    train = factory(cfg.data, split="train", **common)
+    val = factory(cfg.data, split="val", **common) if cfg.train.eval_batches else None
+    return train, val
+
+
+def check_vocab(cfg: Config) -> None:
+    if not hasattr(data_pkg, "build_tokenizer"):
+        return
+    tok = data_pkg.build_tokenizer(cfg.data)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tok.vocab_size} for data.tokenizer={cfg.data.tokenizer!r}); use at least {tok.vocab_size}")
+
+
+def take(it: Iterator, n: int) -> list:
+    return [next(it) for _ in range(n)]
+
+
+def evaluate(engine, val_loader, n_batches: int) -> float:
+    return engine.eval_loss(take(iter(val_loader), n_batches))
+
+
+def train(cfg: Config, *, loader_factory: LoaderFactory | None = None, ctx: DistContext | None = None) -> dict:
+    """Run the job described by `cfg`; returns the summary also written to run.dir/summary.json."""
+    own_ctx = ctx is None
+    ctx = ctx or init_distributed(cfg.launch, cfg.train.device)
+    try:
+        return _train(cfg, ctx, loader_factory)
+    finally:
+        if own_ctx:
+            shutdown(ctx)
+
+
+def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) -> dict:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    run_dir = Path(cfg.run.dir)
+    dims = build_mesh(cfg.parallel, ctx)
+    check_vocab(cfg)
+
+    seed_everything(cfg.run.seed)        # the same initial weights in every layout
+    model = Transformer(cfg.model)
+    n_params, n_body = model.num_params(), model.num_params(include_embedding=False)
+    flops_per_token = model.flops_per_token(cfg.train.seq_len)
+    model = parallelize(model.to(ctx.device), dims, cfg)
+    optimizer = build_optimizer(model, cfg.optim, ctx.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    engine = LocalEngine(model, optimizer, scheduler, ctx.device, cfg.precision.dtype, cfg.optim.grad_clip,
+                         cfg.precision.bf16_mode)
+    train_loader, val_loader = build_loaders(cfg, dims, loader_factory)
+
+    state = TrainState()
+    ckpt = CheckpointManager(cfg, ctx, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                             loader=train_loader, state=state)
+    ckpt.prepare_run_dir()
+    ckpt.restore()
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(cfg.to_toml())
+
+    log = MetricsLogger(run_dir, ctx.is_main, cfg.train.steps, state.step, cfg.metrics.progress, cfg.metrics.tensorboard)
+    log.message(f"model: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings), "
+                f"{flops_per_token / 1e6:.1f} MFLOP/token; world {ctx.world_size} on {ctx.device.type}; "
+                f"run folder {run_dir}" + (f"; resumed at step {state.step}" if state.step else ""))
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len * dims.dp_size
+    peak = peak_flops(ctx.device, cfg.precision.dtype, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops) * ctx.world_size
+
+    it = iter(train_loader)
+    last = {"loss": float("nan"), "val_loss": float("nan")}
+    start_wall, window_t, window_steps = time.perf_counter(), time.perf_counter(), 0
+    while state.step < cfg.train.steps:
+        lr = scheduler.get_last_lr()[0]
+        loss, grad_norm = engine.train_step(take(it, cfg.train.grad_accum))
+        state.step += 1
+        state.tokens += tokens_per_step
+        window_steps += 1
+        last["loss"] = loss
+        log.advance()
+        if state.step % cfg.metrics.log_every == 0 or state.step == cfg.train.steps:
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            tps = window_steps * tokens_per_step / (now - window_t)
+            window_t, window_steps = now, 0
+            log.log({"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
+                     "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
+                     "peak_mem_gib": peak_memory_gib(ctx.device)})
+        final = state.step == cfg.train.steps
+        if val_loader is not None and (final or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)):
+            val = evaluate(engine, val_loader, cfg.train.eval_batches)
+            last["val_loss"] = val
+            log.log({"step": state.step, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
+            window_t = time.perf_counter()   # evaluation time is not training throughput
+        ckpt.after_step(final=final)
+    ckpt.finish()
+    log.close()
+
+    summary = {"final_loss": last["loss"], "final_val_loss": last["val_loss"], "steps": state.step,
+               "tokens": state.tokens, "wall_s": round(time.perf_counter() - start_wall, 3),
+               "n_params": n_params, "n_params_non_embedding": n_body, "flops_per_token": flops_per_token,
+               "world_size": ctx.world_size}
+    if ctx.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
