@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.checkpoint import step_dir_name
+
 from .model_size import model_numbers
 from .spec import Size, Spec, SweepSpecError
 
@@ -149,10 +151,11 @@ def _make(ctx, kind, steps, budget, decay_steps=0, parent: Run | None = None, ch
     elif spec.cooldown:       # branch, or the same WSD schedule trained from scratch for comparison
         ov.update({"optim.schedule": "wsd", "optim.decay_steps": decay_steps,
                    "optim.decay_shape": spec.cooldown_shape})
+        ov["optim.min_lr_ratio"] = spec.min_lr_ratio
     else:
         ov.update({"optim.schedule": spec.schedule, "optim.min_lr_ratio": spec.min_lr_ratio})
     if parent is not None:
-        ov["checkpoint.init_from"] = str(Path(parent.run_dir) / "checkpoints" / f"step-{steps - decay_steps}")
+        ov["checkpoint.init_from"] = str(Path(parent.run_dir) / "checkpoints" / step_dir_name(steps - decay_steps))
     new_steps = decay_steps if kind == "branch" else steps
     hashed = {k: v for k, v in ov.items() if k != "run.dir"}
     run = Run(run_id=run_id, kind=kind, size=size.name, dim=size.dim, n_params=ctx["n_tot"],
