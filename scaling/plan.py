@@ -14,8 +14,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.checkpoint import step_dir_name
-
 from .model_size import model_numbers
 from .spec import Size, Spec, SweepSpecError
 
@@ -51,6 +49,12 @@ class Run:
         d = dict(self.__dict__)
         d["is_branch"] = self.is_branch
         return d
+
+
+def step_dir_name(step: int) -> str:
+    """trainer.checkpoint.step_dir_name, restated so planning does not import torch (seconds);
+    a test checks the two agree."""
+    return f"step-{step:08d}"
 
 
 def set_dotted(cfg: dict, key: str, value) -> None:
