@@ -1,0 +1,110 @@
+"""A GPU cluster as the planner sees it: node size, memory, peak FLOP/s, links and achievable efficiency.
+
+Profiles live in `configs/clusters/NAME.toml`; `load_cluster` takes a profile name or a path.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+CLUSTER_DIR = Path(__file__).resolve().parents[2] / "configs" / "clusters"
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of peak that real kernels reach on this hardware (one set for every layout)."""
+    matmul: float           # dense GEMMs of a Transformer layer (bf16 / tf32)
+    attention: float        # attention score and value products, counted as full T x T FLOPs
+    fp8_matmul: float       # dense GEMMs in fp8 (of the fp8 peak)
+    hbm: float              # memory-bound kernels (norms, activations, softmax, optimizer)
+    nvlink: float           # NCCL bus bandwidth / link bandwidth inside a node
+    ib: float               # NCCL bus bandwidth / link bandwidth between nodes
+
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    name: str
+    description: str
+    gpus_per_node: int
+    gpu_memory_gib: float
+    hbm_tbs: float                      # HBM bandwidth, TB/s
+    peak_tflops: dict                   # dtype -> dense TFLOP/s ("fp32" means TF32 tensor cores)
+    nvlink_gbs: float                   # per GPU, per direction, GB/s
+    ib_gbs_per_gpu: float               # inter-node bandwidth per GPU, per direction, GB/s
+    nvlink_latency_us: float
+    ib_latency_us: float
+    efficiency: Efficiency
+    reserved_gib: float                 # memory the job can never use (context, workspaces)
+    fragmentation: float                # allocator slack as a fraction of the predicted peak
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.gpu_memory_gib * GIB)
+
+    def peak_flops(self, dtype: str) -> float:
+        peak = float(self.peak_tflops.get(dtype, 0.0)) * 1e12
+        if peak <= 0:
+            have = ", ".join(k for k, v in self.peak_tflops.items() if v > 0)
+            raise ValueError(f"cluster {self.name}: no {dtype} tensor-core peak (this GPU has: {have}); "
+                             f"choose precision.dtype among those")
+        return peak
+
+    def matmul_flops(self, dtype: str) -> float:
+        """Achievable dense-GEMM FLOP/s per GPU in this dtype."""
+        eff = self.efficiency.fp8_matmul if dtype == "fp8" else self.efficiency.matmul
+        return self.peak_flops(dtype) * eff
+
+    def attention_flops(self, dtype: str) -> float:
+        # fp8 attention kernels are not assumed: attention runs in bf16 under fp8 training
+        return self.peak_flops("bf16" if dtype == "fp8" else dtype) * self.efficiency.attention
+
+    @property
+    def hbm_bytes_per_s(self) -> float:
+        return self.hbm_tbs * 1e12 * self.efficiency.hbm
+
+
+_REQUIRED = {"name", "gpus_per_node", "gpu_memory_gib", "hbm_tbs", "peak_tflops", "network", "efficiency"}
+
+
+def list_clusters() -> list[str]:
+    return sorted(p.stem for p in CLUSTER_DIR.glob("*.toml"))
+
+
+def load_cluster(name_or_path: str) -> ClusterProfile:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CLUSTER_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"cluster profile {name_or_path!r} not found: give one of "
+                                f"{', '.join(list_clusters())} or a path to a .toml profile")
+    with open(path, "rb") as f:
+        t = tomllib.load(f)
+    missing = sorted(_REQUIRED - t.keys())
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}")
+    net, eff, mem = t["network"], t["efficiency"], t.get("memory", {})
+    try:
+        efficiency = Efficiency(**{f.name: float(eff[f.name]) for f in fields(Efficiency)})
+    except KeyError as e:
+        raise ValueError(f"{path}: [efficiency] needs {e.args[0]} (a fraction of peak in (0, 1])") from None
+    for f in fields(Efficiency):
+        v = getattr(efficiency, f.name)
+        if not 0 < v <= 1:
+            raise ValueError(f"{path}: efficiency.{f.name} = {v} must be in (0, 1]")
+    try:
+        profile = ClusterProfile(
+            name=t["name"], description=t.get("description", ""),
+            gpus_per_node=int(t["gpus_per_node"]), gpu_memory_gib=float(t["gpu_memory_gib"]),
+            hbm_tbs=float(t["hbm_tbs"]), peak_tflops={k: float(v) for k, v in t["peak_tflops"].items()},
+            nvlink_gbs=float(net["nvlink_gbs"]), ib_gbs_per_gpu=float(net["ib_gbs_per_gpu"]),
+            nvlink_latency_us=float(net.get("nvlink_latency_us", 3.0)),
+            ib_latency_us=float(net.get("ib_latency_us", 6.0)),
+            efficiency=efficiency,
+            reserved_gib=float(mem.get("reserved_gib", 2.0)), fragmentation=float(mem.get("fragmentation", 0.1)))
+    except KeyError as e:
+        raise ValueError(f"{path}: [network] needs {e.args[0]} (GB/s per GPU per direction)") from None
+    if profile.gpus_per_node < 1 or profile.gpu_memory_gib <= 0:
+        raise ValueError(f"{path}: gpus_per_node and gpu_memory_gib must be positive")
+    return profile

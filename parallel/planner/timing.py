@@ -1,0 +1,194 @@
+"""Time of one optimizer step under a layout: compute, TP collectives, pipeline bubble and sends,
+data-parallel reduction with the overlap each mode allows, and the optimizer step.
+
+Every term is (work) / (peak x efficiency) with the cluster profile's constants; nothing is fitted
+per model. Collectives are ring algorithms: an all-reduce moves 2(n-1)/n of the buffer per rank,
+an all-gather or reduce-scatter (n-1)/n.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from trainer.model_config import ModelConfig
+
+from .cluster import ClusterProfile
+from .layout import Layout, Stack
+from .memory import act_bytes, model_state, unsharded_params
+from .shapes import flop_split, stage_layer_count
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class Link:
+    bytes_per_s: float
+    latency_s: float
+
+
+def group_link(cluster: ClusterProfile, size: int, stride: int) -> Link:
+    """The bottleneck link of a process group of `size` ranks spaced `stride` apart in the rank
+    order (tp innermost, then dp_shard, dp_replicate, pp). A group spread over nodes with k of its
+    ranks on each node runs NCCL's rings through k network rails at once."""
+    nv = Link(cluster.nvlink_gbs * 1e9 * cluster.efficiency.nvlink, cluster.nvlink_latency_us * 1e-6)
+    if size <= 1:
+        return Link(INF, 0.0)
+    per_node = max(1, cluster.gpus_per_node // stride) if stride < cluster.gpus_per_node else 1
+    local = min(size, per_node)
+    if local >= size and size * stride <= cluster.gpus_per_node:
+        return nv
+    ib = local * cluster.ib_gbs_per_gpu * 1e9 * cluster.efficiency.ib
+    return Link(min(nv.bytes_per_s, ib), cluster.ib_latency_us * 1e-6)
+
+
+def all_reduce(nbytes: float, n: int, link: Link) -> float:
+    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / link.bytes_per_s + 2 * (n - 1) * link.latency_s
+
+
+def all_gather(nbytes: float, n: int, link: Link) -> float:
+    """Also the time of a reduce-scatter of the same (unsharded) size."""
+    return 0.0 if n <= 1 else (n - 1) / n * nbytes / link.bytes_per_s + (n - 1) * link.latency_s
+
+
+def elementwise_bytes_per_token(cfg: ModelConfig, layout: Layout, stack: Stack) -> tuple[float, float]:
+    """HBM traffic of one layer's memory-bound kernels in the forward pass, per token:
+    (whole layer, attention core only). The backward is taken as twice the forward."""
+    t, e, d, H = layout.tp, act_bytes(layout.dtype), cfg.dim, cfg.hidden
+    hd, a, k = cfg.head_dim, cfg.n_heads, cfg.kv_heads
+    rep = 1 / t if layout.sp else 1.0
+    mask = 1 if stack.dropout else 0
+    x = 2 * 2 * d * e * rep                                    # two norms: read, write
+    if stack.fused_elementwise:                                # bias-dropout-add: read 2, write 1 (+mask)
+        x += 2 * (3 * d * e + mask * d) * rep
+        x += (2 if cfg.activation == "gelu" else 3) * H * e / t    # fused bias+activation
+    else:
+        x += 2 * 3 * d * e * rep                               # residual adds
+        x += (2 if cfg.activation == "gelu" else 5) * H * e / t
+        if stack.dropout:
+            x += 2 * (2 * d * e + d) * rep
+        if cfg.bias:
+            x += 2 * ((a + 2 * k) * hd + d + H + d) * e / t     # bias adds: read + write
+    if cfg.position == "rope":
+        x += 2 * (a + k) * hd * e / t                          # rotate q and k
+    x += 2 * a * hd * e / t                                    # transpose-copy of the attention output
+    core = 0.0
+    if not stack.flash_attention:                              # scores written and read back
+        s = layout.seq_len
+        core = a * s / t * (2 * e if stack.fused_elementwise else 6 * e)  # scale-mask-softmax
+        if stack.dropout:
+            core += a * s / t * (2 * e + 1)
+    return x + core, core
+
+
+@dataclass(frozen=True)
+class TimeBreakdown:
+    compute: float            # forward + backward (+ recompute) of all microbatches on the slowest stage
+    recompute: float          # part of compute spent recomputing activations
+    tp_comm: float            # TP / SP collectives (not overlapped), included in compute
+    bubble: float             # pipeline fill and drain
+    p2p: float                # stage-to-stage sends
+    dp_comm: float            # data-parallel collectives (total)
+    dp_exposed: float         # the part not hidden behind compute
+    optimizer: float
+    step: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _stage_microbatch_time(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterProfile,
+                           n_layers: int, first: bool, last: bool) -> tuple[float, float, float, float]:
+    """(forward+backward+recompute, recompute, TP comm, backward) seconds of one microbatch
+    through `n_layers` layers of a stage, with the embedding or the head when it has them."""
+    t, e = layout.tp, act_bytes(layout.dtype)
+    tokens = layout.micro_batch * layout.seq_len
+    fl = flop_split(cfg, layout.seq_len)
+    mm, at, hbm = cluster.matmul_flops(layout.dtype), cluster.attention_flops(layout.dtype), cluster.hbm_bytes_per_s
+    elem, core = elementwise_bytes_per_token(cfg, layout, stack)
+    dense_f = tokens * fl.dense_per_layer / 3 / t / mm         # forward = one third of the 3 passes
+    attn_f = tokens * fl.attention_per_layer / 3 / t / at
+    elem_f = tokens * elem / hbm
+    tp_link = group_link(cluster, t, 1)
+    act = tokens * cfg.dim * e
+    comm_f = 2 * all_reduce(act, t, tp_link)                   # attention and MLP outputs (SP: AG + RS, same volume)
+    fwd = dense_f + attn_f + elem_f + comm_f
+    bwd = 2 * (dense_f + attn_f + elem_f) + comm_f
+    rec = {"none": 0.0, "full": fwd, "selective": attn_f + tokens * core / hbm}[layout.ac]
+    per_layer = fwd + bwd + rec
+    total, recompute, comm, bwd_total = n_layers * per_layer, n_layers * rec, n_layers * 2 * comm_f, n_layers * bwd
+    if layout.ac == "full":
+        comm += n_layers * comm_f
+    if first:
+        c = all_reduce(act, t, tp_link)                        # vocab-parallel embedding output
+        total, comm = total + c, comm + c
+    if last:
+        head = tokens * fl.head / t / mm                       # output projection, 3 passes
+        loss = tokens * cfg.vocab_size / t * (4 * e + 16) / hbm  # softmax cross-entropy, fwd + bwd
+        c = all_reduce(act, t, tp_link)                        # gradient of the head's input
+        total += head + loss + c
+        comm += c
+        bwd_total += 2 / 3 * head + c
+    return total, recompute, comm, bwd_total
+
+
+def step_time(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterProfile) -> TimeBreakdown:
+    p, v, m = layout.pp, layout.pp_virtual_stages, layout.microbatches
+    per_stage = []
+    for s in range(p) if p <= 3 else (0, 1, p - 1):            # middle stages equal stage 1
+        n = stage_layer_count(cfg.n_layers, p, v, s)
+        per_stage.append((_stage_microbatch_time(cfg, layout, stack, cluster, n, s == 0, s == p - 1), s))
+    (t_mb, rec_mb, comm_mb, bwd_mb), _ = max(per_stage, key=lambda x: x[0][0])
+    if p <= 3:
+        t_mean = sum(x[0][0] for x in per_stage) / p
+    else:
+        t_mean = (per_stage[0][0][0] + (p - 2) * per_stage[1][0][0] + per_stage[2][0][0]) / p
+    compute = m * t_mb
+    bubble = (p - 1) / v * t_mean
+    if layout.pp_schedule == "zero_bubble":
+        bubble /= 3     # ZB-H1: weight gradients fill the drain; bubble (p-1)(F+B-W) with F=B=W
+    p2p = 0.0
+    if p > 1:
+        link = group_link(cluster, p, layout.tp * layout.dp)
+        nbytes = layout.micro_batch * layout.seq_len * cfg.dim * act_bytes(layout.dtype)
+        if layout.sp or stack.fused_elementwise:               # sent split over TP ranks (Megatron's scatter-gather)
+            nbytes /= layout.tp
+        p2p = 2 * (m * v + p - 1) * (nbytes / link.bytes_per_s + link.latency_s)
+
+    dp_comm, dp_exposed, opt = _data_parallel(cfg, layout, stack, cluster, t_mb, bwd_mb)
+    step = compute + bubble + p2p + dp_exposed + opt
+    return TimeBreakdown(compute=compute, recompute=m * rec_mb, tp_comm=m * comm_mb, bubble=bubble, p2p=p2p,
+                         dp_comm=dp_comm, dp_exposed=dp_exposed, optimizer=opt, step=step)
+
+
+def _data_parallel(cfg, layout: Layout, stack: Stack, cluster: ClusterProfile, t_mb: float, bwd_mb: float):
+    """(total DP communication, exposed part, optimizer step) for the fullest stage."""
+    stage = 0
+    tp_params, unit = unsharded_params(cfg, layout, stage)
+    state = model_state(cfg, layout, stack, stage)
+    ns, nr, m = layout.dp_shard, layout.dp_replicate, layout.microbatches
+    shard_link = group_link(cluster, ns, layout.tp)
+    rep_link = group_link(cluster, nr, layout.tp * ns)
+    gather_bytes = 4 if layout.dtype == "fp32" else (1 if layout.dtype == "fp8" else 2)
+    grad = stack.grad_bytes
+    total = exposed = 0.0
+    if ns > 1:
+        # one collective per FSDP unit (a layer, the embedding, the head): latency paid per unit
+        units = stage_layer_count(cfg.n_layers, layout.pp, layout.pp_virtual_stages, stage) + 2
+        extra_latency = (units - 1) * (ns - 1) * shard_link.latency_s
+        ag = all_gather(tp_params * gather_bytes, ns, shard_link) + extra_latency
+        rs = all_gather(tp_params * grad, ns, shard_link) + extra_latency
+        if layout.pp > 1:     # gathered once, reduced once per step (no resync between microbatches)
+            total += ag + rs
+            exposed += max(0.0, ag + rs - t_mb) if stack.dp_overlap else ag + rs
+        else:                 # per microbatch: gather for forward, again for backward, reduce-scatter
+            per_mb = 2 * ag + rs
+            total += m * per_mb
+            first = all_gather(unit * gather_bytes, ns, shard_link)  # the first unit cannot be prefetched
+            exposed += m * (max(0.0, per_mb - t_mb) + first) if stack.dp_overlap else m * per_mb
+    if nr > 1:
+        ar = all_reduce(tp_params / ns * grad, nr, rep_link)
+        total += ar
+        exposed += max(0.0, ar - bwd_mb) if stack.dp_overlap else ar
+    # Adam: read param, grad, m, v; write param, m, v (fp32) and a low-precision weight copy if kept
+    opt_bytes = state.params * (7 * 4 + stack.model_weights_bytes) + state.params * grad  # + grad-norm pass
+    opt = opt_bytes / cluster.hbm_bytes_per_s
+    return total, exposed, opt
