@@ -1,1 +1,52 @@
-"""meshformer: data package."""
+"""Streamed data: webdataset shards -> tokens -> packed (inputs, labels) batches, exactly resumable.
+
+    tok = build_tokenizer(cfg)
+    train = build_loader(cfg, split="train", seq_len=128, batch_size=16, dp_rank=r, dp_size=d, seed=0)
+    for inputs, labels in train: ...; state = train.state_dict()   # same dict on every DP rank
+    val = build_loader(cfg, split="val", ...)   # None when there is no validation data
+
+See data/README.md for URLs, resume semantics and `meshformer prepare`.
+"""
+
+from __future__ import annotations
+
+from .config import BUILTIN_PREFIX, DataConfig
+from .loader import TokenLoader, ValLoader
+from .plan import IGNORE, data_fingerprint
+from .shards import DataError
+from .sources import build_sources, source_stats
+from .tokenizer import build_tokenizer
+
+__all__ = ["DataConfig", "DataError", "IGNORE", "build_loader", "build_tokenizer", "val_entries"]
+
+
+def val_entries(cfg: DataConfig) -> list[str]:
+    """The validation URL entries: data.val_urls, else the built-in corpus' validation split."""
+    if cfg.val_urls:
+        return list(cfg.val_urls)
+    return [u for u in cfg.urls if u.startswith(BUILTIN_PREFIX)][:1]
+
+
+def build_loader(cfg: DataConfig, *, split: str, seq_len: int, batch_size: int, dp_rank: int, dp_size: int,
+                 seed: int, tokenizer=None):
+    """The loader of one data-parallel rank (dp_rank is the DP coordinate, never the global rank).
+
+    split='train': endless, shuffled per epoch, with state_dict()/load_state_dict().
+    split='val': a finite deterministic pass (same batches each time); None if there is no validation data.
+    Labels are inputs shifted by one; positions with no token (an epoch's last, padded batch) have label IGNORE.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split {split!r} must be 'train' or 'val'")
+    cfg.validate()
+    tok = tokenizer if tokenizer is not None else build_tokenizer(cfg)
+    if split == "val":
+        entries = val_entries(cfg)
+        if not entries:
+            return None
+        sources = build_sources(entries, [], cfg, "val", tok)
+        return ValLoader(sources=sources, cfg=cfg, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
+                         dp_rank=dp_rank, dp_size=dp_size, stats=source_stats(sources))
+    sources = build_sources(cfg.urls, cfg.weights, cfg, "train", tok)
+    return TokenLoader(sources=sources, cfg=cfg, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
+                       dp_rank=dp_rank, dp_size=dp_size, seed=seed, stats=source_stats(sources),
+                       fingerprint=data_fingerprint(sources))

@@ -1,0 +1,232 @@
+"""`meshformer prepare`: text corpora -> tokenized webdataset shards with a manifest.
+
+Each document becomes one sample `<index>.tokens.npy` (uint16 when the vocabulary fits, else
+uint32), optionally with its `.txt`. manifest.json lists documents and tokens per shard; the
+loader uses it instead of scanning the shards. Tokenizing runs in worker processes (ordered, so
+the output does not depend on the worker count); the main process writes the tars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import io
+import json
+import os
+import sys
+from collections import deque
+from multiprocessing import get_all_start_methods, get_context
+
+import numpy as np
+from tqdm import tqdm
+from webdataset import TarWriter
+
+from .tokenizer import tokenizer_from_spec
+
+FORMAT = "meshformer-shards/1"
+CHUNK_DOCS = 256
+_worker_tok = None
+
+
+def _init_worker(spec: str, eot_token: str):
+    global _worker_tok  # one tokenizer per worker process, built once
+    _worker_tok = tokenizer_from_spec(spec, eot_token)
+
+
+def _tokenize_chunk(docs: list[bytes]):
+    return [_worker_tok.encode_bytes(d) for d in docs]
+
+
+def _chunks(docs, size=CHUNK_DOCS):
+    chunk = []
+    for d in docs:
+        chunk.append(d)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _tokenize_in_pool(pool, chunks, ahead: int):
+    """(chunk, ids) in input order, at most `ahead` chunks in flight (Pool.imap would read all input)."""
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append((chunk, pool.apply_async(_tokenize_chunk, (chunk,))))
+        if len(pending) >= ahead:
+            c, r = pending.popleft()
+            yield c, r.get()
+    while pending:
+        c, r = pending.popleft()
+        yield c, r.get()
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    f = io.BytesIO()
+    np.save(f, arr, allow_pickle=False)
+    return f.getvalue()
+
+
+def write_shards(docs, out_dir: str, *, tokenizer: str = "bytes", eot_token: str = "", shard_mb: float = 256.0,
+                 workers: int = 1, keep_text: bool = False, progress=None) -> dict:
+    """Tokenize `docs` (an iterable of UTF-8 bytes) into out_dir/shard-NNNNNN.tar + manifest.json."""
+    tok = tokenizer_from_spec(tokenizer, eot_token)
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    os.makedirs(out_dir, exist_ok=True)
+    limit = max(int(shard_mb * 1e6), 1)
+    shards: list[dict] = []
+    writer, size = None, 0
+    index = 0
+    pool = None
+    if workers > 1:
+        # fork: workers start in milliseconds (spawn would re-import torch through the data package)
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        pool = get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer, eot_token))
+        tokenized = _tokenize_in_pool(pool, _chunks(docs), ahead=4 * workers)
+    else:
+        tokenized = ((c, [tok.encode_bytes(d) for d in c]) for c in _chunks(docs))
+    try:
+        for chunk, ids_list in tokenized:
+            for text, ids in zip(chunk, ids_list):
+                if writer is None or size >= limit:
+                    if writer is not None:
+                        writer.close()
+                    name = f"shard-{len(shards):06d}.tar"
+                    writer = TarWriter(os.path.join(out_dir, name))
+                    shards.append({"name": name, "docs": 0, "tokens": 0, "bytes": 0})
+                    size = 0
+                sample = {"__key__": f"{index:09d}", "tokens.npy": _npy(np.asarray(ids, dtype=dtype))}
+                if keep_text:
+                    sample["txt"] = text
+                writer.write(sample)
+                written = sum(len(v) + 1024 for k, v in sample.items() if k != "__key__")
+                size += written
+                shards[-1]["docs"] += 1
+                shards[-1]["tokens"] += len(ids)
+                shards[-1]["bytes"] += written
+                index += 1
+                if progress is not None:
+                    progress.update(len(text))
+    finally:
+        if writer is not None:
+            writer.close()
+        if pool is not None:
+            pool.terminate()
+    manifest = {"format": FORMAT, "tokenizer": tok.spec, "tokenizer_ident": tok.ident, "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id, "token_field": "tokens.npy", "dtype": np.dtype(dtype).name,
+                "docs": index, "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    tmp = os.path.join(out_dir, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "manifest.json"))
+    return manifest
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8", errors="replace") if path.endswith(".gz") else \
+        open(path, encoding="utf-8", errors="replace")
+
+
+def iter_input_docs(paths: list[str], fmt: str, text_key: str, stats: dict):
+    """Documents (UTF-8 bytes) of the input files: a whole text file, or one per JSON line / line."""
+    for path in paths:
+        kind = fmt
+        if kind == "auto":
+            kind = "jsonl" if path.removesuffix(".gz").endswith((".jsonl", ".json", ".ndjson")) else "text"
+        with _open_text(path) as f:
+            if kind == "text":
+                yield f.read().encode("utf-8")
+                continue
+            if kind == "jsonl" and _starts_with_bracket(f):  # a JSON array of objects
+                try:
+                    items = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: not valid JSON ({e})") from e
+                for obj in items:
+                    if isinstance(obj, dict) and isinstance(obj.get(text_key), str):
+                        yield obj[text_key].encode("utf-8")
+                    else:
+                        stats["missing"] = stats.get("missing", 0) + 1
+                continue
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if kind == "lines":
+                    yield line.rstrip("\n").encode("utf-8")
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e}); use --format text for plain text")
+                if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
+                    stats["missing"] = stats.get("missing", 0) + 1
+                    continue
+                yield obj[text_key].encode("utf-8")
+
+
+def _starts_with_bracket(f) -> bool:
+    head = f.read(4096).lstrip()
+    f.seek(0)
+    return head.startswith("[")
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(p for p in glob.glob(os.path.join(item, "**", "*"), recursive=True) if os.path.isfile(p))
+        else:
+            found = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        for p in found:
+            if not os.path.isfile(p):
+                raise ValueError(f"input {p!r} not found; give text/JSON-lines files, folders or globs")
+        if not found:
+            raise ValueError(f"input {item!r} matches no files")
+        paths += found
+    if not paths:
+        raise ValueError(f"no input files in {inputs}")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="meshformer prepare", description="Turn text corpora (plain text, JSON "
+                                 "lines, JSON arrays) into tokenized webdataset shards with a manifest.")
+    ap.add_argument("inputs", nargs="+", help="text or JSON-lines files (.gz ok), folders, or globs")
+    ap.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json (must be "
+                    "empty or new)")
+    ap.add_argument("--tokenizer", default="bytes", help="bytes | hf:/path/tokenizer.json | tiktoken:<encoding>")
+    ap.add_argument("--eot-token", default="", help="end-of-text token of an hf: tokenizer (default: auto)")
+    ap.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "lines"],
+                    help="auto: *.jsonl/*.json are JSON lines, others one document per file")
+    ap.add_argument("--text-key", default="text", help="JSON field holding the text")
+    ap.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size in MB")
+    ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                    help="tokenizer processes")
+    ap.add_argument("--keep-text", action="store_true", help="also store each document's text as .txt")
+    args = ap.parse_args(argv)
+    try:
+        paths = expand_inputs(args.inputs)
+        if args.shard_size_mb <= 0 or args.workers < 1:
+            raise ValueError("--shard-size-mb must be > 0 and --workers >= 1")
+        if os.path.isdir(args.out) and os.listdir(args.out):
+            raise ValueError(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
+        tokenizer_from_spec(args.tokenizer, args.eot_token)  # fail early on a bad tokenizer
+    except ValueError as e:
+        print(f"meshformer prepare: error: {e}", file=sys.stderr)
+        return 2
+    stats: dict = {}
+    total = sum(os.path.getsize(p) for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="prepare") as bar:
+        manifest = write_shards(iter_input_docs(paths, args.format, args.text_key, stats), args.out,
+                                tokenizer=args.tokenizer, eot_token=args.eot_token, shard_mb=args.shard_size_mb,
+                                workers=args.workers, keep_text=args.keep_text, progress=bar)
+    print(f"wrote {len(manifest['shards'])} shards, {manifest['docs']} documents, {manifest['tokens']} tokens "
+          f"to {args.out}")
+    if stats.get("missing"):
+        print(f"skipped {stats['missing']} JSON lines without a string field {args.text_key!r}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

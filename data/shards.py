@@ -1,0 +1,131 @@
+"""Read one tar shard as a stream of documents (numpy token arrays), using webdataset's tar iterators.
+
+Opening goes through webdataset's `gopen`, so a shard URL may be a local path, `file:`, `pipe:CMD`
+or anything else gopen knows. A missing or unreadable shard is always an error naming it; a
+truncated or corrupt tar keeps its readable documents and is counted and logged (on_corrupt='skip')
+or raises (on_corrupt='error'). Reading is deterministic, so a shard read twice yields the same
+documents, even when it is corrupt: the shard index and the loader agree on its length.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import numpy as np
+from webdataset.gopen import gopen
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+log = logging.getLogger("meshformer.data")
+
+
+class DataError(ValueError):
+    """Bad data input: the message names the shard or setting and what would be right."""
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:") and not url.startswith("builtin:")
+
+
+def local_path(url: str) -> str:
+    return url[len("file:"):] if url.startswith("file:") else url
+
+
+def open_shard(url: str):
+    path = local_path(url)
+    if is_local(path) and not os.path.isfile(path):
+        raise DataError(f"data shard not found: {url} (check data.urls / the shard-list file)")
+    try:
+        return gopen(url, "rb")
+    except Exception as e:
+        raise DataError(f"cannot open data shard {url}: {e}") from e
+
+
+def _pipe_failure(stream, url: str):
+    """A pipe: command that failed is an unreadable URL, not a corrupt tar."""
+    if hasattr(stream, "wait_for_child"):
+        try:
+            stream.wait_for_child()
+        except Exception as e:
+            return DataError(f"cannot read data shard {url}: the command failed ({e})")
+    return None
+
+
+def iter_samples(url: str, on_corrupt: str, stats: dict):
+    """Yield webdataset samples (dicts of field -> bytes) of one shard."""
+    stream = open_shard(url)
+    read_to_end = False
+    try:
+        def files():
+            for f in tar_file_iterator(stream, handler=reraise_exception):
+                f["__url__"] = url
+                yield f
+
+        yield from group_by_keys(files(), handler=reraise_exception)
+        read_to_end = True
+    except DataError:
+        raise
+    except Exception as e:  # tarfile.ReadError, EOFError, zlib errors, duplicate names ...
+        read_to_end = True
+        failure = _pipe_failure(stream, url)
+        if failure is not None:
+            raise failure from e
+        if on_corrupt == "error":
+            raise DataError(f"corrupt or truncated data shard {url}: {e} "
+                            "(set data.on_corrupt='skip' to keep its readable documents)") from e
+        stats["corrupt_shards"] = stats.get("corrupt_shards", 0) + 1
+        log.warning("corrupt or truncated data shard %s: %s; kept the documents before the damage", url, e)
+    finally:
+        _close(stream, url, check=read_to_end)
+
+
+def _close(stream, url: str, check: bool):
+    """Close a shard stream. A reader that stopped early (its slot ended mid-shard) stops a pipe:
+    command too, and that command's exit status (killed by SIGPIPE) is no error."""
+    proc = getattr(stream, "proc", None)
+    if not check and proc is not None:
+        proc.kill()
+    try:
+        stream.close()
+    except Exception as e:
+        if check:
+            raise DataError(f"cannot read data shard {url}: {e}") from e
+
+
+def decode_tokens(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def iter_documents(url: str, *, mode: str, field: str, tokenizer, on_corrupt: str, stats: dict):
+    """Yield each document's token ids (without end-of-text) in shard order.
+
+    mode 'text': tokenize sample[field] (UTF-8 bytes); mode 'tokens': sample[field] is an .npy array.
+    Samples without the field are skipped, counted in stats['missing_field'] and logged once per shard.
+    """
+    warned = False
+    for sample in iter_samples(url, on_corrupt, stats):
+        data = sample.get(field)
+        if data is None:
+            stats["missing_field"] = stats.get("missing_field", 0) + 1
+            if not warned:
+                fields = sorted(k for k in sample if not k.startswith("__"))
+                log.warning("data shard %s: sample %r has no field %r (it has %s); skipping such samples "
+                            "(set data.text_field / data.token_field)", url, sample.get("__key__"), field, fields)
+                warned = True
+            continue
+        yield decode_tokens(data) if mode == "tokens" else tokenizer.encode_bytes(data)
+
+
+def scan_shard(url: str, *, mode: str, field: str, tokenizer, on_corrupt: str) -> dict:
+    """Count documents and tokens of one shard (for shards without a manifest)."""
+    stats: dict = {}
+    docs = tokens = 0
+    for ids in iter_documents(url, mode=mode, field=field, tokenizer=tokenizer, on_corrupt=on_corrupt,
+                              stats=stats):
+        docs += 1
+        tokens += len(ids)
+    return {"url": url, "docs": docs, "tokens": tokens, "missing_field": stats.get("missing_field", 0),
+            "corrupt": stats.get("corrupt_shards", 0)}
+

@@ -1,0 +1,219 @@
+"""From `data.urls` to indexed sources: every shard URL with its document and token counts.
+
+The loader splits an epoch by token position (see plan.py), so it must know each shard's length
+before reading. `meshformer prepare` writes those counts into manifest.json; shards without one
+(e.g. made by plain `tar`) are scanned once and the counts cached under the cache dir.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from braceexpand import braceexpand
+from filelock import FileLock
+from tqdm import tqdm
+
+from .config import BUILTIN_PREFIX
+from .shards import DataError, is_local, local_path, scan_shard
+
+log = logging.getLogger("meshformer.data")
+LIST_SUFFIXES = (".list", ".txt", ".shards")
+TAR_GLOBS = ("*.tar", "*.tar.gz", "*.tgz")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Source:
+    shards: list[dict]  # {"url", "docs", "tokens", "mode": "text"|"tokens"}
+    weight: float
+    name: str
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] + s["docs"] for s in self.shards)  # one end-of-text per document
+
+
+def expand_urls(entry: str, cfg, split: str, tokenizer, _depth: int = 0) -> list[str]:
+    """One urls entry -> shard URLs (brace patterns, shard-list files, folders, builtin corpora)."""
+    if entry.startswith(BUILTIN_PREFIX):
+        from .builtin import builtin_shards
+
+        return builtin_shards(entry, cfg, split, tokenizer)
+    path = local_path(entry)
+    if is_local(path) and os.path.isdir(path):
+        found = sorted(p for g in TAR_GLOBS for p in glob.glob(os.path.join(path, g)))
+        if not found:
+            raise DataError(f"data.urls: folder {entry} holds no *.tar shards")
+        return found
+    if is_local(path) and path.endswith(LIST_SUFFIXES):
+        if not os.path.isfile(path):
+            raise DataError(f"data.urls: shard-list file not found: {entry}")
+        if _depth > 4:
+            raise DataError(f"data.urls: shard-list files nest too deep at {entry}")
+        base = os.path.dirname(os.path.abspath(path))
+        out = []
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if is_local(line) and not os.path.isabs(local_path(line)):
+                    line = os.path.join(base, line)
+                out += expand_urls(line, cfg, split, tokenizer, _depth + 1)
+        return out
+    return list(braceexpand(entry))
+
+
+def _load_manifest(path: str):
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read manifest {path}: {e}") from e
+    if not isinstance(m, dict) or "shards" not in m:
+        raise DataError(f"{path} is not a meshformer manifest (no 'shards' list); rewrite it with `meshformer prepare`")
+    return m
+
+
+def find_manifest_for(cfg, entries: list[str]):
+    """The manifest named by data.manifest, else the one next to the first local shard."""
+    if cfg.manifest:
+        return _load_manifest(cfg.manifest), cfg.manifest
+    for entry in entries:
+        if entry.startswith(BUILTIN_PREFIX):
+            continue
+        for url in expand_urls(entry, cfg, "train", None):
+            path = local_path(url)
+            if is_local(path):
+                candidate = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
+                if os.path.isfile(candidate):
+                    return _load_manifest(candidate), candidate
+            break
+    return None, None
+
+
+def _manifest_entry(cfg, url: str, cache: dict):
+    """(manifest, shard entry) for a shard, or (None, None)."""
+    if cfg.manifest:
+        key = cfg.manifest
+    elif is_local(local_path(url)):
+        key = os.path.join(os.path.dirname(os.path.abspath(local_path(url))), MANIFEST)
+    else:
+        return None, None
+    if key not in cache:
+        cache[key] = _load_manifest(key) if os.path.isfile(key) else None
+        if cache[key] is not None:
+            cache[key]["_by_name"] = {s["name"]: s for s in cache[key]["shards"]}
+    m = cache[key]
+    if m is None:
+        return None, None
+    return m, m["_by_name"].get(shard_name(url))
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name, also inside a command: 'pipe:aws s3 cp s3://b/x/shard-000001.tar -'."""
+    found = re.findall(r"[^\s/'\"]+\.(?:tar\.gz|tgz|tar)\b", url)
+    return found[-1] if found else os.path.basename(local_path(url))
+
+
+def _shard_fingerprint(url: str) -> str:
+    path = local_path(url)
+    if is_local(path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise DataError(f"data shard not found: {url} (check data.urls / the shard-list file)") from None
+        return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    return url
+
+
+def index_shards(urls: list[str], cfg, tokenizer) -> list[dict]:
+    """Document and token counts of each shard: from manifests, else from a cached scan."""
+    manifests: dict = {}
+    idents: dict = {}
+    out: list[dict | None] = []
+    to_scan: list[tuple[int, str, str]] = []
+    for url in urls:
+        m, entry = _manifest_entry(cfg, url, manifests)
+        same_ids = m is not None and (cfg.tokenizer == "pretokenized"
+                                      or m.get("tokenizer_ident") == getattr(tokenizer, "ident", None))
+        if entry is not None and same_ids:
+            idents.setdefault(m.get("tokenizer_ident"), url)
+            if len(idents) > 1:
+                (a, ua), (b, ub) = list(idents.items())[:2]
+                raise DataError(f"data.urls: shards were tokenized differently ({ua}: {a}, {ub}: {b}); "
+                                "prepare all sources with one tokenizer")
+            field = m.get("token_field", cfg.token_field)
+            out.append({"url": url, "docs": int(entry["docs"]), "tokens": int(entry["tokens"]),
+                        "mode": "tokens", "field": field})
+        else:
+            mode = "tokens" if cfg.tokenizer == "pretokenized" else "text"
+            field = cfg.token_field if mode == "tokens" else cfg.text_field
+            out.append(None)
+            to_scan.append((len(out) - 1, url, mode, field))
+    if to_scan:
+        for i, entry in zip([t[0] for t in to_scan], _scan_cached(to_scan, cfg, tokenizer)):
+            out[i] = entry
+    return out
+
+
+def _scan_cached(to_scan, cfg, tokenizer) -> list[dict]:
+    ident = "pretokenized" if cfg.tokenizer == "pretokenized" else tokenizer.ident
+    key_text = json.dumps([ident, cfg.on_corrupt] + [[_shard_fingerprint(u), mode, field]
+                                                     for _, u, mode, field in to_scan])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
+    folder = os.path.join(cfg.resolved_cache_dir(), "index")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{key}.json")
+    with FileLock(path + ".lock"):  # one process of a job scans, the others wait and reuse
+        if os.path.isfile(path):
+            with open(path) as f:
+                entries = json.load(f)
+        else:
+            log.info("scanning %d shards without a manifest (run `meshformer prepare` to skip this)", len(to_scan))
+            entries = []
+            for _, url, mode, field in tqdm(to_scan, desc="scan shards", unit="shard", disable=len(to_scan) < 8):
+                e = scan_shard(url, mode=mode, field=field, tokenizer=tokenizer, on_corrupt=cfg.on_corrupt)
+                e.update(mode=mode, field=field)
+                entries.append(e)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(entries, f)
+            os.replace(tmp, path)
+    missing = sum(e["missing_field"] for e in entries)
+    corrupt = [e["url"] for e in entries if e["corrupt"]]
+    if missing:
+        log.warning("%d samples without field %r were skipped", missing, to_scan[0][3])
+    if corrupt:
+        log.warning("%d corrupt or truncated shards, readable part kept: %s", len(corrupt), ", ".join(corrupt[:5]))
+    return entries
+
+
+def build_sources(entries: list[str], weights: list[float], cfg, split: str, tokenizer) -> list[Source]:
+    """Expand and index the URL entries; with weights each entry is its own source."""
+    groups = [[e] for e in entries] if weights else [list(entries)]
+    ws = list(weights) if weights else [1.0]
+    sources = []
+    for group, w in zip(groups, ws):
+        urls = [u for e in group for u in expand_urls(e, cfg, split, tokenizer)]
+        if not urls:
+            raise DataError(f"data.urls: {group} names no shards (an empty shard-list file?)")
+        sources.append(Source(index_shards(urls, cfg, tokenizer), float(w), " ".join(group)))
+    if sum(s.tokens for s in sources if s.weight > 0) == 0:
+        raise DataError(f"data.urls: {entries} hold no documents with field {cfg.text_field!r} "
+                        f"(or {cfg.token_field!r}); check data.text_field")
+    return sources
+
+
+def source_stats(sources: list[Source]) -> dict:
+    shards = [s for src in sources for s in src.shards]
+    return {"shards": len(shards), "docs": sum(s["docs"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "missing_field": sum(s.get("missing_field", 0) for s in shards),
+            "corrupt_shards": sum(1 for s in shards if s.get("corrupt"))}
