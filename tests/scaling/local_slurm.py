@@ -16,6 +16,7 @@ SlurmctldHost=localhost
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=socket={d}/munge/munge.sock
 MpiDefault=none
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
@@ -53,19 +54,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ensure_munge() -> bool:
-    """Start munged unless one is running; returns True when we started it."""
-    if Path("/run/munge/munge.socket.2").exists():
-        return False
-    Path("/run/munge").mkdir(parents=True, exist_ok=True)
-    shutil.chown("/run/munge", "munge", "munge")
-    key = Path("/etc/munge/munge.key")
-    if not key.exists() or key.stat().st_size == 0:
-        subprocess.run(["mungekey", "-c", "-k", str(key)], check=True)
-        shutil.chown(key, "munge", "munge")
-        key.chmod(0o600)
-    subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True, timeout=20)
-    return True
+def _start_munge(d: Path) -> Path:
+    """A munged of our own on a private socket: a shared one may be stopped by another test's
+    Slurm teardown while our jobs still need it. Returns its pid file."""
+    m = d / "munge"
+    m.mkdir(parents=True, exist_ok=True)
+    key = m / "munge.key"
+    subprocess.run(["mungekey", "-c", "-k", str(key)], check=True, timeout=20)
+    for p in (m, key):
+        shutil.chown(p, "munge", "munge")
+    key.chmod(0o600)
+    pid = m / "munged.pid"
+    subprocess.run(["runuser", "-u", "munge", "--", "munged", f"--socket={m / 'munge.sock'}",
+                    f"--key-file={key}", f"--pid-file={pid}", f"--log-file={m / 'munged.log'}",
+                    f"--seed-file={m / 'munged.seed'}"], check=True, timeout=20)
+    return pid
 
 
 class LocalSlurm:
@@ -76,10 +79,11 @@ class LocalSlurm:
         self.conf = self.d / "slurm.conf"
         self.conf.write_text(CONF.format(d=self.d, ctld_port=_free_port(), node_port=_free_port(), cpus=cpus))
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-        self.started_munge = False
+        self.munge_pid: Path | None = None
 
     def start(self) -> "LocalSlurm":
-        self.started_munge = _ensure_munge()
+        self.d.chmod(0o755)        # munged (user munge) must reach its folder
+        self.munge_pid = _start_munge(self.d)
         subprocess.run(["slurmctld", "-i", "-f", str(self.conf)], check=True, timeout=20, env=self.env)
         subprocess.run(["slurmd", "-f", str(self.conf), "-N", "n1"], check=True, timeout=20, env=self.env)
         for _ in range(120):
@@ -94,8 +98,6 @@ class LocalSlurm:
         if jobs:
             subprocess.run(["scancel", "--full", *jobs], env=self.env, timeout=10)
         pids = [int(p.read_text()) for p in (self.d / "run").glob("*.pid") if p.read_text().strip()]
-        if self.started_munge and Path("/run/munge/munged.pid").exists():
-            pids.append(int(Path("/run/munge/munged.pid").read_text()))
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -108,3 +110,8 @@ class LocalSlurm:
                 except ProcessLookupError:
                     break
                 time.sleep(0.25)
+        if self.munge_pid is not None and self.munge_pid.exists():   # last: slurmd needs it to stop
+            try:
+                os.kill(int(self.munge_pid.read_text()), signal.SIGTERM)
+            except ProcessLookupError:
+                pass

@@ -26,6 +26,7 @@ def test_tiny_sweep_with_the_real_trainer(tmp_path, capsys):
     else:                      # the checkpoint seam has no init_from yet: train every point from scratch
         replace = {"enabled = true": "enabled = false"}
         n_runs, kind = 12, "scratch"
+    replace["budgets = [6e9, 1.2e10, 2.4e10]"] = "budgets = [3e9, 6e9, 1.2e10]"   # half the README's
     spec_path = write_spec(tmp_path, trainer=trainer, replace=replace)
     spec = load_spec(spec_path)
     assert main(["run", str(spec_path), "--jobs", "2"]) == 0, ResultsStore(spec.results_path).rows(status="failed")

@@ -39,8 +39,8 @@ def test_parametric_recovers_known_law_from_noisy_points():
 
 def test_bootstrap_intervals_cover_the_truth():
     n, d, loss = synthetic(n_points=120, seed=1)
-    fit = fit_chinchilla(n, d, loss, top_k=10, bootstrap=30, seed=3)
-    assert fit.n_bootstrap == 30
+    fit = fit_chinchilla(n, d, loss, top_k=10, bootstrap=20, seed=3)
+    assert fit.n_bootstrap == 20
     for name in ("E", "alpha", "beta"):
         lo, hi = fit.intervals[name]
         assert lo < hi

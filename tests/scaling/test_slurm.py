@@ -1,4 +1,7 @@
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -11,11 +14,17 @@ from .local_slurm import LocalSlurm, why_not
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def slurm():
     reason = why_not()
     if reason:
         pytest.skip(reason)
-    s = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    d = Path(tempfile.mkdtemp(prefix="sweep-slurm-"))   # not under pytest's 0700 folder: munged must reach it
+    s = LocalSlurm(d)
+    try:
+        s.start()
+    except BaseException:
+        s.stop()
+        raise
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(s.conf)
     yield s
@@ -24,6 +33,7 @@ def slurm(tmp_path_factory):
     else:
         os.environ["SLURM_CONF"] = old
     s.stop()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.slow

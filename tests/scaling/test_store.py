@@ -20,7 +20,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     path = tmp_path / "results.sqlite"
     store = ResultsStore(path)
     store.register({"run_id": "shared", "config_hash": "x"})
-    workers, n_runs = 6, 25
+    workers, n_runs = 4, 20
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(path, w, n_runs)) for w in range(workers)]
     for p in procs:
