@@ -156,6 +156,8 @@ def cmd_fit(a) -> int:
     else:
         print(f"parametric fit skipped: {fits.get('chinchilla_skipped')}")
     iso = fits.get("isoflop")
+    for reason in (iso or {}).get("skipped", []):
+        print(f"IsoFLOP: skipped {reason}")
     if iso and iso.get("n_opt"):
         print(f"IsoFLOP: N*(C) = {iso['n_opt']['coef']:.3g} C^{iso['n_opt']['exponent']:.3f}, "
               f"D*(C) = {iso['d_opt']['coef']:.3g} C^{iso['d_opt']['exponent']:.3f}")

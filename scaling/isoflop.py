@@ -35,6 +35,7 @@ class PowerLaw:
 @dataclass
 class IsoFlopFit:
     minima: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)     # budgets without a usable parabola, and why
     n_opt: PowerLaw | None = None
     d_opt: PowerLaw | None = None
 
@@ -72,14 +73,18 @@ def fit_budget(budget, n, loss, flops_per_param_token: float = 6.0) -> BudgetMin
 
 
 def fit_isoflop(budget, n, loss, flops_per_param_token: float = 6.0) -> IsoFlopFit:
-    """budget, n, loss: one entry per run; runs are grouped by their (exact) budget value."""
+    """budget, n, loss: one entry per run; runs are grouped by their (exact) budget value. A budget
+    whose points make no convex parabola is skipped (listed in .skipped), not fatal."""
     groups = defaultdict(list)
     for c, ni, li in zip(budget, n, loss):
         groups[float(c)].append((float(ni), float(li)))
     out = IsoFlopFit()
     for c in sorted(groups):
         pts = np.array(groups[c])
-        out.minima.append(fit_budget(c, pts[:, 0], pts[:, 1], flops_per_param_token))
+        try:
+            out.minima.append(fit_budget(c, pts[:, 0], pts[:, 1], flops_per_param_token))
+        except ValueError as e:
+            out.skipped.append(str(e))
     if len(out.minima) >= 2:
         cs = [m.budget for m in out.minima]
         out.n_opt = fit_power_law(cs, [m.n_opt for m in out.minima])

@@ -152,10 +152,12 @@ def _make(ctx, kind, steps, budget, decay_steps=0, parent: Run | None = None, ch
                "run.dir": str(run_dir)})
     if kind == "base":        # constant LR after warmup: the stable phase every branch continues
         ov.update({"optim.schedule": "constant", "checkpoint.at_steps": list(checkpoint_steps)})
-    elif spec.cooldown:       # branch, or the same WSD schedule trained from scratch for comparison
+    elif kind == "branch" or (spec.cooldown and spec.compare_schedule == "wsd"):
+        # a branch, or the same WSD schedule trained from step 0 (identical up to the cooldown)
         ov.update({"optim.schedule": "wsd", "optim.decay_steps": decay_steps,
-                   "optim.decay_shape": spec.cooldown_shape})
-        ov["optim.min_lr_ratio"] = spec.min_lr_ratio
+                   "optim.decay_shape": spec.cooldown_shape, "optim.min_lr_ratio": spec.min_lr_ratio})
+    elif spec.cooldown:       # the comparison a branch is usually measured against: cosine from step 0
+        ov.update({"optim.schedule": "cosine", "optim.min_lr_ratio": spec.min_lr_ratio})
     else:
         ov.update({"optim.schedule": spec.schedule, "optim.min_lr_ratio": spec.min_lr_ratio})
     if parent is not None:

@@ -95,7 +95,7 @@ def plot_all(points, fits: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     chin, iso = fits.get("chinchilla"), fits.get("isoflop")
     made = [plot_loss_vs_n_d(points, chin, out_dir / "loss_vs_n_d.png")]
-    if iso:
+    if iso and iso.get("minima"):
         made.append(plot_isoflop(points, iso, out_dir / "isoflop.png"))
     if iso or chin:
         made.append(plot_frontier(iso, chin, out_dir / "frontier.png"))

@@ -49,6 +49,7 @@ class Spec:
     cooldown_fraction: float = 0.2
     cooldown_shape: str = "1-sqrt"
     compare_from_scratch: bool = False
+    compare_schedule: str = "wsd"    # schedule of those scratch runs: "wsd" (same as the branch) or "cosine"
 
     def lrs(self, size: Size) -> list[float]:
         base = self.lr_base
@@ -166,6 +167,7 @@ def load_spec(path: str | Path) -> Spec:
         raise SweepSpecError(f"[cooldown] fraction = {kw['cooldown_fraction']}: must be in (0, 1)")
     kw["cooldown_shape"] = _take(cd, "cooldown", "shape", str, "1-sqrt", ("linear", "1-sqrt"))
     kw["compare_from_scratch"] = _take(cd, "cooldown", "compare_from_scratch", bool, False)
+    kw["compare_schedule"] = _take(cd, "cooldown", "compare_schedule", str, "wsd", ("wsd", "cosine"))
     _no_leftovers(cd, "cooldown")
     if not kw["base_config"].exists():
         raise SweepSpecError(f"[sweep] base_config {kw['base_config']} does not exist "

@@ -136,6 +136,15 @@ def test_isoflop_agrees_with_the_parametric_optimum():
     assert fit.d_opt.exponent == pytest.approx(TRUE["alpha"] / s, abs=0.01)
 
 
+def test_isoflop_skips_a_concave_budget_and_keeps_the_rest():
+    n = [1e8, 1e9, 1e10] * 3
+    loss = [3.0, 2.0, 3.0, 2.5, 2.0, 2.5, 2.0, 3.0, 2.0]      # the last budget bends the wrong way
+    fit = fit_isoflop([1e19] * 3 + [1e20] * 3 + [1e21] * 3, n, loss)
+    assert [m.budget for m in fit.minima] == [1e19, 1e20]
+    assert len(fit.skipped) == 1 and "1e+21" in fit.skipped[0] and "not convex" in fit.skipped[0]
+    assert fit.n_opt is not None
+
+
 def test_isoflop_rejects_concave_or_short_budgets():
     with pytest.raises(ValueError, match="not convex"):
         fit_budget(1e20, [1e8, 1e9, 1e10], [2.0, 3.0, 2.0])
