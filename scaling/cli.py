@@ -128,8 +128,12 @@ def _read_points(path, n_col, d_col, loss_col, budget_col=None) -> list[dict]:
     if rows and any(c not in rows[0] for c in cols):
         missing = [c for c in cols if c not in rows[0]]
         raise SweepSpecError(f"{path}: no column(s) {missing}; columns are {list(rows[0])}")
-    return [{"N": float(r[n_col]), "D": float(r[d_col]), "loss": float(r[loss_col]),
-             "budget": float(r[budget_col]) if budget_col else None} for r in rows]
+    def budget(r):       # a grid design's points have no budget (an empty cell)
+        v = r[budget_col] if budget_col else ""
+        return float(v) if v not in ("", "None", "nan") else None
+
+    return [{"N": float(r[n_col]), "D": float(r[d_col]), "loss": float(r[loss_col]), "budget": budget(r)}
+            for r in rows]
 
 
 def cmd_fit(a) -> int:
@@ -176,10 +180,10 @@ def cmd_plot(a) -> int:
     if not fit_path.exists():
         print(f"{fit_path} not found: run `sweep fit` first", file=sys.stderr)
         return 2
-    points = _read_points(pts_path, a.n_col, a.d_col, a.loss_col, a.budget_col or None)
-    for p in points:
-        if p["budget"] is not None and p["budget"] != p["budget"]:
-            p["budget"] = None
+    with open(pts_path, newline="") as f:
+        header = next(csv.reader(f), [])
+    budget_col = a.budget_col if a.budget_col in header else None    # optional for plots
+    points = _read_points(pts_path, a.n_col, a.d_col, a.loss_col, budget_col)
     for path in plot_all(points, json.loads(fit_path.read_text()), out_dir):
         print(f"wrote {path}")
     return 0

@@ -89,3 +89,16 @@ def test_fit_csv_from_elsewhere(tmp_path, capsys):
     assert set(fit["intervals"]) == {"E", "A", "B", "alpha", "beta"} and fit["n_bootstrap"] == 8
     assert main(["fit", "--csv", str(path), "--n-col", "nope", "--out", str(out)]) == 2
     assert "no column(s) ['nope', 'D', 'loss']" in capsys.readouterr().err
+
+
+def test_grid_sweep_without_budgets_fits_and_plots(tmp_path):
+    spec_path = write_spec(tmp_path, replace={
+        'kind = "isoflop"\nbudgets = [6e9, 1.2e10, 2.4e10]': 'kind = "grid"\ntokens = [8000, 16000]',
+        "dims = [32, 48, 64, 96]": "dims = [32, 64, 96]", "enabled = true": "enabled = false"})
+    assert main(["run", str(spec_path), "--jobs", "2"]) == 0
+    assert main(["fit", str(spec_path), "--top-k", "8"]) == 0
+    fit = json.loads((tmp_path / "sweep" / "fit.json").read_text())
+    assert fit["n_points"] == 6 and "isoflop" not in fit and "chinchilla" in fit
+    assert main(["plot", str(spec_path)]) == 0
+    plots = sorted(p.name for p in (tmp_path / "sweep" / "plots").iterdir())
+    assert plots == ["frontier.png", "loss_vs_n_d.png", "residuals.png"]
