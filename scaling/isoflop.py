@@ -85,8 +85,13 @@ def fit_isoflop(budget, n, loss, flops_per_param_token: float = 6.0) -> IsoFlopF
             out.minima.append(fit_budget(c, pts[:, 0], pts[:, 1], flops_per_param_token))
         except ValueError as e:
             out.skipped.append(str(e))
-    if len(out.minima) >= 2:
-        cs = [m.budget for m in out.minima]
-        out.n_opt = fit_power_law(cs, [m.n_opt for m in out.minima])
-        out.d_opt = fit_power_law(cs, [m.d_opt for m in out.minima])
+    # a minimum outside the sampled sizes is an extrapolation of the parabola: not used for the laws
+    inside = [m for m in out.minima if m.interior]
+    if len(inside) >= 2:
+        cs = [m.budget for m in inside]
+        out.n_opt = fit_power_law(cs, [m.n_opt for m in inside])
+        out.d_opt = fit_power_law(cs, [m.d_opt for m in inside])
+    elif out.minima:
+        out.skipped.append(f"N*(C), D*(C): {len(inside)} budget(s) with the minimum inside the sampled "
+                           "sizes; the power laws need 2")
     return out

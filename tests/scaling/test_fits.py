@@ -164,3 +164,18 @@ def test_power_law_and_kaplan_laws_recover_exponents():
     assert law.alpha == pytest.approx(0.076, rel=1e-6)
     assert law.x_c == pytest.approx(8.8e13, rel=1e-4)
     assert law.n_points == len(x)
+
+
+def test_isoflop_power_laws_use_only_minima_inside_the_sampled_sizes():
+    n = np.array([1e8, 1e9, 1e10])
+    x = np.log(n)
+    budgets, ns, losses = [], [], []
+    for c, centre in ((1e19, 1e9), (1e20, 3e9), (1e21, 1e12)):       # the last minimum lies outside
+        budgets += [c] * 3; ns += list(n); losses += list(2 + 0.01 * (x - np.log(centre)) ** 2)
+    fit = fit_isoflop(budgets, ns, losses)
+    assert [m.interior for m in fit.minima] == [True, True, False]
+    assert fit.n_opt.exponent == pytest.approx(np.log10(3), abs=1e-6)    # through the 2 inside only
+    budgets, ns, losses = budgets[3:], ns[3:], losses[3:]
+    losses[:3] = list(2 + 0.01 * (x - np.log(1e7)) ** 2)                    # now only one inside
+    fit = fit_isoflop(budgets, ns, losses)
+    assert fit.n_opt is None and "the power laws need 2" in fit.skipped[-1]
