@@ -78,7 +78,9 @@ class ChinchillaFit:
 
 def _theta_to_fit(theta, objective, n_points, n_inits) -> ChinchillaFit:
     a, b, e, alpha, beta = (float(x) for x in theta)
-    return ChinchillaFit(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta,
+    with np.errstate(over="ignore"):
+        E, A, B = (float(np.exp(v)) for v in (e, a, b))
+    return ChinchillaFit(E=E, A=A, B=B, alpha=alpha, beta=beta,
                          objective=float(objective), n_points=n_points, n_inits=n_inits)
 
 
@@ -189,8 +191,9 @@ def _bootstrap(n, d, loss, theta_hat, thetas, delta, maxiter, reps, confidence, 
             if f < best_f:
                 best_x, best_f = x, f
         a, b, e, alpha, beta = best_x
-        samples.append([math.exp(e), math.exp(a), math.exp(b), alpha, beta])
+        with np.errstate(over="ignore"):       # a degenerate resample may run off to A = inf
+            samples.append([np.exp(e), np.exp(a), np.exp(b), alpha, beta])
     s = np.array(samples)
-    lo, hi = 50 * (1 - confidence), 50 * (1 + confidence)
+    lo, hi = 50 * (1 - confidence), 50 * (1 + confidence)      # inf samples sort last: fine for percentiles
     return {name: [float(np.percentile(s[:, i], lo)), float(np.percentile(s[:, i], hi))]
             for i, name in enumerate(PARAM_NAMES)}
