@@ -9,7 +9,6 @@ are written here; the grid itself is scored in one vectorised numpy pass first.
 from __future__ import annotations
 
 import itertools
-import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -67,7 +66,8 @@ class ChinchillaFit:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["a"], out["b"], out["e"] = math.log(self.A), math.log(self.B), math.log(self.E)
+        with np.errstate(divide="ignore"):
+            out["a"], out["b"], out["e"] = (float(np.log(v)) for v in (self.A, self.B, self.E))
         return out
 
     @classmethod

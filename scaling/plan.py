@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .model_size import model_numbers
-from .spec import Size, Spec, SweepSpecError
+from .spec import Spec, SweepSpecError
 
 
 @dataclass

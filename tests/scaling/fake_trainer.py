@@ -3,7 +3,6 @@ metrics.jsonl, checkpoints/step-*/COMPLETE, summary.json) whose loss follows a k
 sweep machinery is tested in seconds. FAKE_FAIL=<substring of run.dir> makes matching runs fail;
 FAKE_IGNORE_INIT=1 emulates a trainer that ignores checkpoint.init_from."""
 import json
-import math
 import os
 import sys
 import tomllib

@@ -1,5 +1,4 @@
 import csv
-import math
 import time
 from pathlib import Path
 
