@@ -132,9 +132,7 @@ def run_local(spec: Spec, jobs: int = 1, retry_failed: bool = False, log=print) 
             for rid, r in list(waiting.items()):
                 if len(active) >= jobs:
                     break
-                parent = store.get(r.parent) if r.parent else None
-                if parent is not None and parent["status"] in ("pending", "running") and \
-                        (r.parent in active or r.parent in waiting):
+                if r.parent in waiting or r.parent in active.values():
                     continue       # its base run is still to finish here
                 del waiting[rid]
                 active[pool.submit(execute_run, spec, rid, store)] = rid

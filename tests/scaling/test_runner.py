@@ -102,3 +102,11 @@ def test_grid_sweep_without_budgets_fits_and_plots(tmp_path):
     assert main(["plot", str(spec_path)]) == 0
     plots = sorted(p.name for p in (tmp_path / "sweep" / "plots").iterdir())
     assert plots == ["frontier.png", "loss_vs_n_d.png", "residuals.png"]
+
+
+def test_branches_wait_for_their_base_run_when_running_in_parallel(tmp_path):
+    spec_path = write_spec(tmp_path, replace={"dims = [32, 48, 64, 96]": "dims = [32, 48]",
+                                              "compare_from_scratch = true": "compare_from_scratch = false"})
+    assert main(["run", str(spec_path), "--jobs", "3"]) == 0
+    rows = ResultsStore(load_spec(spec_path).results_path).rows()
+    assert len(rows) == 8 and all(r["status"] == "done" for r in rows)
