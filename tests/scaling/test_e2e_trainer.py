@@ -46,7 +46,9 @@ def test_tiny_sweep_with_the_real_trainer(tmp_path, capsys):
     assert fit["n_points"] == 12
     iso = fit["isoflop"]        # each budget: a parabola minimum, or skipped with the reason
     assert len(iso["minima"]) + sum(r.startswith("budget ") for r in iso["skipped"]) == 3
-    assert "chinchilla" in fit and fit["chinchilla"]["E"] > 0
+    # 12 tiny points barely constrain the law (E can go to 0): check it is a law, not its values
+    c = fit["chinchilla"]
+    assert c["E"] >= 0 and c["A"] > 0 and c["B"] > 0 and c["alpha"] > 0 and c["beta"] > 0
     assert main(["plot", str(spec_path)]) == 0
     assert (spec.out_dir / "plots" / "loss_vs_n_d.png").exists()
     points = (spec.out_dir / "points.csv").read_text()
