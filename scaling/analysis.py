@@ -1,0 +1,87 @@
+"""From stored runs to fit inputs and fit results: choose the points (branch or from-scratch runs,
+the best LR per (N, D)), fit the three kinds of law, and compare branches with scratch runs."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from .isoflop import fit_isoflop
+from .kaplan import fit_kaplan
+from .parametric import fit_chinchilla
+
+
+def run_loss(row: dict, which: str = "val") -> float | None:
+    v = row.get("final_val_loss") if which == "val" else row.get("final_loss")
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        v = row.get("final_loss")            # no validation split: fall back to the train loss
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def select_points(rows: list[dict], kind: str = "auto", loss: str = "val",
+                  param_count: str = "total") -> list[dict]:
+    """One point per (size, D): among the finished runs of `kind` ("branch", "scratch", or "auto" =
+    branches when there are any), the LR with the lowest loss averaged over seeds."""
+    done = [r for r in rows if r["status"] == "done" and r["kind"] in ("branch", "scratch")]
+    if kind == "auto":
+        kind = "branch" if any(r["kind"] == "branch" for r in done) else "scratch"
+    groups = defaultdict(lambda: defaultdict(list))          # (size, D) -> lr -> [rows]
+    for r in done:
+        if r["kind"] == kind and run_loss(r, loss) is not None:
+            groups[(r["size"], r["D"])][r["lr"]].append(r)
+    points = []
+    for (size, d), by_lr in sorted(groups.items()):
+        lr, rs = min(by_lr.items(), key=lambda kv: np.mean([run_loss(r, loss) for r in kv[1]]))
+        n = rs[0]["n_params"] if param_count == "total" else rs[0]["n_params_non_embedding"]
+        points.append({"size": size, "N": n, "D": d, "C": 6.0 * n * d, "budget": rs[0]["budget"],
+                       "loss": float(np.mean([run_loss(r, loss) for r in rs])), "lr": lr,
+                       "kind": kind, "seeds": len(rs), "lrs_tried": len(by_lr)})
+    return points
+
+
+def fit_all(points: list[dict], *, bootstrap: int = 0, top_k: int | None = 64,
+            budgets: list[float] | None = None) -> dict:
+    """Every law the points allow: Chinchilla (>= 5 points), IsoFLOP (points carry a budget and
+    each budget has >= 3 sizes), Kaplan L(N), L(D), L(C). Skipped fits say why."""
+    n = np.array([p["N"] for p in points], float)
+    d = np.array([p["D"] for p in points], float)
+    loss = np.array([p["loss"] for p in points], float)
+    out: dict = {"n_points": len(points)}
+    try:
+        fit = fit_chinchilla(n, d, loss, bootstrap=bootstrap, top_k=top_k)
+        out["chinchilla"] = fit.to_dict()
+        cs = budgets or sorted({p["budget"] for p in points if p.get("budget")}) or \
+            list(np.logspace(np.log10(6 * n.min() * d.min()), np.log10(6 * n.max() * d.max()), 5))
+        n_opt, d_opt = fit.compute_optimal(np.array(cs, float))
+        out["compute_optimal"] = [{"C": float(c), "N": float(a), "D": float(b)} for c, a, b in zip(cs, n_opt, d_opt)]
+    except ValueError as e:
+        out["chinchilla_skipped"] = str(e)
+    with_budget = [p for p in points if p.get("budget")]
+    if with_budget:
+        try:
+            out["isoflop"] = fit_isoflop([p["budget"] for p in with_budget], [p["N"] for p in with_budget],
+                                         [p["loss"] for p in with_budget]).to_dict()
+        except ValueError as e:
+            out["isoflop_skipped"] = str(e)
+    out["kaplan"] = {}
+    for var, x in (("N", n), ("D", d), ("C", n * d * 6)):
+        try:
+            out["kaplan"][var] = fit_kaplan(var, x, loss).to_dict()
+        except ValueError as e:
+            out["kaplan"][var] = {"skipped": str(e)}
+    return out
+
+
+def cooldown_comparison(rows: list[dict], loss: str = "val") -> list[dict]:
+    """Branch vs the same (size, lr, seed, D) trained from scratch with the same WSD schedule."""
+    scratch = {(r["size"], r["lr"], r["seed"], r["D"]): r for r in rows
+               if r["kind"] == "scratch" and r["status"] == "done"}
+    out = []
+    for r in rows:
+        s = scratch.get((r["size"], r["lr"], r["seed"], r["D"]))
+        if r["kind"] == "branch" and r["status"] == "done" and s is not None:
+            lb, ls = run_loss(r, loss), run_loss(s, loss)
+            out.append({"size": r["size"], "lr": r["lr"], "seed": r["seed"], "D": r["D"],
+                        "branch_loss": lb, "scratch_loss": ls, "gap": lb - ls})
+    return out

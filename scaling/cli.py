@@ -1,0 +1,243 @@
+"""`meshformer sweep plan|run|status|collect|fit|plot` (also `python -m scaling ...`)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from .analysis import cooldown_comparison, fit_all, select_points
+from .plan import accounting, plan_sweep
+from .runner import effective_status, execute_run, load_plan, run_local, write_plan
+from .spec import SweepSpecError, load_spec
+from .store import ResultsStore
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
+
+
+def cmd_plan(a) -> int:
+    spec = load_spec(a.spec)
+    runs = plan_sweep(spec)
+    if a.json:
+        print(json.dumps([r.store_row() for r in runs], indent=1))
+        return 0
+    print(f"{'run':40s} {'kind':7s} {'N':>8s} {'N_noemb':>8s} {'D':>9s} {'C':>9s} {'steps':>6s} {'lr':>8s}  parent")
+    for r in runs:
+        print(f"{r.run_id:40s} {r.kind:7s} {r.n_params:8d} {r.n_params_non_embedding:8d} {r.D:9.3g} "
+              f"{r.C:9.3g} {r.steps_planned:6d} {r.lr:8.3g}  {r.parent or ''}")
+    acc = accounting(runs)
+    print(f"\n{acc['runs']} runs, {acc['points']} (N, D) points, compute {acc['compute_spent']:.3g} FLOPs (6ND)")
+    if acc["branches"]:
+        print(f"cooldown branches: {acc['branch_compute']:.3g} FLOPs for {acc['branches']} points that "
+              f"would cost {acc['branch_points_from_scratch']:.3g} from scratch "
+              f"({100 * acc['saved_fraction']:.0f}% saved)")
+    return 0
+
+
+def cmd_run(a) -> int:
+    spec = load_spec(a.spec)
+    if not a.slurm:
+        counts = run_local(spec, jobs=a.jobs, retry_failed=a.retry_failed)
+        print("status: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        return 0 if counts.get("failed", 0) == 0 else 1
+    from .runner import select_runs
+    from .slurm import submit_arrays
+    runs = plan_sweep(spec)
+    store = write_plan(spec, runs)
+    todo = select_runs(spec, runs, store, a.retry_failed)
+    print(f"{len(todo)} runs to submit, {len(runs) - len(todo)} skipped (done, running or failed)")
+    if todo:
+        submit_arrays(spec, todo, a.jobs, wait=a.wait, extra_sbatch=a.sbatch_arg or [])
+    if a.wait:
+        counts = store.counts()
+        print("status: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        return 0 if counts.get("failed", 0) == 0 else 1
+    return 0
+
+
+def cmd_status(a) -> int:
+    spec = load_spec(a.spec)
+    store = ResultsStore(spec.results_path)
+    rows = store.rows()
+    if not rows:
+        print(f"no runs recorded in {spec.results_path}: `sweep plan` / `sweep run` first")
+        return 1
+    counts: dict = {}
+    for r in rows:
+        st = effective_status(r)
+        counts[st] = counts.get(st, 0) + 1
+        if a.verbose or st in ("failed", "lost", "running"):
+            err = (r["error"] or "").strip().splitlines()
+            print(f"{r['run_id']:40s} {st:8s} loss {_fmt(r['final_loss'])} val {_fmt(r['final_val_loss'])} "
+                  f"{r['slurm_job'] or ''} {err[0][:80] if err else ''}")
+    print(", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def cmd_exec(a) -> int:
+    spec = load_spec(a.spec)
+    if a.run_id not in load_plan(spec):
+        print(f"run id {a.run_id!r} is not in {spec.out_dir / 'plan.json'}", file=sys.stderr)
+        return 2
+    return 0 if execute_run(spec, a.run_id) else 1
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["N", "D", "loss"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _collect(spec, kind, loss):
+    store = ResultsStore(spec.results_path)
+    rows = store.rows()
+    store.export_csv(spec.out_dir / "results.csv", rows)
+    points = select_points(rows, kind, loss, spec.param_count)
+    _write_csv(spec.out_dir / "points.csv", points)
+    return rows, points
+
+
+def cmd_collect(a) -> int:
+    spec = load_spec(a.spec)
+    rows, points = _collect(spec, a.kind, a.loss)
+    print(f"{len(rows)} runs -> {spec.out_dir / 'results.csv'}; {len(points)} points (best LR per (N, D)) "
+          f"-> {spec.out_dir / 'points.csv'}")
+    acc = accounting(plan_sweep(spec))
+    if acc["branches"]:
+        print(f"cooldown branches: {acc['branch_compute']:.3g} FLOPs instead of "
+              f"{acc['branch_points_from_scratch']:.3g} from scratch: {100 * acc['saved_fraction']:.1f}% saved")
+    comp = cooldown_comparison(rows, a.loss)
+    if comp:
+        gaps = [c["gap"] for c in comp]
+        print(f"branch - scratch {a.loss} loss over {len(comp)} pairs: mean {sum(gaps) / len(gaps):+.4f}, "
+              f"min {min(gaps):+.4f}, max {max(gaps):+.4f}")
+        for c in comp:
+            print(f"  {c['size']:10s} D={c['D']:.3g} lr={c['lr']:g}: branch {c['branch_loss']:.4f} "
+                  f"scratch {c['scratch_loss']:.4f} gap {c['gap']:+.4f}")
+    return 0
+
+
+def _read_points(path, n_col, d_col, loss_col, budget_col=None) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = [c for c in (n_col, d_col, loss_col, budget_col) if c]
+    if rows and any(c not in rows[0] for c in cols):
+        missing = [c for c in cols if c not in rows[0]]
+        raise SweepSpecError(f"{path}: no column(s) {missing}; columns are {list(rows[0])}")
+    def budget(r):       # a grid design's points have no budget (an empty cell)
+        v = r[budget_col] if budget_col else ""
+        return float(v) if v not in ("", "None", "nan") else None
+
+    return [{"N": float(r[n_col]), "D": float(r[d_col]), "loss": float(r[loss_col]), "budget": budget(r)}
+            for r in rows]
+
+
+def cmd_fit(a) -> int:
+    top_k = None if a.all_starts else a.top_k
+    if a.csv:
+        points = _read_points(a.csv, a.n_col, a.d_col, a.loss_col, a.budget_col)
+        out = Path(a.out or "fit.json")
+    elif a.spec:
+        spec = load_spec(a.spec)
+        _, points = _collect(spec, a.kind, a.loss)
+        out = Path(a.out or spec.out_dir / "fit.json")
+    else:
+        print("fit: give a sweep spec or --csv FILE", file=sys.stderr)
+        return 2
+    fits = fit_all(points, bootstrap=a.bootstrap, top_k=top_k)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(fits, indent=2))
+    c = fits.get("chinchilla")
+    if c:
+        ci = c.get("intervals", {})
+        print("L(N, D) = E + A/N^alpha + B/D^beta: " + ", ".join(
+            f"{k}={c[k]:.4g}" + (f" [{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "")
+            for k in ("E", "A", "B", "alpha", "beta")))
+    else:
+        print(f"parametric fit skipped: {fits.get('chinchilla_skipped')}")
+    iso = fits.get("isoflop")
+    for reason in (iso or {}).get("skipped", []):
+        print(f"IsoFLOP: skipped {reason}")
+    if iso and iso.get("n_opt"):
+        print(f"IsoFLOP: N*(C) = {iso['n_opt']['coef']:.3g} C^{iso['n_opt']['exponent']:.3f}, "
+              f"D*(C) = {iso['d_opt']['coef']:.3g} C^{iso['d_opt']['exponent']:.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_plot(a) -> int:
+    from .plots import plot_all
+    if a.spec:
+        spec = load_spec(a.spec)
+        pts_path, fit_path = spec.out_dir / "points.csv", spec.out_dir / "fit.json"
+        out_dir = Path(a.out_dir or spec.out_dir / "plots")
+    else:
+        pts_path, fit_path, out_dir = Path(a.csv), Path(a.fit), Path(a.out_dir or ".")
+    if not fit_path.exists():
+        print(f"{fit_path} not found: run `sweep fit` first", file=sys.stderr)
+        return 2
+    with open(pts_path, newline="") as f:
+        header = next(csv.reader(f), [])
+    budget_col = a.budget_col if a.budget_col in header else None    # optional for plots
+    points = _read_points(pts_path, a.n_col, a.d_col, a.loss_col, budget_col)
+    for path in plot_all(points, json.loads(fit_path.read_text()), out_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshformer sweep", description="Scaling-law sweeps: plan, run, collect, fit, plot.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("plan", help="print every run (N, D, C) without running")
+    s.add_argument("spec"); s.add_argument("--json", action="store_true")
+    s = sub.add_parser("run", help="run what is left locally, or submit Slurm job arrays")
+    s.add_argument("spec")
+    s.add_argument("--jobs", "-k", type=int, default=1, help="runs at a time (Slurm: the %%k array throttle)")
+    s.add_argument("--slurm", action="store_true", help="submit as Slurm job arrays instead of running here")
+    s.add_argument("--wait", action="store_true", help="with --slurm: block until the arrays end")
+    s.add_argument("--sbatch-arg", action="append", help="extra #SBATCH line, e.g. --sbatch-arg=--partition=cpu")
+    s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    s = sub.add_parser("status", help="done / running / failed counts; failed runs with their error")
+    s.add_argument("spec"); s.add_argument("--verbose", "-v", action="store_true")
+    s = sub.add_parser("exec", help="run ONE planned run (what each local worker / array task does)")
+    s.add_argument("spec"); s.add_argument("--run-id", required=True)
+    for name, hlp in (("collect", "export results.csv and points.csv; compare branches with scratch runs"),
+                      ("fit", "fit the laws to a sweep, or to any CSV with --csv"),
+                      ("plot", "PNG plots from points.csv and fit.json")):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("spec", nargs="?")
+        s.add_argument("--kind", default="auto", choices=["auto", "branch", "scratch"],
+                       help="which runs are points (auto: branches if the sweep has them)")
+        s.add_argument("--loss", default="val", choices=["val", "train"])
+        if name in ("fit", "plot"):
+            s.add_argument("--csv", help="points from this CSV instead of a sweep")
+            s.add_argument("--n-col", default="N"); s.add_argument("--d-col", default="D")
+            s.add_argument("--loss-col", default="loss")
+            s.add_argument("--budget-col", default=None if name == "fit" else "budget",
+                           help="compute budget column: adds the IsoFLOP analysis")
+        if name == "fit":
+            s.add_argument("--out", help="fit JSON (default: the sweep folder's fit.json)")
+            s.add_argument("--bootstrap", type=int, default=0, help="resamples for confidence intervals")
+            s.add_argument("--top-k", type=int, default=64, help="L-BFGS from the best K grid starts")
+            s.add_argument("--all-starts", action="store_true", help="L-BFGS from all 4500 starts (slow)")
+        if name == "plot":
+            s.add_argument("--fit", help="fit JSON (with --csv)")
+            s.add_argument("--out-dir")
+    return p
+
+
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "exec": cmd_exec,
+            "collect": cmd_collect, "fit": cmd_fit, "plot": cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[a.command](a)
+    except (SweepSpecError, FileNotFoundError, RuntimeError) as e:
+        print(f"sweep {a.command}: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,175 @@
+"""Sweep spec: a TOML file naming the base run config, the model-size family, the design (an (N, D)
+grid or IsoFLOP budgets), LR and batch rules, seeds and the cooldown-branch option. Parsed into
+frozen dataclasses; every bad field raises SweepSpecError naming it. See scaling/README.md."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SweepSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: Path
+    name: str
+    out_dir: Path
+    base_config: Path
+    trainer: tuple
+    seeds: tuple
+    param_count: str                 # "total" | "non_embedding": which N the design and fits use
+    base: dict                       # dotted overrides every run inherits
+    sizes: tuple
+    design: str                      # "isoflop" | "grid"
+    budgets: tuple = ()
+    tokens: tuple = ()
+    batch_size: dict = field(default_factory=dict)   # dim -> sequences per step
+    grad_accum: int = 1
+    lr_rule: str = "fixed"
+    lr_base: float = 1e-3
+    lr_ref_dim: int = 0
+    lr_exponent: float = -1.0
+    lr_grid: tuple = (1.0,)
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    cooldown: bool = False
+    cooldown_fraction: float = 0.2
+    cooldown_shape: str = "1-sqrt"
+    compare_from_scratch: bool = False
+    compare_schedule: str = "wsd"    # schedule of those scratch runs: "wsd" (same as the branch) or "cosine"
+
+    def lrs(self, size: Size) -> list[float]:
+        base = self.lr_base
+        if self.lr_rule == "scaled":
+            base = self.lr_base * (size.dim / self.lr_ref_dim) ** self.lr_exponent
+        return [float(f"{base * m:.4g}") for m in self.lr_grid]
+
+    @property
+    def results_path(self) -> Path:
+        return self.out_dir / "results.sqlite"
+
+
+def _take(table: dict, where: str, key: str, kind, default=..., choices=None):
+    if key not in table:
+        if default is ...:
+            raise SweepSpecError(f"[{where}] needs `{key}`")
+        return default
+    v = table.pop(key)
+    ok = isinstance(v, kind) and not (kind in (int, float, (int, float)) and isinstance(v, bool))
+    if not ok:
+        raise SweepSpecError(f"[{where}] {key} = {v!r}: expected {getattr(kind, '__name__', kind)}")
+    if choices and v not in choices:
+        raise SweepSpecError(f"[{where}] {key} = {v!r}: expected one of {list(choices)}")
+    return v
+
+
+def _positive_list(v, where, key, kind=(int, float)):
+    if not isinstance(v, list) or not v or not all(isinstance(x, kind) and x > 0 for x in v):
+        raise SweepSpecError(f"[{where}] {key} must be a non-empty list of positive numbers, got {v!r}")
+    return tuple(v)
+
+
+def _no_leftovers(table, where):
+    if table:
+        raise SweepSpecError(f"[{where}] has unknown keys {sorted(table)}")
+
+
+def _sizes(fam: dict) -> tuple:
+    dims = _positive_list(_take(fam, "family", "dims", list), "family", "dims", int)
+    layers = _take(fam, "family", "n_layers", int, None)
+    aspect = _take(fam, "family", "aspect_ratio", (int, float), None)
+    if (layers is None) == (aspect is None):
+        raise SweepSpecError("[family] give exactly one of n_layers (fixed depth) or aspect_ratio "
+                             "(n_layers = round(dim / aspect_ratio))")
+    head_dim = _take(fam, "family", "head_dim", int)
+    kv_ratio = _take(fam, "family", "kv_ratio", int, 1)
+    _no_leftovers(fam, "family")
+    sizes = []
+    for d in dims:
+        if d % head_dim:
+            raise SweepSpecError(f"[family] dim {d} is not a multiple of head_dim {head_dim}")
+        heads = d // head_dim
+        if heads % kv_ratio:
+            raise SweepSpecError(f"[family] {heads} heads (dim {d}) not divisible by kv_ratio {kv_ratio}")
+        nl = layers if layers is not None else max(1, round(d / aspect))
+        sizes.append(Size(f"d{d}l{nl}", d, nl, heads, heads // kv_ratio))
+    return tuple(sizes)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Paths inside the spec (out_dir, base_config) are relative to the directory you run from."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SweepSpecError(f"sweep spec {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SweepSpecError(f"sweep spec {path} is not valid TOML: {e}") from None
+    known = {"sweep", "base", "family", "design", "batch", "lr", "cooldown"}
+    if set(raw) - known:
+        raise SweepSpecError(f"{path}: unknown tables {sorted(set(raw) - known)}; known: {sorted(known)}")
+    sw, des, bat = dict(raw.get("sweep", {})), dict(raw.get("design", {})), dict(raw.get("batch", {}))
+    lr, cd = dict(raw.get("lr", {})), dict(raw.get("cooldown", {}))
+    kw = dict(path=path, name=_take(sw, "sweep", "name", str),
+              out_dir=Path(_take(sw, "sweep", "out_dir", str)),
+              base_config=Path(_take(sw, "sweep", "base_config", str)),
+              trainer=tuple(_take(sw, "sweep", "trainer", list, ["python", "-m", "trainer", "train"])),
+              seeds=tuple(_take(sw, "sweep", "seeds", list, [0])),
+              param_count=_take(sw, "sweep", "param_count", str, "total", ("total", "non_embedding")),
+              base=dict(raw.get("base", {})), sizes=_sizes(dict(raw.get("family", {}))))
+    _no_leftovers(sw, "sweep")
+    kw["design"] = _take(des, "design", "kind", str, choices=("isoflop", "grid"))
+    if kw["design"] == "isoflop":
+        kw["budgets"] = _positive_list(_take(des, "design", "budgets", list), "design", "budgets")
+    else:
+        kw["tokens"] = _positive_list(_take(des, "design", "tokens", list), "design", "tokens")
+    _no_leftovers(des, "design")
+
+    bs = _take(bat, "batch", "batch_size", (int, dict))
+    dims = [s.dim for s in kw["sizes"]]
+    if isinstance(bs, int):
+        kw["batch_size"] = dict.fromkeys(dims, bs)
+    else:
+        missing = [d for d in dims if str(d) not in bs]
+        if missing:
+            raise SweepSpecError(f"[batch] batch_size table lacks dims {missing} (keys are dims as strings)")
+        kw["batch_size"] = {d: int(bs[str(d)]) for d in dims}
+    kw["grad_accum"] = _take(bat, "batch", "grad_accum", int, 1)
+    _no_leftovers(bat, "batch")
+
+    kw["lr_rule"] = _take(lr, "lr", "rule", str, "fixed", ("fixed", "scaled"))
+    kw["lr_base"] = float(_take(lr, "lr", "base", (int, float)))
+    if kw["lr_rule"] == "scaled":
+        kw["lr_ref_dim"] = _take(lr, "lr", "ref_dim", int)
+        kw["lr_exponent"] = float(_take(lr, "lr", "exponent", (int, float), -1.0))
+    kw["lr_grid"] = _positive_list(_take(lr, "lr", "grid", list, [1.0]), "lr", "grid")
+    kw["warmup_steps"] = _take(lr, "lr", "warmup_steps", int, 0)
+    kw["schedule"] = _take(lr, "lr", "schedule", str, "cosine", ("cosine", "wsd", "constant"))
+    kw["min_lr_ratio"] = float(_take(lr, "lr", "min_lr_ratio", (int, float), 0.1))
+    _no_leftovers(lr, "lr")
+
+    kw["cooldown"] = _take(cd, "cooldown", "enabled", bool, False)
+    kw["cooldown_fraction"] = float(_take(cd, "cooldown", "fraction", (int, float), 0.2))
+    if not 0 < kw["cooldown_fraction"] < 1:
+        raise SweepSpecError(f"[cooldown] fraction = {kw['cooldown_fraction']}: must be in (0, 1)")
+    kw["cooldown_shape"] = _take(cd, "cooldown", "shape", str, "1-sqrt", ("linear", "1-sqrt"))
+    kw["compare_from_scratch"] = _take(cd, "cooldown", "compare_from_scratch", bool, False)
+    kw["compare_schedule"] = _take(cd, "cooldown", "compare_schedule", str, "wsd", ("wsd", "cosine"))
+    _no_leftovers(cd, "cooldown")
+    if not kw["base_config"].exists():
+        raise SweepSpecError(f"[sweep] base_config {kw['base_config']} does not exist "
+                             "(paths are relative to the directory you run from)")
+    return Spec(**kw)
