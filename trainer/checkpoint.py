@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from trainer import checkpoint_files as files
 from trainer.checkpoint_async import AsyncCheckpointWriter
 from trainer.checkpoint_files import COMPLETE, complete_checkpoints, step_dir_name  # noqa: F401 (public API)
-from trainer.checkpoint_state import (CheckpointError, ModelParts, as_list, check_against_metadata, dcp_load,
+from trainer.checkpoint_state import (CheckpointError, single_process_quiet, ModelParts, as_list, check_against_metadata, dcp_load,
                                       model_config_diff, read_metadata, rng_state, set_rng_state)
 from trainer.config_parse import ConfigError
 from trainer.preemption import EXIT_PREEMPTED, Preemption  # noqa: F401 (re-exported for launch/)
@@ -180,7 +180,8 @@ class CheckpointManager:
         if self.writer is not None and not blocking:
             self.writer.start(sd, tmp, on_done=lambda: self._commit(tmp, final))
             return final
-        dcp.save(sd, checkpoint_id=str(tmp))
+        with single_process_quiet():
+            dcp.save(sd, checkpoint_id=str(tmp))
         self._commit(tmp, final)
         self._barrier()
         return final

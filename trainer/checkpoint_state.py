@@ -8,8 +8,10 @@ keys as the single-process model, and any layout can read them back.
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 import random
+import warnings
 from pathlib import Path
 
 import torch
@@ -217,8 +219,18 @@ def read_metadata(path: Path):
         raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from None
 
 
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns on every call without a process group that it 'assumes a single process': that is
+    exactly what a one-process run intends, so the warning is noise there (and only there)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def dcp_load(sd: dict, path: Path, process_group=None) -> None:
-    dcp.load(sd, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group)
+    with single_process_quiet():
+        dcp.load(sd, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group)
 
 
 # ---- RNG ------------------------------------------------------------------------------------

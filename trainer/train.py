@@ -117,6 +117,9 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len * dims.dp_size
     peak = peak_flops(ctx.device, cfg.precision.dtype, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops) * ctx.world_size
 
+    if val_loader is not None and state.step == 0:   # the starting point the demo's drop is measured from
+        val = evaluate(engine, val_loader, cfg.train.eval_batches)
+        log.log({"step": 0, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
     it = iter(train_loader)
     last = {"loss": float("nan"), "val_loss": float("nan")}
     start_wall, window_t, window_steps = time.perf_counter(), time.perf_counter(), 0

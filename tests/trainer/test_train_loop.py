@@ -48,7 +48,7 @@ def test_run_folder_holds_config_metrics_tensorboard_checkpoint(tmp_path):
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens"):
         assert all(key in r for r in train_rows), key
     assert train_rows[-1]["tokens"] == 4 * 2 * 4 * 32
-    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]   # 0: before training
     assert summary["steps"] == 4 and summary["final_val_loss"] == rows[-1]["val_loss"]
     assert (d / "checkpoints" / "step-00000004" / "COMPLETE").exists()
     # TensorBoard's own reader sees the scalars
@@ -56,7 +56,7 @@ def test_run_folder_holds_config_metrics_tensorboard_checkpoint(tmp_path):
     acc = EventAccumulator(str(d / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
-    assert len(acc.Scalars("val/val_loss")) == 2
+    assert len(acc.Scalars("val/val_loss")) == 3
 
 
 def test_bf16_autocast_trains(tmp_path):
