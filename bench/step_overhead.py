@@ -40,7 +40,7 @@ def bare_step(model, opt, sched, x, y, clip):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/tiny.toml")
-    p.add_argument("--blocks", type=int, default=6)
+    p.add_argument("--blocks", type=int, default=12)
     p.add_argument("--steps-per-block", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     args, overrides = p.parse_known_args(argv)
@@ -78,13 +78,17 @@ def main(argv=None) -> int:
 
     tokens = args.steps_per_block * B * T
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    # Each block of ours ran right beside a block of bare: the median of those pairs' ratios
+    # cancels slow drifts of the machine that the medians alone do not.
+    pair_ratio = statistics.median(b / o for o, b in zip(times["ours"], times["bare"]))
     # Same seed, same data, same work: the two models must still agree (a fair comparison).
     same = all(torch.allclose(a, b, atol=1e-4) for a, b in zip(ours_model.parameters(), bare_model.parameters()))
     print(f"model {ours_model.num_params() / 1e6:.2f}M params, batch {B}x{T}, {args.blocks} blocks x {args.steps_per_block} steps, "
           f"threads {torch.get_num_threads()}")
     print(f"bare PyTorch loop : {tps['bare']:10.0f} tokens/s")
     print(f"meshformer step   : {tps['ours']:10.0f} tokens/s")
-    print(f"ratio ours/bare   : {tps['ours'] / tps['bare']:.3f}   (target >= 0.97; weights still equal: {same})")
+    print(f"ratio ours/bare   : {pair_ratio:.3f}   (median over {args.blocks} adjacent block pairs; target >= 0.97; "
+          f"weights still equal: {same})")
     return 0
 
 
