@@ -71,6 +71,8 @@ class MetricsLogger:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             file=sys.stderr, disable=None)
+            if self.bar.disable:    # not a terminal (CI, Slurm log): print the rows instead
+                self.bar = None
 
     def log(self, row: dict) -> None:
         if not self.enabled:
