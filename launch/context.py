@@ -7,7 +7,6 @@ lives in launch/discovery.py; this file turns a `ProcessInfo` into a process gro
 from __future__ import annotations
 
 import datetime
-import os
 import time
 from dataclasses import dataclass
 

@@ -5,28 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
+from trainer.config_parse import option
 
 
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = _help("data-parallel replicas (DDP, or the replicate dim of HSDP)", 1)
-    dp_shard: int = _help("FSDP shard group size; -1 = whatever the world size leaves", -1)
-    tp: int = _help("tensor-parallel degree (keep it within a node)", 1)
-    pp: int = _help("pipeline stages", 1)
-    cp: int = _help("context-parallel degree (reserved; must be 1 for now)", 1)
-    ep: int = _help("expert-parallel degree (reserved; must be 1 for now)", 1)
-    sp: bool = _help("sequence parallel on norms/dropout when tp > 1", True)
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = _help("pipeline schedule", "1f1b")
-    pp_microbatches: int = _help("microbatches per step under pipeline parallel (0 = pp x pp_virtual_stages)", 0)
-    pp_virtual_stages: int = _help("stages per rank for interleaved schedules", 1)
+    dp_replicate: int = option("data-parallel replicas (DDP, or the replicate dim of HSDP)", 1)
+    dp_shard: int = option("FSDP shard group size; -1 = whatever the world size leaves", -1)
+    tp: int = option("tensor-parallel degree (keep it within a node)", 1)
+    pp: int = option("pipeline stages", 1)
+    cp: int = option("context-parallel degree (reserved; must be 1 for now)", 1)
+    ep: int = option("expert-parallel degree (reserved; must be 1 for now)", 1)
+    sp: bool = option("sequence parallel on norms/dropout when tp > 1", True)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = option("pipeline schedule", "1f1b")
+    pp_microbatches: int = option("microbatches per step under pipeline parallel (0 = pp x pp_virtual_stages)", 0)
+    pp_virtual_stages: int = option("stages per rank for interleaved schedules", 1)
     pp_layers: list[int] = field(default_factory=list, metadata={"help": "layers per stage for uneven splits (empty = even)"})
-    ac: Literal["none", "full", "selective"] = _help("activation checkpointing", "none")
-    compile: bool = _help("torch.compile each Transformer block", False)
-    fsdp_reshard_after_forward: bool = _help("FSDP: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2-like)", True)
-    fsdp_cpu_offload: bool = _help("FSDP: keep sharded parameters and optimizer state on the CPU", False)
+    ac: Literal["none", "full", "selective"] = option("activation checkpointing", "none")
+    compile: bool = option("torch.compile each Transformer block", False)
+    fsdp_reshard_after_forward: bool = option("FSDP: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2-like)", True)
+    fsdp_cpu_offload: bool = option("FSDP: keep sharded parameters and optimizer state on the CPU", False)
 
     def validate(self) -> None:
         for name in ("dp_replicate", "tp", "pp", "cp", "ep", "pp_virtual_stages"):

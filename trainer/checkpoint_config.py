@@ -3,23 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-def _help(text: str, default, **meta):
-    return field(default=default, metadata={"help": text, **meta})
+from trainer.config_parse import option
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = _help("save every N steps (0 = only at the end)", 0)
-    every_minutes: float = _help("also save when this many minutes passed since the last save (0 = off)", 0.0)
-    keep: int = _help("complete checkpoints to keep (the newest); never fewer than 1", 3)
-    async_save: bool = _help("write in the background while training continues", False, key="async")
+    every: int = option("save every N steps (0 = only at the end)", 0)
+    every_minutes: float = option("also save when this many minutes passed since the last save (0 = off)", 0.0)
+    keep: int = option("complete checkpoints to keep (the newest); never fewer than 1", 3)
+    async_save: bool = option("write in the background while training continues", False, key="async")
     at_steps: list[int] = field(default_factory=list, metadata={"help": "also save at exactly these steps"})
-    init_from: str = _help("start a new run from a checkpoint folder (model, optimizer, step, LR and data "
+    init_from: str = option("start a new run from a checkpoint folder (model, optimizer, step, LR and data "
                            "position) or a run folder (its newest checkpoint); a .safetensors file or an "
                            "export folder loads only the weights", "")
-    final: bool = _help("save when training ends", True)
-    signal_check_every: int = _help("agree across ranks on a termination signal (and on every_minutes saves) "
+    final: bool = option("save when training ends", True)
+    signal_check_every: int = option("agree across ranks on a termination signal (and on every_minutes saves) "
                                     "every N steps: one tiny all_reduce", 1)
 
     def validate(self) -> None:

@@ -7,34 +7,28 @@ data/config.py, parallel layout in parallel/config.py, ...); this file only gath
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import tomli_w
+import tomllib
 
 from data.config import DataConfig
 from launch.config import LaunchConfig
 from parallel.config import ParallelConfig
 from trainer.checkpoint_config import CheckpointConfig
-from trainer.config_parse import ConfigError, apply_overrides, build_section, section_to_dict
+from trainer.config_parse import ConfigError, apply_overrides, build_section, did_you_mean, option, section_to_dict
 from trainer.model_config import ModelConfig
 from trainer.precision_config import PrecisionConfig
 
 
-def _help(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class RunConfig:
-    dir: str = _help("run folder: config.toml, metrics.jsonl, TensorBoard files, checkpoints/", "runs/tiny")
-    seed: int = _help("seed for initialisation, data order and dropout", 0)
-    name: str = _help("a label for logs (default: the run folder's name)", "")
-    overwrite: bool = _help("start fresh in a run folder that already holds a run (its files are moved aside, never deleted)", False)
+    dir: str = option("run folder: config.toml, metrics.jsonl, TensorBoard files, checkpoints/", "runs/tiny")
+    seed: int = option("seed for initialisation, data order and dropout", 0)
+    name: str = option("a label for logs (default: the run folder's name)", "")
+    overwrite: bool = option("start fresh in a run folder that already holds a run (its files are moved aside, never deleted)", False)
 
     def validate(self) -> None:
         if not self.dir:
@@ -43,15 +37,15 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _help("optimizer steps to train", 300)
-    batch_size: int = _help("sequences per optimizer step per data-parallel rank (per accumulation micro-step)", 16)
-    grad_accum: int = _help("micro-batches accumulated per optimizer step", 1)
-    seq_len: int = _help("tokens per sequence", 128)
-    eval_every: int = _help("evaluate on the validation split every N steps (0 = only at the end)", 100)
-    eval_batches: int = _help("validation batches per evaluation", 8)
-    device: Literal["auto", "cpu", "cuda"] = _help("where to train; auto = cuda if available", "auto")
-    deterministic: bool = _help("use deterministic algorithms (slower on GPU)", False)
-    threads: int = _help("torch CPU threads per process (0 = torch's default)", 0)
+    steps: int = option("optimizer steps to train", 300)
+    batch_size: int = option("sequences per optimizer step per data-parallel rank (per accumulation micro-step)", 16)
+    grad_accum: int = option("micro-batches accumulated per optimizer step", 1)
+    seq_len: int = option("tokens per sequence", 128)
+    eval_every: int = option("evaluate on the validation split every N steps (0 = only at the end)", 100)
+    eval_batches: int = option("validation batches per evaluation", 8)
+    device: Literal["auto", "cpu", "cuda"] = option("where to train; auto = cuda if available", "auto")
+    deterministic: bool = option("use deterministic algorithms (slower on GPU)", False)
+    threads: int = option("torch CPU threads per process (0 = torch's default)", 0)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches"):
@@ -63,19 +57,19 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _help("peak learning rate", 3e-3)
-    weight_decay: float = _help("decoupled weight decay for matrices (not for norms, biases, embeddings)", 0.1)
-    beta1: float = _help("AdamW beta1", 0.9)
-    beta2: float = _help("AdamW beta2", 0.95)
-    eps: float = _help("AdamW epsilon", 1e-8)
-    grad_clip: float = _help("clip the global gradient norm to this (0 = no clipping)", 1.0)
-    schedule: Literal["cosine", "wsd", "constant"] = _help("LR schedule after warmup", "cosine")
-    warmup_steps: int = _help("linear warmup steps", 30)
-    min_lr_ratio: float = _help("final LR as a fraction of the peak (cosine, wsd)", 0.1)
-    decay_steps: int = _help("wsd: length of the final decay phase in steps (0 = use decay_fraction)", 0)
-    decay_fraction: float = _help("wsd: decay phase as a fraction of train.steps when decay_steps is 0", 0.2)
-    decay_shape: Literal["linear", "1-sqrt", "cosine"] = _help("wsd: shape of the decay phase", "linear")
-    fused: bool = _help("use torch's fused AdamW kernel where the device has one", True)
+    lr: float = option("peak learning rate", 3e-3)
+    weight_decay: float = option("decoupled weight decay for matrices (not for norms, biases, embeddings)", 0.1)
+    beta1: float = option("AdamW beta1", 0.9)
+    beta2: float = option("AdamW beta2", 0.95)
+    eps: float = option("AdamW epsilon", 1e-8)
+    grad_clip: float = option("clip the global gradient norm to this (0 = no clipping)", 1.0)
+    schedule: Literal["cosine", "wsd", "constant"] = option("LR schedule after warmup", "cosine")
+    warmup_steps: int = option("linear warmup steps", 30)
+    min_lr_ratio: float = option("final LR as a fraction of the peak (cosine, wsd)", 0.1)
+    decay_steps: int = option("wsd: length of the final decay phase in steps (0 = use decay_fraction)", 0)
+    decay_fraction: float = option("wsd: decay phase as a fraction of train.steps when decay_steps is 0", 0.2)
+    decay_shape: Literal["linear", "1-sqrt", "cosine"] = option("wsd: shape of the decay phase", "linear")
+    fused: bool = option("use torch's fused AdamW kernel where the device has one", True)
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -90,11 +84,11 @@ class OptimConfig:
 
 @dataclass
 class MetricsConfig:
-    log_every: int = _help("log training metrics every N steps", 10)
-    progress: bool = _help("show a progress bar on the console", True)
-    tensorboard: bool = _help("write TensorBoard event files to run.dir/tb", True)
-    peak_tflops: float = _help("peak FLOP/s of one device in TFLOP/s for MFU (0 = look up the device in the table)", 0.0)
-    cpu_peak_tflops: float = _help("peak TFLOP/s assumed for a CPU process (MFU on CPU is only indicative)", 1.0)
+    log_every: int = option("log training metrics every N steps", 10)
+    progress: bool = option("show a progress bar on the console", True)
+    tensorboard: bool = option("write TensorBoard event files to run.dir/tb", True)
+    peak_tflops: float = option("peak FLOP/s of one device in TFLOP/s for MFU (0 = look up the device in the table)", 0.0)
+    cpu_peak_tflops: float = option("peak TFLOP/s assumed for a CPU process (MFU on CPU is only indicative)", 1.0)
 
     def validate(self) -> None:
         if self.log_every < 1:
@@ -147,8 +141,7 @@ class Config:
 def config_from_tables(tables: dict) -> Config:
     for name in tables:
         if name not in SECTIONS:
-            from trainer.config_parse import _closest
-            raise ConfigError(f"unknown section [{name}]{_closest(name, SECTIONS)}")
+            raise ConfigError(f"unknown section [{name}]{did_you_mean(name, SECTIONS)}")
     cfg = Config(**{name: build_section(cls, tables.get(name, {}), name) for name, cls in SECTIONS.items()})
     cfg.validate()
     return cfg

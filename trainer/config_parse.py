@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
+
+import tomllib
+
+
+def option(help: str, default: Any = dataclasses.MISSING, *, factory=None, key: str | None = None):
+    """A config field with its one-line help (and, rarely, a TOML key other than its name)."""
+    meta = {"help": help, **({"key": key} if key else {})}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 class ConfigError(ValueError):
@@ -28,7 +37,7 @@ def field_types(cls) -> dict[str, Any]:
     return {toml_key(f): (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
-def _closest(name: str, options) -> str:
+def did_you_mean(name: str, options) -> str:
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f", did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(options))}"
 
@@ -60,14 +69,13 @@ def coerce(value: Any, tp, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
             if type(None) in args:
                 return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is list:
         (item,) = get_args(tp)
@@ -148,7 +156,7 @@ def build_section(cls, table: dict, section: str):
     kwargs = {}
     for key, value in table.items():
         if key not in known:
-            raise ConfigError(f"unknown key {section}.{key}{_closest(key, known)}")
+            raise ConfigError(f"unknown key {section}.{key}{did_you_mean(key, known)}")
         f, tp = known[key]
         kwargs[f.name] = coerce(value, tp, f"{section}.{key}")
     return cls(**kwargs)
@@ -172,10 +180,10 @@ def apply_overrides(tables: dict[str, dict], overrides: list[str], sections: dic
         if not dot or not name:
             raise ConfigError(f"override --{key}: use --section.key value (sections: {', '.join(sections)})")
         if section not in sections:
-            raise ConfigError(f"unknown section {section!r} in --{key}{_closest(section, sections)}")
+            raise ConfigError(f"unknown section {section!r} in --{key}{did_you_mean(section, sections)}")
         known = field_types(sections[section])
         if name not in known:
-            raise ConfigError(f"unknown key {section}.{name}{_closest(name, known)}")
+            raise ConfigError(f"unknown key {section}.{name}{did_you_mean(name, known)}")
         _, tp = known[name]
         # Strings stay strings for str fields; other types read the value as TOML would.
         tables.setdefault(section, {})[name] = value if tp is str else _parse_cli_value(value)

@@ -6,33 +6,31 @@ metrics can all ask "how big / how expensive is this model" without building it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
+from trainer.config_parse import option
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = _help("vocabulary size (>= the tokenizer's)", 320)
-    dim: int = _help("model width (hidden size)", 128)
-    n_layers: int = _help("number of Transformer blocks", 4)
-    n_heads: int = _help("attention (query) heads", 4)
-    n_kv_heads: int | None = _help("key/value heads: = n_heads (MHA), 1 < k < n_heads (GQA), 1 (MQA); unset = n_heads", None)
-    ffn_hidden: int = _help("MLP hidden width; 0 = 4*dim for gelu, 8/3*dim rounded up to ffn_multiple_of for swiglu", 0)
-    ffn_multiple_of: int = _help("round the automatic swiglu width up to a multiple of this", 64)
-    activation: Literal["swiglu", "gelu"] = _help("MLP kind", "swiglu")
-    norm: Literal["rmsnorm", "layernorm"] = _help("normalisation layer", "rmsnorm")
-    norm_position: Literal["pre", "post"] = _help("pre-norm (GPT-2/Llama) or post-norm (original Transformer)", "pre")
-    norm_eps: float = _help("epsilon of the norm layers", 1e-5)
-    position: Literal["rope", "alibi", "sinusoidal", "learned", "none"] = _help("position encoding", "rope")
-    rope_theta: float = _help("RoPE base frequency", 10000.0)
-    max_seq_len: int = _help("longest sequence (size of learned/sinusoidal tables and the RoPE cache)", 2048)
-    tie_embeddings: bool = _help("share the input embedding with the output head", False)
-    bias: bool = _help("biases in linear and norm layers (GPT-2 style)", False)
-    init_std: float = _help("std of the normal initialisation", 0.02)
+    vocab_size: int = option("vocabulary size (>= the tokenizer's)", 320)
+    dim: int = option("model width (hidden size)", 128)
+    n_layers: int = option("number of Transformer blocks", 4)
+    n_heads: int = option("attention (query) heads", 4)
+    n_kv_heads: int | None = option("key/value heads: = n_heads (MHA), 1 < k < n_heads (GQA), 1 (MQA); unset = n_heads", None)
+    ffn_hidden: int = option("MLP hidden width; 0 = 4*dim for gelu, 8/3*dim rounded up to ffn_multiple_of for swiglu", 0)
+    ffn_multiple_of: int = option("round the automatic swiglu width up to a multiple of this", 64)
+    activation: Literal["swiglu", "gelu"] = option("MLP kind", "swiglu")
+    norm: Literal["rmsnorm", "layernorm"] = option("normalisation layer", "rmsnorm")
+    norm_position: Literal["pre", "post"] = option("pre-norm (GPT-2/Llama) or post-norm (original Transformer)", "pre")
+    norm_eps: float = option("epsilon of the norm layers", 1e-5)
+    position: Literal["rope", "alibi", "sinusoidal", "learned", "none"] = option("position encoding", "rope")
+    rope_theta: float = option("RoPE base frequency", 10000.0)
+    max_seq_len: int = option("longest sequence (size of learned/sinusoidal tables and the RoPE cache)", 2048)
+    tie_embeddings: bool = option("share the input embedding with the output head", False)
+    bias: bool = option("biases in linear and norm layers (GPT-2 style)", False)
+    init_std: float = option("std of the normal initialisation", 0.02)
 
     # ---- derived shape -------------------------------------------------------------------
     @property

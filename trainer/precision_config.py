@@ -5,42 +5,40 @@ Which library is installed and whether there is a GPU are checked when the model
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
+
+from trainer.config_parse import option
 
 FP8_RECIPES = {"torchao": ("tensorwise", "rowwise"), "te": ("delayed", "current", "mxfp8")}
 DEFAULT_RECIPE = {"torchao": "tensorwise", "te": "delayed"}
 
 
-def _help(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class PrecisionConfig:
-    dtype: Literal["fp32", "bf16", "fp8"] = _help(
+    dtype: Literal["fp32", "bf16", "fp8"] = option(
         "compute precision; fp32 is the CPU default; fp8 = fp8 matmuls in the linear layers, bf16 elsewhere", "fp32")
-    bf16_mode: Literal["autocast", "params"] = _help(
+    bf16_mode: Literal["autocast", "params"] = option(
         "bf16 (and the non-fp8 part of fp8) by autocast over fp32 weights, or bf16 parameters with fp32 master "
         "weights and fp32 gradient reduction (FSDP mixed precision; without FSDP this falls back to autocast)",
         "autocast")
-    fp8_backend: Literal["torchao", "te"] = _help(
+    fp8_backend: Literal["torchao", "te"] = option(
         "fp8 library: torchao float8 training (CPU and GPU) or NVIDIA transformer-engine (CUDA only)", "torchao")
-    fp8_recipe: Literal["auto", "tensorwise", "rowwise", "delayed", "current", "mxfp8"] = _help(
+    fp8_recipe: Literal["auto", "tensorwise", "rowwise", "delayed", "current", "mxfp8"] = option(
         "fp8 scaling recipe: torchao tensorwise|rowwise, te delayed|current|mxfp8 (mxfp8 needs Blackwell); "
         "auto = tensorwise for torchao, delayed for te", "auto")
-    fp8_exclude: list[str] = _help(
+    fp8_exclude: list[str] = option(
         "linear layers kept in high precision, by name or dotted name part (e.g. output, attention.wo, layers.0)",
         factory=lambda: ["output", "tok_embeddings"])
-    fp8_min_dim: int = _help(
+    fp8_min_dim: int = option(
         "keep linear layers with in or out features below this in high precision (small matmuls gain nothing from "
         "fp8; ~1024 on H100); layers whose dims are not multiples of 16 always stay in high precision", 0)
-    fp8_fsdp_all_gather: bool = _help(
+    fp8_fsdp_all_gather: bool = option(
         "torchao: all-gather FSDP parameters in fp8 (tensorwise recipe only); scales are precomputed after each "
         "optimizer step", False)
-    fp8_amax_history: int = _help("te delayed scaling: length of the amax history", 1024)
+    fp8_amax_history: int = option("te delayed scaling: length of the amax history", 1024)
 
     @property
     def recipe(self) -> str:

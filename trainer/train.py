@@ -50,8 +50,6 @@ def build_loaders(cfg: Config, dims: ParallelDims, factory: LoaderFactory | None
 
 
 def check_vocab(cfg: Config) -> None:
-    if not hasattr(data_pkg, "build_tokenizer"):
-        return
     tok = data_pkg.build_tokenizer(cfg.data)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
