@@ -5,7 +5,7 @@ import itertools
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,7 +30,6 @@ class TrainState:
     """What a checkpoint holds besides model and optimizer; the loop advances it."""
     step: int = 0
     tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from tests.trainer.fixtures import FixedBatches
 
-class MarkovBatches:
-    """Batch i is drawn from the chain with a generator seeded by (seed, i): deterministic, never
+
+class MarkovBatches(FixedBatches):
+    """Batch i is drawn from the chain with a generator seeded by (seed, i) (FixedBatches gives the
+    iteration and the position state; nothing is stored): deterministic, never
     repeated, resumable by position. DP rank r takes rows [r*B:(r+1)*B] of one global batch."""
 
     def __init__(self, vocab: int, seq_len: int, batch_size: int, seed: int = 0, dp_rank: int = 0,
@@ -35,17 +38,6 @@ class MarkovBatches:
         full = torch.stack(seq, 1)[self.dp_rank * self.batch_size:(self.dp_rank + 1) * self.batch_size]
         return full[:, :-1].contiguous(), full[:, 1:].contiguous()
 
-    def __iter__(self):
-        while True:
-            b = self.batch(self.pos)
-            self.pos += 1
-            yield b
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, d):
-        self.pos = d["pos"]
 
 
 def markov_factory(vocab: int = 320):

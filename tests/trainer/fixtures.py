@@ -14,9 +14,12 @@ class FixedBatches:
         self.batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in mine]
         self.pos = 0
 
+    def batch(self, i: int):
+        return self.batches[i % len(self.batches)]
+
     def __iter__(self):
         while True:
-            b = self.batches[self.pos % len(self.batches)]
+            b = self.batch(self.pos)
             self.pos += 1
             yield b
 
