@@ -1,7 +1,7 @@
 """Checkpoint benchmark: synchronous DCP save throughput against torch.save of the same state,
 and the training time an asynchronous save costs as a fraction of a synchronous one.
 
-    python bench/checkpoint_bench.py [--dim 512 --layers 6 --vocab 16384 --steps 12 --every 4]
+    python bench/checkpoint_bench.py [--dim 512 --layers 6 --vocab 16384 --every 2 --saves 30]
 
 One process (never more ranks than cores). Prints one line per figure and a JSON summary.
 Targets: save ratio near 1 (DCP's sharded writer no slower than torch.save), async cost < 10 %.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -45,20 +46,27 @@ class Batches:
         return {"pos": self.pos}
 
 
-def setup(args, run_dir: Path, async_save: bool):
-    cfg = load_config(None, [
+def config(args, run_dir: Path, async_save: bool):
+    return load_config(None, [
         "--model.dim", str(args.dim), "--model.n_layers", str(args.layers), "--model.n_heads", "8",
         "--model.vocab_size", str(args.vocab), "--run.dir", str(run_dir), "--checkpoint.keep", "1",
         "--checkpoint.async", str(async_save).lower(), "--train.steps", "1000"])
+
+
+def manager(r, run_dir: Path, async_save: bool) -> CheckpointManager:
+    return CheckpointManager(config(r.args, run_dir, async_save), DistContext(device=r.device), run_dir,
+                             model=r.model, optimizer=r.opt, scheduler=r.sched, loader=r.loader, state=r.state)
+
+
+def setup(args):
+    cfg = config(args, Path("unused"), False)
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = Transformer(cfg.model).to(device)
     opt = build_optimizer(model, cfg.optim, device)
     sched = build_scheduler(opt, cfg.optim, 1000)
-    loader, state = Batches(args.vocab, args.seq, args.batch), TrainState()
-    ckpt = CheckpointManager(cfg, DistContext(device=device), run_dir, model=model, optimizer=opt, scheduler=sched,
-                             loader=loader, state=state)
-    return types.SimpleNamespace(device=device, cfg=cfg, model=model, opt=opt, sched=sched, loader=loader, state=state, ckpt=ckpt)
+    return types.SimpleNamespace(args=args, device=device, model=model, opt=opt, sched=sched,
+                                 loader=Batches(args.vocab, args.seq, args.batch), state=TrainState(), managers=[])
 
 
 def sync(r):
@@ -83,7 +91,8 @@ def state_bytes(r) -> int:
 
 
 def bench_save(args, tmp: Path) -> dict:
-    r = setup(args, tmp / "save", False)
+    r = setup(args)
+    r.ckpt = manager(r, tmp / "save", False)
     step(r)                                     # optimizer state exists
     size = state_bytes(r)
     dcp_t, ts_t, ts_sync_t = [], [], []
@@ -110,48 +119,70 @@ def bench_save(args, tmp: Path) -> dict:
             "throughput_ratio_vs_torch_save": ts_s / dcp_s, "throughput_ratio_vs_torch_save_fsync": tss_s / dcp_s}
 
 
-def timed_training(args, run_dir: Path, mode: str):
-    """Per-step times and the time the loop spent blocked in save()/poll()/finish()."""
-    r = setup(args, run_dir, mode == "async")
-    step(r)                                      # warm-up; optimizer state exists
-    steps, blocked = [], 0.0
-    n_steps = args.steps + args.every               # the last save's write overlaps `every` steps too
-    for i in range(n_steps):
-        t = time.perf_counter()
+def run_steps(r, n: int) -> None:
+    for _ in range(n):
         step(r)
-        sync(r)
-        steps.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        if mode != "none" and (i + 1) % args.every == 0 and i < args.steps:
-            r.ckpt.save()
-        elif r.ckpt.writer is not None:
-            r.ckpt.writer.poll()
-        blocked += time.perf_counter() - t
-        if args.verbose and mode != "none":
-            print(f"  {mode} step {i + 1}: step {steps[-1]:.3f} s, blocked {time.perf_counter() - t:.3f} s", flush=True)
-    t = time.perf_counter()
-    r.ckpt.finish()                              # the last async write is waited for: its cost counts
-    return steps, blocked + time.perf_counter() - t
+        for ckpt in r.managers:
+            if ckpt.writer is not None:
+                ckpt.writer.poll()              # what the training loop does after each step
+    sync(r)
 
 
 def bench_async(args, tmp: Path) -> dict:
-    """Sync cost = time blocked in save(). Async cost = time blocked (staging copy, commit, final
-    wait) + how much slower the steps ran while the write was in flight (against the median
-    step time of the same loop without saves)."""
-    base, sync_blocked, async_blocked, async_steps = [], [], [], []
-    for rep in range(args.repeats):
-        base += timed_training(args, tmp / f"none-{rep}", "none")[0]
-        sync_blocked.append(timed_training(args, tmp / f"sync-{rep}", "sync")[1])
-        st, b = timed_training(args, tmp / f"async-{rep}", "async")
-        async_blocked.append(b)
-        async_steps.append(st)
-    step_s = statistics.median(base)
-    slowdown = statistics.median(sum(st) - len(st) * step_s for st in async_steps)
-    sync_cost = statistics.median(sync_blocked)
-    async_cost = statistics.median(async_blocked) + max(0.0, slowdown)
-    return {"step_s": step_s, "saves": args.steps // args.every, "sync_blocked_s": sync_cost,
-            "async_blocked_s": statistics.median(async_blocked), "async_step_slowdown_s": slowdown,
-            "async_cost_fraction_of_sync": async_cost / sync_cost}
+    """The training time a save costs, measured in one process as the difference between a
+    window of `every` steps that begins with a save and the mean of the quiet windows of
+    `every` steps on either side of it, so that drift in machine speed cancels. Sync and async
+    saves alternate in the same loop (two checkpoint managers on the same model and optimizer):
+    quiet, sync, quiet, async, quiet, sync, ... An async window ends by waiting for its write
+    and commit, so a write that outlasts its window counts in full."""
+    r = setup(args)
+    r.ckpt, r.ckpt_async = manager(r, tmp / "sync", False), manager(r, tmp / "async", True)
+    r.managers = [r.ckpt, r.ckpt_async]
+    run_steps(r, 2)                              # warm-up; optimizer state exists
+
+    def window(ckpt):
+        t = time.perf_counter()
+        if ckpt is not None:
+            r.state.step += 1                   # a new checkpoint name each time
+            ckpt.save()
+        blocked = time.perf_counter() - t
+        run_steps(r, args.every)
+        if ckpt is not None and ckpt.writer is not None:
+            t_wait = time.perf_counter()
+            ckpt.writer.wait()
+            blocked += time.perf_counter() - t_wait
+        return time.perf_counter() - t, blocked
+
+    window(r.ckpt_async)                        # the first async save allocates the staging buffers
+    window(r.ckpt)
+    costs = {"sync": [], "async": []}
+    blocked = {"sync": [], "async": []}
+    quiet = [window(None)[0]]
+    for _ in range(args.saves):
+        for mode, ckpt in (("sync", r.ckpt), ("async", r.ckpt_async)):
+            t_save, b = window(ckpt)
+            quiet.append(window(None)[0])
+            costs[mode].append(t_save - (quiet[-2] + quiet[-1]) / 2)
+            blocked[mode].append(b)
+            if args.verbose:
+                print(f"  {mode} save window {t_save:.3f} s (blocked {b:.3f} s), quiet windows {quiet[-2]:.3f} s, "
+                      f"{quiet[-1]:.3f} s", flush=True)
+    r.ckpt.finish()
+    r.ckpt_async.finish()
+    sync_cost, async_cost = (statistics.median(costs[m]) for m in ("sync", "async"))
+    low, high = bootstrap_ratio(costs["async"], costs["sync"])
+    return {"step_s": statistics.median(quiet) / args.every, "saves": args.saves, "steps_per_window": args.every,
+            "sync_cost_s": sync_cost, "async_cost_s": async_cost,
+            "sync_blocked_s": statistics.median(blocked["sync"]), "async_blocked_s": statistics.median(blocked["async"]),
+            "async_cost_fraction_of_sync": async_cost / sync_cost, "fraction_95ci": [low, high]}
+
+
+def bootstrap_ratio(a: list[float], b: list[float], n: int = 2000) -> tuple[float, float]:
+    """95 % interval of median(a) / median(b), resampling each list (seeded: reproducible)."""
+    rng = random.Random(0)
+    ratios = sorted(statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b)))
+                    for _ in range(n))
+    return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
 
 
 def main(argv=None) -> int:
@@ -162,8 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--every", type=int, default=4)
+    p.add_argument("--every", type=int, default=2, help="steps per window (a save every 2 windows)")
+    p.add_argument("--saves", type=int, default=30, help="saves of each kind in the async benchmark")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
@@ -176,10 +207,11 @@ def main(argv=None) -> int:
               f"throughput ratio DCP/torch.save {save['throughput_ratio_vs_torch_save']:.2f} "
               f"(vs torch.save+fsync {save['throughput_ratio_vs_torch_save_fsync']:.2f})", flush=True)
         asy = bench_async(args, Path(d))
-        print(f"{args.steps} steps of {asy['step_s']:.3f} s, a save every {args.every}: sync saves blocked "
-              f"{asy['sync_blocked_s']:.2f} s; async blocked {asy['async_blocked_s']:.2f} s and slowed steps by "
-              f"{asy['async_step_slowdown_s']:.2f} s; time lost to async saves = "
-              f"{100 * asy['async_cost_fraction_of_sync']:.1f} % of synchronous (target < 10 %)", flush=True)
+        print(f"steps of {asy['step_s']:.3f} s, windows of {args.every} steps, {args.saves} saves of each kind: "
+              f"a sync save costs {asy['sync_cost_s']:.3f} s, an async save {asy['async_cost_s']:.3f} s "
+              f"(loop blocked {asy['async_blocked_s']:.3f} s); time lost to async saves = "
+              f"{100 * asy['async_cost_fraction_of_sync']:.1f} % of synchronous (95 % interval "
+              f"{100 * asy['fraction_95ci'][0]:.1f}-{100 * asy['fraction_95ci'][1]:.1f} %; target < 10 %)", flush=True)
     print(json.dumps({**save, **asy}))
     return 0
 

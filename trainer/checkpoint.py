@@ -42,7 +42,7 @@ class CheckpointManager:
         self.last_save_time = time.monotonic()
         self.last_saved_step = -1
         self.preempted = False
-        self.writer = AsyncCheckpointWriter(ctx) if cfg.checkpoint.async_save else None
+        self.writer = AsyncCheckpointWriter(ctx, self.parts.optimizers) if cfg.checkpoint.async_save else None
         self.preemption = Preemption(ctx, cfg.checkpoint.signal_check_every)
 
     # ---- run folder -------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class CheckpointManager:
         return {"step": self.state.step, "tokens": self.state.tokens,
                 "schedulers": [s.state_dict() for s in self.schedulers],
                 "world_size": self.ctx.world_size, "layout": self.layout,
-                "model": asdict(self.cfg.model), "config_toml": self.cfg.to_toml(), "format": 1}
+                "model": asdict(self.cfg.model), "config_toml": self.cfg.to_toml(), "format": 2}
 
     def _commit(self, tmp: Path, final: Path) -> None:
         if not self.ctx.is_main:

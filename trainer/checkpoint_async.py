@@ -1,11 +1,24 @@
 """Writing a checkpoint in the background while training continues (DCP async_save).
 
-`dcp.async_save` copies the state to CPU memory (staging; the only part the training loop
-waits for) and writes it from a thread. Thread mode runs DCP's collectives (plan exchange,
-metadata gather) concurrently with the training's own collectives, so it gets its own gloo
-process group: sharing the default group makes gloo see mismatched collectives.
-Process mode is not used: it re-imports the entry script in a child (needs a __main__ guard
-in every launcher) and gains little when staging dominates.
+A save has two phases, both off the training loop:
+- staging: copy the state into CPU buffers that training does not touch. It runs on a worker
+  thread while the next step's forward and backward run (they read the weights, change only
+  activations and gradients); an optimizer pre-step hook makes `optimizer.step()` wait until
+  the copy is done, so the checkpoint holds exactly the state of its step. The buffers are
+  allocated on the first save and reused (this costs one more copy of the model and optimizer
+  state in host memory for the whole run).
+- writing: DCP's thread executor writes the staged copy, using its own gloo process group
+  (sharing the training's group makes gloo see interleaved collectives, PLATFORM.md).
+
+Why our own stager and not DCP's default: DCP's `StateDictStager` copies CPU storages with
+`UntypedStorage.copy_`, which holds the GIL for the whole copy, so a CPU training thread stalls
+for the full copy anyway (measured: a 160 MB copy in a thread made a loop of small torch ops
+6x slower; `Tensor.copy_` releases the GIL and costs that loop nothing). `_GilFreeStager`
+keeps all of DCP's traversal, caching and DTensor handling and only changes how a CPU storage is
+copied. On an accelerator the copy is DCP's (pinned host memory, non-blocking on a side stream).
+Process mode (`AsyncCheckpointerType.PROCESS`) is not used: it keeps one process-wide daemon
+tied to the first process group (a second run in the same process, as in tests, would reuse a
+stale one) and re-imports the entry script in a child (needs a __main__ guard in every launcher).
 
 The commit (COMPLETE, rename, pruning old checkpoints: file-system work only, no collectives)
 must follow the write, so a small thread waits for DCP's future and then commits, keeping the
@@ -17,28 +30,76 @@ after DCP gathered every rank's write results and wrote the metadata, so rank 0 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+
+def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
+
+
+class _GilFreeStateDictStager(StateDictStager):
+    """DCP's stager (reused buffers per source storage), with CPU-to-CPU copies done by
+    `Tensor.copy_` on byte views, which releases the GIL."""
+
+    def _stage_untyped_storage(self, storage, non_blocking=False):
+        if storage.device.type != "cpu":
+            return super()._stage_untyped_storage(storage, non_blocking=non_blocking)
+        staged = self._cached_storage_mapping.get(storage)
+        if staged is None or staged.nbytes() != storage.nbytes():
+            staged = torch.UntypedStorage(storage.nbytes(), device="cpu")
+            self._cached_storage_mapping[storage] = staged
+        _as_bytes(staged).copy_(_as_bytes(storage))
+        return staged
+
+
+def make_stager(device: torch.device) -> DefaultStager:
+    """A stager that copies in a background thread into buffers reused across saves."""
+    on_accelerator = device.type != "cpu"
+    stager = DefaultStager(StagingOptions(use_pinned_memory=on_accelerator, use_shared_memory=False,
+                                          use_async_staging=True, use_non_blocking_copy=on_accelerator))
+    stager._state_dict_stager = _GilFreeStateDictStager(pin_memory=on_accelerator)
+    return stager
 
 
 class AsyncCheckpointWriter:
-    def __init__(self, ctx):
+    def __init__(self, ctx, optimizers=()):
         self.ctx = ctx
         self.group = dist.new_group(backend="gloo") if ctx.distributed else None
+        self.stager = make_stager(ctx.device)
+        self._staging: Future | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in optimizers]
 
     @property
     def pending(self) -> bool:
         return self._thread is not None
 
+    def _before_optimizer_step(self, *_) -> None:
+        self.wait_for_staging()
+
+    def wait_for_staging(self) -> None:
+        """Block until the state of the last save is copied (then training may change it)."""
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            staging.result()
+
     def start(self, state_dict: dict, path: Path, on_done: Callable[[], None]) -> None:
         self.wait()
-        result = dcp.async_save(state_dict, checkpoint_id=str(path), process_group=self.group)
-        # torch >= 2.9 returns an AsyncSaveResponse when staging itself is asynchronous
+        if self.ctx.device.type != "cpu":
+            torch.accelerator.synchronize()      # the step's kernels have written what we copy
+        result = dcp.async_save(state_dict, checkpoint_id=str(path), process_group=self.group,
+                                async_stager=self.stager)
+        # an AsyncSaveResponse when staging runs in the background (always with our stager)
+        self._staging = getattr(result, "staging_completion", None)
         future = getattr(result, "upload_completion", result)
 
         def finish_then_commit():
@@ -60,12 +121,19 @@ class AsyncCheckpointWriter:
             return
         self._thread.join()
         self._thread = None
+        self._staging = None
         error, self._error = self._error, None
         if error is not None:
             raise error
 
     def close(self) -> None:
-        self.wait()
-        if self.group is not None:
-            dist.destroy_process_group(self.group)
-            self.group = None
+        try:
+            self.wait()
+        finally:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+            self.stager.close()
+            if self.group is not None:
+                dist.destroy_process_group(self.group)
+                self.group = None

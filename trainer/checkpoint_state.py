@@ -2,7 +2,7 @@
 
 Model and optimizer go through DCP's state-dict API, which turns FSDP/TP DTensors into global
 tensors sharded however the current layout holds them; the optimizer state is *flattened*
-(keys `state.<fqn>.exp_avg`, `param_groups.<fqn>.lr`), so keys do not depend on parameter order
+(keys `state.<fqn>.exp_avg`), so keys do not depend on parameter order
 or on how a pipeline split the model: a list of model parts (pipeline stages) writes the same
 keys as the single-process model, and any layout can read them back.
 """
@@ -24,6 +24,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict)
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+# The optimizer's hyperparameters (the flattened `param_groups.<fqn>.lr|betas|eps|...` entries)
+# are not saved: a resumed run takes them from its own config, as it already does for the LR
+# (recomputed from the schedule). Saved, they were ~12 scalars per parameter, three quarters of
+# a checkpoint's entries, and every entry costs the writer Python time that competes with
+# training during a background save. Checkpoints that hold them (format 1) still load.
+HYPERPARAMETERS = "param_groups."
 
 
 class CheckpointError(ConfigError):
@@ -106,14 +113,18 @@ class ModelParts:
         return self._strip(sd, optim=True)
 
     def state_dict(self, with_optim: bool = True) -> dict:
+        """What a checkpoint holds: model tensors and the optimizer's state tensors."""
         out = {"model": self.model_state_dict()}
         if with_optim and self.optimizers:
-            out["optim"] = self.optim_state_dict()
+            out["optim"] = {k: v for k, v in self.optim_state_dict().items() if not k.startswith(HYPERPARAMETERS)}
         return out
 
     def load_state_dict(self, sd: dict) -> None:
         model_sd = self._unstrip(sd["model"], optim=False)
-        optim_sd = self._unstrip(sd["optim"], optim=True) if "optim" in sd else None
+        optim_sd = None
+        if "optim" in sd:
+            hyper = {k: v for k, v in self.optim_state_dict().items() if k.startswith(HYPERPARAMETERS)}
+            optim_sd = self._unstrip({**hyper, **sd["optim"]}, optim=True)
         for module, opt in self._modules():
             keys = _keys(module)
             set_model_state_dict(module, {k: v for k, v in model_sd.items() if k in keys}, options=OPTIONS)

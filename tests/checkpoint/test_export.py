@@ -50,7 +50,6 @@ def test_training_starts_from_exported_weights(trained, tmp_path, capsys):
     assert "initialised weights from" in capsys.readouterr().out
     assert [r["step"] for r in rows if "loss" in r] == [1]           # step 0: fresh optimizer and schedule
     # the model before the first step equals the exported one: check through a no-step run
-    from trainer.checkpoint import CheckpointManager
     from trainer.hf_llama import find_weights_files, load_weights
     cfg = config(tmp_path / "x")
     sd = load_weights(find_weights_files(out), cfg.model)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = str(ROOT / "tests/checkpoint/layout_worker.py")

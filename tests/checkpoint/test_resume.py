@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from tests.checkpoint.helpers import config, factory, losses, lrs, metrics, run
+from tests.checkpoint.helpers import config, factory, losses, lrs, run
 from trainer import checkpoint_files as files
 from trainer.checkpoint import PREEMPTED_MARKER, CheckpointManager
 from trainer.checkpoint_state import CheckpointError
@@ -92,14 +92,28 @@ def test_init_from_run_folder_takes_its_newest_checkpoint(tmp_path, reference, c
     assert summary["steps"] == 9
 
 
-def test_async_save_writes_the_state_of_its_step(tmp_path):
-    """Training continues while the write runs: the checkpoint must hold the weights as they
-    were at save time, not as the next steps changed them."""
+def test_async_save_writes_the_state_of_its_step(monkeypatch, tmp_path):
+    """Training continues while the state is staged and written: the checkpoint must hold the
+    weights as they were at save time, not as the next optimizer step changed them. Staging is
+    slowed down so that the step certainly comes while it runs: the optimizer's pre-step hook
+    must make the step wait for the copy."""
+    import time
+
     import torch
+    from trainer import checkpoint_async
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.model import Transformer
     from trainer.train import TrainState
     from launch.context import DistContext
+    copied_at = []
+    real_copy = checkpoint_async._GilFreeStateDictStager._stage_untyped_storage
+
+    def slow_copy(self, storage, non_blocking=False):
+        time.sleep(0.02)
+        copied_at.append(time.monotonic())
+        return real_copy(self, storage, non_blocking)
+
+    monkeypatch.setattr(checkpoint_async._GilFreeStateDictStager, "_stage_untyped_storage", slow_copy)
     cfg = config(tmp_path / "r", "--checkpoint.async", "true")
     model = Transformer(cfg.model)
     opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
@@ -107,17 +121,70 @@ def test_async_save_writes_the_state_of_its_step(tmp_path):
     loader = factory()(cfg.data, split="train", seq_len=16, batch_size=4, dp_rank=0, dp_size=1, seed=0)
     ckpt = CheckpointManager(cfg, DistContext(), tmp_path / "r", model=model, optimizer=opt, scheduler=sched,
                              loader=loader, state=TrainState(step=5))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()                                  # optimizer state exists, as in training
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ckpt.save()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
+    returned_at = time.monotonic()
+    opt.step()                                  # must wait for the copy
+    assert any(t > returned_at for t in copied_at), "staging did not overlap the training thread"
+    assert not torch.equal(model.state_dict()["tok_embeddings.weight"], before["tok_embeddings.weight"])
     ckpt.finish()
     fresh = Transformer(cfg.model)
     from trainer.checkpoint import load_model_weights
     load_model_weights(fresh, tmp_path / "r" / "checkpoints" / "step-00000005")
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def _manager(run_dir, *extra):
+    import torch
+    from launch.context import DistContext
+    from trainer.model import Transformer
+    from trainer.optim import build_optimizer, build_scheduler
+    from trainer.train import TrainState
+    cfg = config(run_dir, *extra)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    sched = build_scheduler(opt, cfg.optim, 10)
+    loader = factory()(cfg.data, split="train", seq_len=16, batch_size=4, dp_rank=0, dp_size=1, seed=0)
+    ckpt = CheckpointManager(cfg, DistContext(), run_dir, model=model, optimizer=opt, scheduler=sched,
+                             loader=loader, state=TrainState(step=3))
+    return ckpt, model, opt
+
+
+@pytest.mark.parametrize("saved_format", [2, 1])
+def test_resume_takes_optimizer_hyperparameters_from_its_config(monkeypatch, tmp_path, saved_format):
+    """The checkpoint holds the optimizer's moments and step counts; its hyperparameters come
+    from the resuming run's config. Format-1 checkpoints, which also held them, still load."""
+    import torch
+    from trainer import checkpoint_state
+    from trainer.checkpoint_state import read_metadata
+    d = tmp_path / "r"
+    ckpt, model, opt = _manager(d, "--optim.weight_decay", "0.1", "--optim.beta2", "0.95")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    if saved_format == 1:
+        monkeypatch.setattr(checkpoint_state, "HYPERPARAMETERS", "no key starts like this")
+    saved = ckpt.save()
+    ckpt.finish()
+    monkeypatch.undo()
+    keys = read_metadata(saved).state_dict_metadata.keys()
+    assert any(k.startswith("optim.state.") and k.endswith(".exp_avg") for k in keys)
+    assert any(k.startswith("optim.param_groups.") for k in keys) == (saved_format == 1)
+
+    ckpt2, model2, opt2 = _manager(d, "--optim.weight_decay", "0.5", "--optim.beta2", "0.99")
+    ckpt2.load(saved)
+    assert [g["weight_decay"] for g in opt2.param_groups] == [0.5, 0.0]
+    assert all(g["betas"][1] == 0.99 for g in opt2.param_groups)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, p2)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][k], opt2.state[p2][k]), k
+    ckpt2.finish()
 
 
 # ---- bad input ------------------------------------------------------------------------------

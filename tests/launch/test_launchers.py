@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import (REPO, assert_same_loss, child_env, find_mpiexec, free_port, last_loss,
+from tests.launch.conftest import (assert_same_loss, find_mpiexec, free_port, last_loss,
                                    run_logged, tail)
 from tests.launch.runs import write_config
 
