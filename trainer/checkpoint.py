@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from trainer import checkpoint_files as files
 from trainer.checkpoint_async import AsyncCheckpointWriter
 from trainer.checkpoint_files import COMPLETE, complete_checkpoints, step_dir_name  # noqa: F401 (public API)
-from trainer.checkpoint_state import (CheckpointError, single_process_quiet, ModelParts, as_list, check_against_metadata, dcp_load,
+from trainer.checkpoint_state import (CheckpointError, CheckpointWriter, single_process_quiet, ModelParts, as_list, check_against_metadata, dcp_load,
                                       model_config_diff, read_metadata, rng_state, set_rng_state)
 from trainer.config_parse import ConfigError
 from trainer.preemption import EXIT_PREEMPTED, Preemption  # noqa: F401 (re-exported for launch/)
@@ -171,17 +171,23 @@ class CheckpointManager:
         self._barrier()
         sd = self.parts.state_dict()
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
-        files.write_json(tmp / f"rank-{self.ctx.rank}.json", {
+        records = {tmp / f"rank-{self.ctx.rank}.json": json.dumps({      # serialized now: a snapshot
             "rank": self.ctx.rank, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-            "loader": loader_state, "rng": rng_state(self.ctx.device)})
+            "loader": loader_state, "rng": rng_state(self.ctx.device)})}
         if self.ctx.is_main:
-            files.write_json(tmp / "train.json", self._train_meta())
+            records[tmp / "train.json"] = json.dumps(self._train_meta())
+
+        def write_records():        # before this rank's DCP write, so before rank 0 can commit
+            for path, text in records.items():
+                files.write_text(path, text)
+
         self.last_saved_step, self.last_save_time = step, time.monotonic()
         if self.writer is not None and not blocking:
-            self.writer.start(sd, tmp, on_done=lambda: self._commit(tmp, final))
+            self.writer.start(sd, tmp, before_write=write_records, on_done=lambda: self._commit(tmp, final))
             return final
+        write_records()
         with single_process_quiet():
-            dcp.save(sd, checkpoint_id=str(tmp))
+            dcp.save(sd, storage_writer=CheckpointWriter(str(tmp)))
         self._commit(tmp, final)
         self._barrier()
         return final

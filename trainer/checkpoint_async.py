@@ -1,34 +1,38 @@
-"""Writing a checkpoint in the background while training continues (DCP async_save).
+"""Writing a checkpoint in the background while training continues.
 
-A save has two phases, both off the training loop:
-- staging: copy the state into CPU buffers that training does not touch. It runs on a worker
-  thread while the next step's forward and backward run (they read the weights, change only
-  activations and gradients); an optimizer pre-step hook makes `optimizer.step()` wait until
-  the copy is done, so the checkpoint holds exactly the state of its step. The buffers are
-  allocated on the first save and reused (this costs one more copy of the model and optimizer
-  state in host memory for the whole run).
-- writing: DCP's thread executor writes the staged copy, using its own gloo process group
-  (sharing the training's group makes gloo see interleaved collectives, PLATFORM.md).
+The training loop pays only for taking the state dicts (references, no copies) and starting
+the save. The rest runs off the loop:
+- staging: copy the state into CPU buffers that training does not touch. It runs on the
+  stager's worker thread while the next step's forward and backward run (they read the
+  weights, change only activations and gradients); an optimizer pre-step hook makes
+  `optimizer.step()` wait until the copy is done, so the checkpoint holds exactly the state of
+  its step. The buffers are allocated on the first save and reused: one more copy of the model
+  and optimizer state in host memory for the whole run.
+- writing, on one background thread per save, at a lower CPU priority than training: this
+  rank's JSON records, then `dcp.save` of the staged copy (own gloo process group: sharing the
+  training's group makes gloo see interleaved collectives, PLATFORM.md), then the commit
+  (COMPLETE, rename, pruning: rank 0 only; DCP's save returns on rank 0 after every rank wrote
+  its shards, and every rank wrote its JSON before its shards).
 
-Why our own stager and not DCP's default: DCP's `StateDictStager` copies CPU storages with
+This is what `dcp.async_save` in thread mode does (a thread that waits for staging and calls
+`dcp.save`), done on our thread so that it can run at low priority and write the JSON records
+and commit in order. DCP's process mode is not used: it keeps one process-wide daemon tied to
+the first process group (a second run in the same process, as in tests, would reuse a stale
+one), re-imports the entry script in a child, and measured no better here.
+
+Why our own stager copy: DCP's `StateDictStager` copies CPU storages with
 `UntypedStorage.copy_`, which holds the GIL for the whole copy, so a CPU training thread stalls
 for the full copy anyway (measured: a 160 MB copy in a thread made a loop of small torch ops
-6x slower; `Tensor.copy_` releases the GIL and costs that loop nothing). `_GilFreeStager`
-keeps all of DCP's traversal, caching and DTensor handling and only changes how a CPU storage is
-copied. On an accelerator the copy is DCP's (pinned host memory, non-blocking on a side stream).
-Process mode (`AsyncCheckpointerType.PROCESS`) is not used: it keeps one process-wide daemon
-tied to the first process group (a second run in the same process, as in tests, would reuse a
-stale one) and re-imports the entry script in a child (needs a __main__ guard in every launcher).
+6x slower; `Tensor.copy_` releases the GIL and costs that loop nothing). `_GilFreeStateDictStager`
+keeps all of DCP's traversal, caching and DTensor handling and only changes how a CPU storage
+is copied. On an accelerator the copy is DCP's (pinned host memory, non-blocking, side stream).
 
-The commit (COMPLETE, rename, pruning old checkpoints: file-system work only, no collectives)
-must follow the write, so a small thread waits for DCP's future and then commits, keeping the
-rename and the deletion of old checkpoints off the training loop too. `poll()` after each step
-collects a finished one; `wait()` before the next save and in `finish()` blocks until it is
-done and re-raises a failed write (which is then never committed). Rank 0's future finishes only
-after DCP gathered every rank's write results and wrote the metadata, so rank 0 alone commits.
+`poll()` after each step collects a finished save; `wait()` before the next save and in
+`close()` blocks until it is done and re-raises a failure (a failed save is never committed).
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -39,6 +43,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from trainer.checkpoint_state import CheckpointWriter, single_process_quiet
+
+WRITER_NICENESS = 10
 
 
 def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -69,6 +77,15 @@ def make_stager(device: torch.device) -> DefaultStager:
     return stager
 
 
+def _lower_this_threads_priority() -> None:
+    """Let training threads win when the writer competes with them for a core (Linux: nice is
+    per thread). Best effort: other systems keep the normal priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+    except (AttributeError, OSError):
+        pass
+
+
 class AsyncCheckpointWriter:
     def __init__(self, ctx, optimizers=()):
         self.ctx = ctx
@@ -92,24 +109,26 @@ class AsyncCheckpointWriter:
         if staging is not None:
             staging.result()
 
-    def start(self, state_dict: dict, path: Path, on_done: Callable[[], None]) -> None:
+    def start(self, state_dict: dict, path: Path, *, before_write: Callable[[], None] = lambda: None,
+              on_done: Callable[[], None]) -> None:
         self.wait()
         if self.ctx.device.type != "cpu":
             torch.accelerator.synchronize()      # the step's kernels have written what we copy
-        result = dcp.async_save(state_dict, checkpoint_id=str(path), process_group=self.group,
-                                async_stager=self.stager)
-        # an AsyncSaveResponse when staging runs in the background (always with our stager)
-        self._staging = getattr(result, "staging_completion", None)
-        future = getattr(result, "upload_completion", result)
+        staging = self.stager.stage(state_dict)
+        self._staging = staging
 
-        def finish_then_commit():
+        def write_then_commit():
+            _lower_this_threads_priority()
             try:
-                future.result()
+                staged = staging.result()
+                before_write()
+                with single_process_quiet():
+                    dcp.save(staged, storage_writer=CheckpointWriter(str(path)), process_group=self.group)
                 on_done()
             except BaseException as e:       # handed to the training thread by wait()
                 self._error = e
 
-        self._thread = threading.Thread(target=finish_then_commit, name="checkpoint-commit", daemon=True)
+        self._thread = threading.Thread(target=write_then_commit, name="checkpoint-writer", daemon=True)
         self._thread.start()
 
     def poll(self) -> None:

@@ -71,10 +71,15 @@ def _fsync_dir(path: Path) -> None:
 
 def write_json(path: Path, obj) -> None:
     """Write JSON durably: a temporary file, fsync, then rename over the target."""
+    write_text(path, json.dumps(obj))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write text durably: a temporary file, fsync, then rename over the target."""
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     with open(tmp, "w") as f:
-        json.dump(obj, f)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

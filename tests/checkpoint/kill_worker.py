@@ -29,11 +29,11 @@ class StallingWriter(dcp.FileSystemWriter):
 def main(run_dir: str, mode: str) -> None:
     saves = {"n": 0}
 
-    def save(sd, checkpoint_id):
+    def save(sd, storage_writer):
         saves["n"] += 1
         if saves["n"] == 2 and mode == "no_metadata":
-            return dcp.save(sd, storage_writer=StallingWriter(checkpoint_id))
-        return dcp.save(sd, checkpoint_id=checkpoint_id)
+            return dcp.save(sd, storage_writer=StallingWriter(storage_writer.path))
+        return dcp.save(sd, storage_writer=storage_writer)
 
     real_commit = ck.files.commit
 

@@ -240,16 +240,45 @@ def test_metadata_that_would_run_code_is_refused(tmp_path, reference):
 
 
 def test_failed_background_write_is_raised_and_never_committed(monkeypatch, tmp_path):
-    from concurrent.futures import Future
-
+    import torch
     from launch.context import DistContext
     from trainer import checkpoint_async
-    failed = Future()
-    failed.set_exception(OSError("disk full"))
-    monkeypatch.setattr(checkpoint_async.dcp, "async_save", lambda *a, **k: failed)
-    committed = []
+
+    def disk_full(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_async.dcp, "save", disk_full)
+    committed, wrote = [], []
     writer = checkpoint_async.AsyncCheckpointWriter(DistContext())
-    writer.start({}, tmp_path, on_done=lambda: committed.append(1))
+    writer.start({"w": torch.ones(3)}, tmp_path, before_write=lambda: wrote.append(1),
+                 on_done=lambda: committed.append(1))
     with pytest.raises(OSError, match="disk full"):
         writer.wait()
-    assert committed == [] and not writer.pending
+    assert wrote == [1] and committed == [] and not writer.pending
+    writer.close()
+
+
+def test_writer_skips_zip_crc_only_while_writing(tmp_path):
+    """Shards are written without torch.save's per-record CRC32 (unchecked by torch.load, and
+    computed with the GIL held); the process-wide option is back afterwards; the data loads."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from trainer.checkpoint_state import CheckpointWriter, dcp_load, single_process_quiet
+    seen = []
+    real = dcp.FileSystemWriter.write_data
+
+    def spy(self, plan, planner):
+        seen.append(torch.serialization.get_crc32_options())
+        return real(self, plan, planner)
+
+    sd = {"w": torch.randn(64, 64), "v": torch.arange(10.0)}
+    dcp.FileSystemWriter.write_data = spy
+    try:
+        with single_process_quiet():
+            dcp.save(sd, storage_writer=CheckpointWriter(str(tmp_path / "c")))
+    finally:
+        dcp.FileSystemWriter.write_data = real
+    assert seen == [False] and torch.serialization.get_crc32_options() is True
+    got = {"w": torch.zeros(64, 64), "v": torch.zeros(10)}
+    dcp_load(got, tmp_path / "c")
+    assert torch.equal(got["w"], sd["w"]) and torch.equal(got["v"], sd["v"])
