@@ -73,7 +73,9 @@ def make_stager(device: torch.device) -> DefaultStager:
     on_accelerator = device.type != "cpu"
     stager = DefaultStager(StagingOptions(use_pinned_memory=on_accelerator, use_shared_memory=False,
                                           use_async_staging=True, use_non_blocking_copy=on_accelerator))
-    stager._state_dict_stager = _GilFreeStateDictStager(pin_memory=on_accelerator)
+    if hasattr(stager, "_state_dict_stager") and hasattr(StateDictStager, "_stage_untyped_storage"):
+        stager._state_dict_stager = _GilFreeStateDictStager(pin_memory=on_accelerator)
+    # else: a torch whose private staging layout changed: DCP's own copy (correct, holds the GIL)
     return stager
 
 
