@@ -101,10 +101,8 @@ def test_async_save_writes_the_state_of_its_step(monkeypatch, tmp_path):
 
     import torch
     from trainer import checkpoint_async
-    from trainer.optim import build_optimizer, build_scheduler
+    from trainer.checkpoint import load_model_weights
     from trainer.model import Transformer
-    from trainer.train import TrainState
-    from launch.context import DistContext
     copied_at = []
     real_copy = checkpoint_async._GilFreeStateDictStager._stage_untyped_storage
 
@@ -114,26 +112,19 @@ def test_async_save_writes_the_state_of_its_step(monkeypatch, tmp_path):
         return real_copy(self, storage, non_blocking)
 
     monkeypatch.setattr(checkpoint_async._GilFreeStateDictStager, "_stage_untyped_storage", slow_copy)
-    cfg = config(tmp_path / "r", "--checkpoint.async", "true")
-    model = Transformer(cfg.model)
-    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
-    sched = build_scheduler(opt, cfg.optim, 10)
-    loader = factory()(cfg.data, split="train", seq_len=16, batch_size=4, dp_rank=0, dp_size=1, seed=0)
-    ckpt = CheckpointManager(cfg, DistContext(), tmp_path / "r", model=model, optimizer=opt, scheduler=sched,
-                             loader=loader, state=TrainState(step=5))
+    ckpt, model, opt = _manager(tmp_path / "r", "--checkpoint.async", "true")
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     opt.step()                                  # optimizer state exists, as in training
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ckpt.save()
+    saved = ckpt.save()
     returned_at = time.monotonic()
     opt.step()                                  # must wait for the copy
     assert any(t > returned_at for t in copied_at), "staging did not overlap the training thread"
     assert not torch.equal(model.state_dict()["tok_embeddings.weight"], before["tok_embeddings.weight"])
     ckpt.finish()
-    fresh = Transformer(cfg.model)
-    from trainer.checkpoint import load_model_weights
-    load_model_weights(fresh, tmp_path / "r" / "checkpoints" / "step-00000005")
+    fresh = Transformer(model.cfg)
+    load_model_weights(fresh, saved)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, before[k]), k
 
