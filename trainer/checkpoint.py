@@ -27,6 +27,17 @@ from trainer.config_parse import ConfigError
 from trainer.preemption import EXIT_PREEMPTED, Preemption  # noqa: F401 (re-exported for launch/)
 
 PREEMPTED_MARKER = "PREEMPTED"
+DAMAGED_PREFIX = "damaged-"
+
+
+def find_damage(path: Path, ctx=None) -> str | None:
+    """checkpoint_files.find_damage with the files split over the ranks of `ctx` (every rank gets
+    the same answer)."""
+    if ctx is None or not ctx.distributed:
+        return files.find_damage(path)
+    found = [None] * ctx.world_size
+    dist.all_gather_object(found, files.find_damage(path, ctx.rank, ctx.world_size))
+    return next((p for p in found if p), None)
 
 
 class CheckpointManager:
@@ -75,10 +86,19 @@ class CheckpointManager:
         for partial in files.partial_checkpoints(self.root):
             self._say(f"ignoring incomplete checkpoint {partial} (a save that did not finish)")
         ckpts = complete_checkpoints(self.root)
+        for ckpt in reversed(ckpts):
+            problem = find_damage(ckpt, self.ctx)
+            if problem is None:
+                self.load(ckpt)
+                self._say(f"resumed from {ckpt} at step {self.state.step}")
+                return True
+            if self.cfg.checkpoint.on_corrupt == "error":
+                raise CheckpointError(f"checkpoint {str(ckpt)!r} is damaged: {problem} (checkpoint.on_corrupt = 'error'; "
+                                      "'fallback' resumes from the newest checkpoint that verifies)")
+            self._set_aside_damaged(ckpt, problem)
         if ckpts:
-            self.load(ckpts[-1])
-            self._say(f"resumed from {ckpts[-1]} at step {self.state.step}")
-            return True
+            raise CheckpointError(f"run.dir: none of the {len(ckpts)} checkpoints of {str(self.run_dir)!r} verifies "
+                                  "(renamed damaged-step-*); start over with --run.overwrite true or another run.dir")
         if self.cfg.checkpoint.init_from:
             self.init_from(self.cfg.checkpoint.init_from)
             return True
@@ -99,6 +119,10 @@ class CheckpointManager:
             self.parts.load_full_model_state_dict(load_weights(weights, self.cfg.model))
             self._say(f"initialised weights from {source} (fresh optimizer, step 0)")
             return
+        _require_complete(path)
+        problem = find_damage(path, self.ctx)
+        if problem:
+            raise CheckpointError(f"checkpoint.init_from: {str(path)!r} is damaged: {problem}")
         self.load(path)
         self._say(f"initialised from {path} at step {self.state.step} (checkpoint.init_from)")
 
@@ -135,6 +159,15 @@ class CheckpointManager:
         else:
             self._say(f"layout changed ({meta.get('layout')} -> {self.layout}): RNG states are not restored "
                       "(the model uses no randomness in training; data order comes from the loader state)")
+
+    def _set_aside_damaged(self, ckpt: Path, problem: str) -> None:
+        """Rename a damaged checkpoint out of the way (kept for inspection, never pruned)."""
+        aside = ckpt.with_name(f"{DAMAGED_PREFIX}{ckpt.name}")
+        self._say(f"checkpoint {ckpt.name} is damaged: {problem}; renamed it {aside.name} and trying the one before")
+        self._barrier()
+        if self.ctx.is_main:
+            ckpt.rename(aside)
+        self._barrier()
 
     # ---- save ------------------------------------------------------------------------------
     def after_step(self, final: bool = False) -> None:
@@ -183,11 +216,13 @@ class CheckpointManager:
 
         self.last_saved_step, self.last_save_time = step, time.monotonic()
         if self.writer is not None and not blocking:
-            self.writer.start(sd, tmp, before_write=write_records, on_done=lambda: self._commit(tmp, final))
+            self.writer.start(sd, tmp, before_write=write_records, records=list(records),
+                              on_done=lambda: self._commit(tmp, final))
             return final
         write_records()
         with single_process_quiet():
-            dcp.save(sd, storage_writer=CheckpointWriter(str(tmp)))
+            dcp.save(sd, storage_writer=CheckpointWriter(str(tmp), rank=self.ctx.rank,
+                                                         world_size=self.ctx.world_size, records=list(records)))
         self._commit(tmp, final)
         self._barrier()
         return final
@@ -281,6 +316,9 @@ def load_model_weights(model, path: Path) -> None:
     model (generation, export); checks keys and shapes first."""
     path = Path(path)
     _require_complete(path)
+    problem = find_damage(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {problem}")
     check_against_metadata(path, read_metadata(path), model.cfg, with_optim=False)
     sd = {"model": model.state_dict()}
     dcp_load(sd, path)

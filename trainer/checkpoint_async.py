@@ -112,7 +112,9 @@ class AsyncCheckpointWriter:
             staging.result()
 
     def start(self, state_dict: dict, path: Path, *, before_write: Callable[[], None] = lambda: None,
-              on_done: Callable[[], None]) -> None:
+              records=(), on_done: Callable[[], None]) -> None:
+        """Stage `state_dict`, then on the writer thread: before_write() (this rank's JSON `records`),
+        the DCP write with checksums of the shards and records, on_done() (the commit)."""
         self.wait()
         if self.ctx.device.type != "cpu":
             torch.accelerator.synchronize()      # the step's kernels have written what we copy
@@ -125,7 +127,9 @@ class AsyncCheckpointWriter:
                 staged = staging.result()
                 before_write()
                 with single_process_quiet():
-                    dcp.save(staged, storage_writer=CheckpointWriter(str(path)), process_group=self.group)
+                    writer = CheckpointWriter(str(path), rank=self.ctx.rank, world_size=self.ctx.world_size,
+                                              records=records)
+                    dcp.save(staged, storage_writer=writer, process_group=self.group)
                 on_done()
             except BaseException as e:       # handed to the training thread by wait()
                 self._error = e

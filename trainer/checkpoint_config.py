@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from trainer.config_parse import option
 
@@ -17,6 +18,9 @@ class CheckpointConfig:
                            "position) or a run folder (its newest checkpoint); a .safetensors file or an "
                            "export folder loads only the weights", "")
     final: bool = option("save when training ends", True)
+    on_corrupt: Literal["fallback", "error"] = option(
+        "when a checkpoint fails its checksums on resume: 'fallback' resumes from the newest one that verifies "
+        "(the damaged one is renamed damaged-step-N, nothing is deleted); 'error' stops", "fallback")
     signal_check_every: int = option("agree across ranks on a termination signal (and on every_minutes saves) "
                                     "every N steps: one tiny all_reduce", 1)
 

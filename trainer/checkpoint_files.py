@@ -5,6 +5,8 @@
             .metadata, __<r>_0.distcp   DCP shards: "model.<fqn>" and "optim.<flattened key>"
             train.json          step, tokens, LR schedule, layout, model config (rank 0)
             rank-<r>.json       rank r's data-loader position, dp_rank and RNG states
+            checksums-rank-<r>.json  size and CRC32 of every file rank r wrote (its shards, its JSON)
+            checksums-metadata.json  the same for .metadata, and how many ranks wrote (rank 0)
             COMPLETE            written last, just before the rename
         .tmp-step-00000200/     being written (or left by a crash): never loaded, removed on the next save
         latest                  the name of the newest complete checkpoint (informational;
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 COMPLETE = "COMPLETE"
@@ -133,3 +136,91 @@ def read_json(path: Path, what: str) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{what}: {str(path)!r} is not valid JSON ({e})") from None
+
+
+# ---- checksums ------------------------------------------------------------------------------
+# Each rank records the size and CRC32 of every file it wrote, right after writing them (on the
+# background writer thread for async saves; zlib releases the GIL); rank 0 adds .metadata's.
+# CRC32 detects the damage that happens to files at rest or in transit (flipped, zeroed or
+# truncated bytes, a lost file) at ~1 GB/s; it is not a signature (see CHECKPOINTS.md).
+
+CHECKSUMS_RANK = "checksums-rank-{}.json"
+CHECKSUMS_METADATA = "checksums-metadata.json"
+_CHUNK = 8 << 20
+
+
+def file_checksum(path: Path) -> dict:
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def write_checksums(folder: Path, manifest_name: str, names, extra: dict | None = None) -> None:
+    folder = Path(folder)
+    write_json(folder / manifest_name, {**(extra or {}), "files": {n: file_checksum(folder / n) for n in sorted(set(names))}})
+
+
+def checksummed(folder: Path) -> bool:
+    """Whether the checkpoint was written with checksums (older ones were not: they load unverified)."""
+    folder = Path(folder)
+    return (folder / CHECKSUMS_METADATA).exists() or any(folder.glob(CHECKSUMS_RANK.format("*")))
+
+
+def checksum_manifest(folder: Path) -> dict:
+    """{file name: expected {size, crc32}} over all ranks' records, or ValueError naming what is
+    missing or unreadable."""
+    folder = Path(folder)
+    meta = _read_manifest(folder / CHECKSUMS_METADATA)
+    world = meta.get("world_size")
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(f"{CHECKSUMS_METADATA} has no valid world_size")
+    expected = dict(meta["files"])
+    for r in range(world):
+        expected.update(_read_manifest(folder / CHECKSUMS_RANK.format(r))["files"])
+    return expected
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path.name} is missing") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path.name} is unreadable ({type(e).__name__})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("files"), dict):
+        raise ValueError(f"{path.name} is not a checksum record")
+    return d
+
+
+def verify_files(folder: Path, expected: dict, names) -> str | None:
+    """The first problem among `names` (a subset of `expected`'s files), or None."""
+    folder = Path(folder)
+    for name in names:
+        want, path = expected[name], folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        got = file_checksum(path)
+        if got["size"] != want.get("size"):
+            return f"{name} has {got['size']} bytes, {want.get('size')} were written"
+        if got["crc32"] != want.get("crc32"):
+            return f"{name} does not match its checksum (its bytes changed after the save)"
+    return None
+
+
+def find_damage(path: Path, part: int = 0, parts: int = 1) -> str | None:
+    """What is wrong with a complete checkpoint's files, or None if they verify. With checksums,
+    files `part`, `part + parts`, ... (in name order) are verified: ranks split the work. Older
+    checkpoints, written without checksums, only have their JSON files parsed."""
+    path = Path(path)
+    try:
+        if checksummed(path):
+            expected = checksum_manifest(path)
+            return verify_files(path, expected, sorted(expected)[part::parts])
+        meta = read_json(path / "train.json", "checkpoint")
+        for r in range(int(meta.get("world_size", 1))):
+            read_json(path / f"rank-{r}.json", "checkpoint")
+        return None if (path / ".metadata").is_file() else ".metadata is missing"
+    except (ValueError, FileNotFoundError) as e:
+        return str(e)

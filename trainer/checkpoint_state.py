@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from trainer import checkpoint_files as files
 from trainer.config_parse import ConfigError
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
@@ -273,20 +274,35 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 class CheckpointWriter(dcp.FileSystemWriter):
-    """DCP's file writer (one file per rank, fsync'd), without the zip CRC32 that torch.save
-    computes for every record. torch.load, and so DCP's reader, never checks it, and computing
-    it holds the GIL: ~0.6 s per GB here, a third of a save, and during a background save the
-    training thread waits for the GIL meanwhile. The switch is torch's process-wide option,
-    turned off only while this writer writes (no other torch.save runs then in a training
-    process; one that did would still load)."""
+    """DCP's file writer (one file per rank, fsync'd) that also records the size and CRC32 of
+    every file this rank wrote (its shards and `records`, its JSON files), and on the coordinator
+    of .metadata (checkpoint_files, "checksums"), so a damaged checkpoint is found before it is
+    loaded. It skips the zip CRC32 that torch.save computes for every record: torch.load, and so
+    DCP's reader, never checks it, and computing it holds the GIL: ~0.6 s per GB here, a third of
+    a save, and during a background save the training thread waits for the GIL meanwhile. The
+    switch is torch's process-wide option, turned off only while this writer writes (no other
+    torch.save runs then in a training process; one that did would still load)."""
+
+    def __init__(self, path: str, *, rank: int = 0, world_size: int = 1, records=()):
+        super().__init__(path)
+        self._rank, self._world_size, self._records = rank, world_size, [Path(r).name for r in records]
 
     def write_data(self, plan, planner):
         before = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
         try:
-            return super().write_data(plan, planner)
+            future = super().write_data(plan, planner)
+            results = future.wait()
         finally:
             torch.serialization.set_crc32_options(before)
+        shards = {str(r.storage_data.relative_path) for r in results}
+        files.write_checksums(Path(self.path), files.CHECKSUMS_RANK.format(self._rank), [*shards, *self._records])
+        return future
+
+    def finish(self, metadata, results) -> None:
+        super().finish(metadata, results)
+        files.write_checksums(Path(self.path), files.CHECKSUMS_METADATA, [".metadata"],
+                              extra={"world_size": self._world_size})
 
 
 def read_metadata(path: Path):

@@ -39,6 +39,13 @@ def resolve_checkpoint(source: str) -> Path:
     return path
 
 
+def verified(ckpt: Path) -> Path:
+    problem = files.find_damage(ckpt)
+    if problem:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is damaged: {problem}")
+    return ckpt
+
+
 def model_config_of(ckpt: Path) -> ModelConfig:
     saved = files.read_json(ckpt / "train.json", "checkpoint")["model"]
     known = {f.name for f in fields(ModelConfig)}
@@ -59,7 +66,7 @@ def consolidated_state_dict(ckpt: Path, mc: ModelConfig) -> dict:
 
 def export(source: str, out: str, dtype: str = "float32", force: bool = False) -> Path:
     from safetensors.torch import save_file
-    ckpt = resolve_checkpoint(source)
+    ckpt = verified(resolve_checkpoint(source))
     mc = model_config_of(ckpt)
     check_llama_shaped(mc)
     out_dir = Path(out)

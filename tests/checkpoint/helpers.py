@@ -6,6 +6,7 @@ import os
 import signal
 
 from tests.trainer.fixtures import FixedBatches
+from trainer import checkpoint_files as files
 from trainer.config import load_config
 from trainer.train import train
 
@@ -58,3 +59,14 @@ def losses(rows) -> dict[int, float]:
 
 def lrs(rows) -> dict[int, float]:
     return {r["step"]: r["lr"] for r in rows if "lr" in r}
+
+
+def forge_checksums(ckpt) -> None:
+    """Record the checksums of a single-process checkpoint's files as they are now: what someone
+    who edits a checkpoint on purpose (a test's crafted file, an attacker) would also do, so the
+    load gets past the damage check to the checks behind it."""
+    for old in ckpt.glob("checksums-*.json"):
+        old.unlink()
+    names = [p.name for p in ckpt.iterdir() if p.name not in (files.COMPLETE, ".metadata")]
+    files.write_checksums(ckpt, files.CHECKSUMS_RANK.format(0), names)
+    files.write_checksums(ckpt, files.CHECKSUMS_METADATA, [".metadata"], extra={"world_size": 1})

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from tests.checkpoint.helpers import config, factory, losses, lrs, run
+from tests.checkpoint.helpers import config, factory, forge_checksums, losses, lrs, run
 from trainer import checkpoint_files as files
 from trainer.checkpoint import PREEMPTED_MARKER, CheckpointManager
 from trainer.checkpoint_state import CheckpointError
@@ -199,6 +199,7 @@ def test_shape_mismatch_is_reported_tensor_by_tensor(tmp_path, reference):
     meta = json.loads(meta_file.read_text())
     meta["model"]["n_layers"] = 3
     meta_file.write_text(json.dumps(meta))
+    forge_checksums(meta_file.parent)              # a consistent checkpoint, not a damaged one
     with pytest.raises(CheckpointError, match=r"missing in the checkpoint: layers\.2\.attention\.wq\.weight"):
         train(config(d, *STEPS, "--model.n_layers", "3"), loader_factory=factory())
 
@@ -225,6 +226,7 @@ def test_metadata_that_would_run_code_is_refused(tmp_path, reference):
         def __reduce__(self):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
     (bad / ".metadata").write_bytes(pickle.dumps(Evil()))
+    forge_checksums(bad)
     with pytest.raises(CheckpointError, match="refusing to load"):
         run(tmp_path / "c", *STEPS, "--checkpoint.init_from", str(bad))
     assert not (tmp_path / "pwned").exists()

@@ -3,7 +3,8 @@
 Each test writes a checkpoint that a permissive loader would act on (run `touch MARKER`, or read
 a file beside the folder), loads it the way a user would (resume, init_from, generate/export's
 weight loading), and asserts the load is refused with a CheckpointError and the marker never
-appears."""
+appears. The crafted files come with matching checksums (helpers.forge_checksums), as an
+attacker's would: checksums find damage, they are no defence against a forger."""
 import os
 import pickle
 import shutil
@@ -13,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from tests.checkpoint.helpers import config, run
+from tests.checkpoint.helpers import config, forge_checksums, run
 from trainer.checkpoint import load_model_weights
 from trainer.checkpoint_state import CheckpointError, read_metadata
 from trainer.model import Transformer
@@ -64,6 +65,7 @@ def rewrite(ckpt, replace: dict) -> None:
     for f in ckpt.glob("*.distcp"):
         f.unlink()
     dcp.save(sd, checkpoint_id=str(ckpt), no_dist=True)
+    forge_checksums(ckpt)
 
 
 def resume(run_dir):
@@ -109,6 +111,7 @@ def test_metadata_naming_a_callable_is_refused(saved, tmp_path, module, name):
     d, ckpt = copy_run(saved, tmp_path)
     marker = tmp_path / "pwned"
     (ckpt / ".metadata").write_bytes(stack_global_call(module, name, f"touch {marker}"))
+    forge_checksums(ckpt)
     with pytest.raises(CheckpointError, match="refusing to load"):
         resume(d)
     with pytest.raises(CheckpointError, match="refusing to load"):
@@ -126,6 +129,7 @@ def test_shard_outside_the_checkpoint_folder_is_refused(saved, tmp_path):
     meta.storage_meta = None
     with open(ckpt / ".metadata", "wb") as f:
         pickle.dump(meta, f)
+    forge_checksums(ckpt)
     with pytest.raises(CheckpointError, match="refusing shard location"):
         resume(d)
 
