@@ -24,6 +24,7 @@ from trainer.checkpoint_files import COMPLETE, complete_checkpoints, step_dir_na
 from trainer.checkpoint_state import (CheckpointError, CheckpointWriter, single_process_quiet, ModelParts, as_list, check_against_metadata, dcp_load,
                                       model_config_diff, read_metadata, rng_state, set_rng_state)
 from trainer.config_parse import ConfigError
+from trainer.run_lock import LOCK_NAME
 from trainer.preemption import EXIT_PREEMPTED, Preemption  # noqa: F401 (re-exported for launch/)
 
 PREEMPTED_MARKER = "PREEMPTED"
@@ -64,7 +65,10 @@ class CheckpointManager:
         if self.cfg.run.overwrite and (has_run or self.root.exists()):
             if self.ctx.is_main:
                 aside = self.run_dir.with_name(f"{self.run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-                self.run_dir.rename(aside)
+                aside.mkdir()
+                for entry in self.run_dir.iterdir():     # all but the lock this run holds
+                    if entry.name != LOCK_NAME:
+                        entry.rename(aside / entry.name)
                 print(f"run.overwrite: moved the previous run to {aside}", flush=True)
             self._barrier()
             return

@@ -21,6 +21,7 @@ from trainer.config_parse import ConfigError
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from trainer.model import Transformer
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.run_lock import hold_run_dir
 
 LoaderFactory = Callable[..., object]
 
@@ -69,7 +70,8 @@ def train(cfg: Config, *, loader_factory: LoaderFactory | None = None, ctx: Dist
     own_ctx = ctx is None
     ctx = ctx or init_distributed(cfg.launch, cfg.train.device)
     try:
-        return _train(cfg, ctx, loader_factory)
+        with hold_run_dir(Path(cfg.run.dir), ctx):
+            return _train(cfg, ctx, loader_factory)
     finally:
         if own_ctx:
             shutdown(ctx)
