@@ -216,7 +216,7 @@ class TokenLoader:
         self.sources, self.cfg, self.tokenizer = sources, cfg, tokenizer
         self.dp_rank, self.seed, self.stats, self.fingerprint = dp_rank, seed, stats, fingerprint
         self.grad_accum = grad_accum
-        self.split = {"dp_size": dp_size, "grad_accum": grad_accum}  # how this run divides the global batch
+        self.dp_accum = {"dp_size": dp_size, "grad_accum": grad_accum}  # how this run divides G
         self.layout = {"global_rows": dp_size * grad_accum * batch_size, "seq_len": seq_len}
         self.rows = P.rank_rows(dp_rank, dp_size, grad_accum, batch_size)
         self._start_epoch(0)
@@ -250,7 +250,7 @@ class TokenLoader:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "remaining": [list(r) for r in self.remaining],
-                "layout": dict(self.layout), "steps": self.steps, "micro": self.micro, "split": dict(self.split),
+                "layout": dict(self.layout), "steps": self.steps, "micro": self.micro, "dp_accum": dict(self.dp_accum),
                 "seed": self.seed, "data": self.fingerprint, "shuffle": self.cfg.shuffle,
                 "shuffle_buffer": self.cfg.shuffle_buffer}
 
@@ -269,10 +269,10 @@ class TokenLoader:
             self._continue(P.unconsumed_v1(remaining, d["layout"], int(d["batches"])), 0, 0)
             return
         saved, steps, micro = dict(d["layout"]), int(d["steps"]), int(d["micro"])
-        if micro and (not P.same_layout(saved, self.layout) or d["split"] != self.split):
-            raise ValueError(f"data loader state was saved inside an optimizer step (micro-batch {micro} of "
-                             f"{d['split']['grad_accum']}, split {d['split']}, layout {saved}); resume it with "
-                             f"that split, or save between steps")
+        if micro and (not P.same_layout(saved, self.layout) or d["dp_accum"] != self.dp_accum):
+            raise ValueError(f"data loader state was saved inside an optimizer step ({micro} of its "
+                             f"{d['dp_accum']['grad_accum']} micro-batches handed out); resume it with the same "
+                             f"dp_size and grad_accum ({d['dp_accum']}) and layout {saved}, or save between steps")
         if P.same_layout(saved, self.layout):
             self._continue(remaining, steps, micro)  # the same global rows: continue exactly
         else:  # another global batch or seq_len: keep what is left, cut it anew

@@ -15,7 +15,7 @@ SPLITS = [(1, 1, 16), (2, 1, 8), (1, 2, 8), (4, 2, 2)]  # (dp_size, grad_accum, 
 STEPS = 13
 
 
-def loaders(cfg, split, dp, accum, b, kind="train"):
+def loaders(cfg, dp, accum, b, kind="train"):
     return [build_loader(cfg, split=kind, seq_len=SEQ, batch_size=b, dp_rank=r, dp_size=dp, seed=4,
                          grad_accum=accum) for r in range(dp)]
 
@@ -40,7 +40,7 @@ def assert_same(a, b):
 def reference(unique_cfg):
     cfg, ids = unique_cfg
     cfg.num_workers = 0
-    ref = global_steps(loaders(cfg, "train", 1, 1, 16), 1, STEPS)
+    ref = global_steps(loaders(cfg, 1, 1, 16), 1, STEPS)
     return cfg, ids, ref
 
 
@@ -49,12 +49,12 @@ def reference(unique_cfg):
 def test_step_rows_are_the_same_in_every_split(reference, workers):
     cfg, ids, ref = reference
     assert ref[0][0].shape == (G, SEQ)
-    epoch = loaders(cfg, "train", 1, 1, 16)[0].batches_per_epoch()
+    epoch = loaders(cfg, 1, 1, 16)[0].batches_per_epoch()
     assert 2 < epoch < STEPS  # the comparison runs into epoch 1
     assert sorted(real_tokens(ref[:epoch])) == ids  # ... after an epoch that holds every token once
     cfg.num_workers = workers
     for dp, accum, b in SPLITS:
-        per_rank = loaders(cfg, "train", dp, accum, b)
+        per_rank = loaders(cfg, dp, accum, b)
         got = global_steps(per_rank, accum, STEPS)
         assert got[0][0].shape == (G, SEQ)
         assert_same(got, ref)
@@ -80,11 +80,11 @@ def test_resume_under_another_split_continues_the_uninterrupted_run(reference, b
     cfg, _, ref = reference
     k = 6  # resume inside epoch 0; the run continues into epoch 1
     dp, accum, b, cfg.num_workers = before
-    first = loaders(cfg, "train", dp, accum, b)
+    first = loaders(cfg, dp, accum, b)
     assert_same(global_steps(first, accum, k), ref[:k])
     state = json.loads(json.dumps(first[0].state_dict()))
     dp, accum, b, cfg.num_workers = after
-    second = loaders(cfg, "train", dp, accum, b)
+    second = loaders(cfg, dp, accum, b)
     for x in second:
         x.load_state_dict(state)
     assert_same(global_steps(second, accum, STEPS - k), ref[k:])
@@ -109,12 +109,12 @@ def test_state_saved_inside_a_step_resumes_only_under_its_split(reference):
 def test_validation_steps_are_the_same_in_every_split(unique_cfg):
     cfg, ids = unique_cfg
     cfg.val_urls = list(cfg.urls)
-    ref_loader = loaders(cfg, "val", 1, 1, 16, kind="val")[0]
+    ref_loader = loaders(cfg, 1, 1, 16, kind="val")[0]
     n = len(ref_loader)
     ref = global_steps([ref_loader], 1, n)
     assert sorted(real_tokens(ref)) == ids  # one pass holds every token once
     for dp, accum, b in SPLITS:
-        per_rank = loaders(cfg, "val", dp, accum, b, kind="val")
+        per_rank = loaders(cfg, dp, accum, b, kind="val")
         assert all(len(x) == n * accum for x in per_rank)  # the same number of val steps
         assert_same(global_steps(per_rank, accum, n), ref)
         assert all(len(list(x)) == n * accum for x in per_rank)  # finite: the pass ends there
