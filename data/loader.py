@@ -1,14 +1,15 @@
-"""The training and validation loaders: global rows of the epoch stream -> packed (inputs, labels) micro-batches.
+"""The training and validation loaders: global rows of the epoch stream -> (inputs, labels) micro-batches.
 
 See plan.py for how positions are assigned to global rows; this file reads them. A DP rank's rows
-are shared among its loader workers (worker w reads the rank's rows j with j % n == w, so each lane
-is read by exactly one worker and none reads and discards); each worker sends its part of the rows
-for `WORKER_GROUP` steps per message, and the main process stitches the n messages of a group
-(torch's DataLoader hands worker messages out round robin, in order) into whole steps. Shard reading uses webdataset's
-tar iterators (shards.py). We do not use webdataset's reservoir `shuffle`: its buffer cannot be
-restored without replaying the stream. Instead documents are shuffled in fixed windows of
-`shuffle_buffer` documents inside each shard, seeded by (seed, epoch, shard ordinal, window), so
-any reader finds the same order at any position.
+are shared among its loader workers (worker w reads the rank's rows j with j % n == w, so each
+lane is read by exactly one worker and none reads and discards); each worker sends its part of
+the rows for `WORKER_GROUP` steps per message, and the main process stitches the n messages of a
+group (torch's DataLoader hands worker messages out round robin, in order) into whole steps.
+
+Shard reading uses webdataset's tar iterators (shards.py). We do not use webdataset's reservoir
+`shuffle`: its buffer cannot be restored without replaying the stream. Instead documents are
+shuffled in fixed windows of `shuffle_buffer` documents inside each shard, seeded by (seed, epoch,
+shard ordinal, window), so any reader finds the same order at any position.
 """
 
 from __future__ import annotations
