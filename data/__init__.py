@@ -1,7 +1,8 @@
 """Streamed data: webdataset shards -> tokens -> packed (inputs, labels) batches, exactly resumable.
 
     tok = build_tokenizer(cfg)
-    train = build_loader(cfg, split="train", seq_len=128, batch_size=16, dp_rank=r, dp_size=d, seed=0)
+    train = build_loader(cfg, split="train", seq_len=128, batch_size=16, dp_rank=r, dp_size=d, seed=0,
+                         grad_accum=a)          # a micro-batches of 16 per optimizer step
     for inputs, labels in train: ...; state = train.state_dict()   # same dict on every DP rank
     val = build_loader(cfg, split="val", ...)   # None when there is no validation data
 
@@ -28,8 +29,12 @@ def val_entries(cfg: DataConfig) -> list[str]:
 
 
 def build_loader(cfg: DataConfig, *, split: str, seq_len: int, batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int, tokenizer=None):
+                 seed: int, tokenizer=None, grad_accum: int = 1):
     """The loader of one data-parallel rank (dp_rank is the DP coordinate, never the global rank).
+
+    It yields micro-batches of `batch_size` rows, `grad_accum` per optimizer step. Which sequences
+    form a step depends only on the global batch dp_size * grad_accum * batch_size (and data, seed,
+    seq_len), not on how it is split into ranks, accumulation and loader workers.
 
     split='train': endless, shuffled per epoch, with state_dict()/load_state_dict().
     split='val': a finite deterministic pass (same batches each time); None if there is no validation data.
@@ -45,8 +50,8 @@ def build_loader(cfg: DataConfig, *, split: str, seq_len: int, batch_size: int, 
             return None
         sources = build_sources(entries, [], cfg, "val", tok)
         return ValLoader(sources=sources, cfg=cfg, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
-                         dp_rank=dp_rank, dp_size=dp_size, stats=source_stats(sources))
+                         dp_rank=dp_rank, dp_size=dp_size, stats=source_stats(sources), grad_accum=grad_accum)
     sources = build_sources(cfg.urls, cfg.weights, cfg, "train", tok)
     return TokenLoader(sources=sources, cfg=cfg, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
                        dp_rank=dp_rank, dp_size=dp_size, seed=seed, stats=source_stats(sources),
-                       fingerprint=data_fingerprint(sources))
+                       fingerprint=data_fingerprint(sources), grad_accum=grad_accum)

@@ -1,20 +1,21 @@
-"""Who reads which tokens: the epoch order and its split into slots, as pure functions of small state.
+"""Who reads which tokens: the epoch order and its cut into global rows, as pure functions of small state.
 
 An epoch is a deterministic order of shards (seeded per epoch; several sources interleaved by
 weight). Laid end to end, with an end-of-text token after each document, its documents form one
 token stream; a *position* is an offset in that stream. The positions not yet trained on are a
-list of intervals, `remaining`. They are cut into `dp_size * slots_per_rank` equal contiguous
-slots (rank-major: slot = dp_rank * slots_per_rank + worker). A slot is cut again into
-batch_size equal contiguous lanes; row i of the slot's batches reads lane i, seq_len+1 tokens at a
-time, so the rows of a batch come from distant documents (often other shards). Workers send `group` batches per message (one
-message per batch costs more than making it) and torch's DataLoader takes messages round robin,
-so worker w of a rank serves that rank's batch groups w, w+n, w+2n, ...
+list of intervals, `remaining`. They are cut into G equal contiguous *lanes*, G = the global batch
+in sequences (dp_size * grad_accum * batch_size): row r of every optimizer step reads lane r,
+seq_len+1 tokens at a time, so the rows of a step come from distant documents (often other shards)
+and row r of the next step continues where it stopped. The cut depends on (data, seed, epoch,
+seq_len, G) only: DP rank d owns the global rows [d*A*b, (d+1)*A*b) (A = grad_accum, b = micro
+batch) and its micro-batch a holds rows d*A*b + a*b .. + b, so every split of G into DP ranks,
+accumulation and loader workers sees the same sequences in the same global row order.
 
-All DP ranks consume batches in lockstep, so the global state is (epoch, remaining, layout,
-batches consumed per rank): the same on every rank. From it any new layout (other DP size,
-worker count, batch size) can compute what was consumed and cut the rest anew: nothing repeated,
-nothing skipped, down to the token. Slots of one phase all give the same number of batches; the
-end of each lane is padded (inputs end-of-text, labels -100, the ignore index).
+All DP ranks consume steps in lockstep, so the state is (epoch, remaining, layout = {global_rows,
+seq_len}, steps consumed): the same on every rank. A resume with the same layout continues exactly
+(whatever the DP size, accumulation or worker count); another G or seq_len cuts what was not
+consumed anew: nothing repeated, nothing skipped, down to the token. All lanes of a phase give the
+same number of steps; the end of each lane is padded (inputs end-of-text, labels -100).
 """
 
 from __future__ import annotations
@@ -102,50 +103,28 @@ def cut(remaining, lo: int, hi: int) -> list[list[int]]:
     return out
 
 
-def slot_bounds(remaining, slots: int, slot: int) -> tuple[int, int]:
+def lane_bounds(remaining, rows: int, row: int) -> tuple[int, int]:
+    """Global row `row`'s lane: its contiguous part of the remaining positions (counted within them)."""
     r = total(remaining)
-    return slot * r // slots, (slot + 1) * r // slots
+    return row * r // rows, (row + 1) * r // rows
 
 
-def lane_bounds(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
-    """A slot's lanes: row i of every batch of a slot reads lane i, its i-th contiguous part."""
-    n = hi - lo
-    return [(lo + i * n // batch_size, lo + (i + 1) * n // batch_size) for i in range(batch_size)]
-
-
-def phase_batches(remaining, layout: dict) -> int:
-    """Batches each slot (and each worker) gives before the epoch ends."""
-    slots = layout["dp_size"] * layout["slots_per_rank"]
-    longest_lane = math.ceil(math.ceil(total(remaining) / slots) / layout["batch_size"])
+def phase_steps(remaining, layout: dict) -> int:
+    """Optimizer steps until the remaining positions are used up (the longest lane, in sequences)."""
+    longest_lane = math.ceil(total(remaining) / layout["global_rows"])
     return math.ceil(longest_lane / (layout["seq_len"] + 1))
 
 
-def _group_shape(layout: dict, m: int) -> tuple[int, int, int, int]:
-    """(n, G, Q, r): workers, batches per message, messages per worker per phase, last message's size."""
-    n, g = layout["slots_per_rank"], layout.get("group", 1)
-    q = max(1, math.ceil(m / g))
-    return n, g, q, m - g * (q - 1)
+def rank_rows(dp_rank: int, dp_size: int, grad_accum: int, batch_size: int) -> range:
+    """The global rows of one DP rank, in the order of its micro-batches (A micro-batches of b rows)."""
+    per_rank = grad_accum * batch_size
+    return range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
 
 
-def worker_batches_done(k: int, worker: int, layout: dict, m: int) -> int:
-    """How many of a rank's first k batches of a phase (m batches per worker) worker `worker` served.
-
-    Workers send messages of `group` batches (the last of a phase shorter, r), and torch's
-    DataLoader takes messages round robin: message g of the phase comes from worker g % n.
-    """
-    n, g, q, r = _group_shape(layout, m)
-    full = n * g * (q - 1)
-    if k <= full:
-        cycles, rem = divmod(k, g * n)
-        return cycles * g + min(max(rem - worker * g, 0), g)
-    return (q - 1) * g + min(max(k - full - worker * r, 0), r)
-
-
-def next_message(k: int, layout: dict, m: int) -> int:
-    """Index in the phase of the message that holds the rank's batch k."""
-    n, g, q, r = _group_shape(layout, m)
-    full = n * g * (q - 1)
-    return k // g if k < full else n * (q - 1) + (k - full) // r
+def unread(remaining, layout: dict, row: int, steps: int) -> list[list[int]]:
+    """The stream intervals lane `row` still holds after `steps` steps."""
+    lo, hi = lane_bounds(remaining, layout["global_rows"], row)
+    return cut(remaining, min(lo + steps * (layout["seq_len"] + 1), hi), hi)
 
 
 def merge(intervals) -> list[list[int]]:
@@ -160,20 +139,52 @@ def merge(intervals) -> list[list[int]]:
     return out
 
 
-def unconsumed(remaining, layout: dict, k: int) -> list[list[int]]:
-    """The remaining intervals after every rank consumed k batches under `layout`."""
-    n = layout["slots_per_rank"]
-    slots = layout["dp_size"] * n
-    seq = layout["seq_len"] + 1
-    m = phase_batches(remaining, layout)
-    left = []
-    for s in range(slots):
-        done = worker_batches_done(k, s % n, layout, m)
-        for lo, hi in lane_bounds(*slot_bounds(remaining, slots, s), layout["batch_size"]):
-            left += cut(remaining, min(lo + done * seq, hi), hi)
-    return merge(left)
+def unconsumed(remaining, layout: dict, steps: int) -> list[list[int]]:
+    """The remaining intervals after `steps` optimizer steps under `layout`."""
+    return merge([iv for row in range(layout["global_rows"]) for iv in unread(remaining, layout, row, steps)])
 
 
 def same_layout(a: dict, b: dict) -> bool:
-    keys = ("dp_size", "slots_per_rank", "batch_size", "seq_len", "group")
-    return all(a.get(k, 1) == b.get(k, 1) for k in keys)
+    return a["global_rows"] == b["global_rows"] and a["seq_len"] == b["seq_len"]
+
+
+# --- Version 1 states (per-rank slots, up to this change): what they left unconsumed --------------
+# A v1 state is resumed by cutting its unconsumed positions anew (as for any layout change), so a
+# run checkpointed before the upgrade neither repeats nor skips data.
+
+def _v1_phase_batches(remaining, layout: dict) -> int:
+    slots = layout["dp_size"] * layout["slots_per_rank"]
+    longest_lane = math.ceil(math.ceil(total(remaining) / slots) / layout["batch_size"])
+    return math.ceil(longest_lane / (layout["seq_len"] + 1))
+
+
+def worker_batches_done(k: int, worker: int, layout: dict, m: int) -> int:
+    """v1: how many of a rank's first k batches of a phase (m per worker) worker `worker` served.
+
+    Workers sent messages of `group` batches (the last of a phase shorter, r), taken round robin:
+    message g of the phase came from worker g % n.
+    """
+    n, g = layout["slots_per_rank"], layout.get("group", 1)
+    q = max(1, math.ceil(m / g))
+    r = m - g * (q - 1)
+    full = n * g * (q - 1)
+    if k <= full:
+        cycles, rem = divmod(k, g * n)
+        return cycles * g + min(max(rem - worker * g, 0), g)
+    return (q - 1) * g + min(max(k - full - worker * r, 0), r)
+
+
+def unconsumed_v1(remaining, layout: dict, k: int) -> list[list[int]]:
+    """The remaining intervals after every rank consumed k batches under a v1 layout."""
+    n = layout["slots_per_rank"]
+    slots, b = layout["dp_size"] * n, layout["batch_size"]
+    seq, r = layout["seq_len"] + 1, total(remaining)
+    m = _v1_phase_batches(remaining, layout)
+    left = []
+    for s in range(slots):
+        done = worker_batches_done(k, s % n, layout, m)
+        lo, hi = s * r // slots, (s + 1) * r // slots
+        for i in range(b):
+            a, e = lo + i * (hi - lo) // b, lo + (i + 1) * (hi - lo) // b
+            left += cut(remaining, min(a + done * seq, e), e)
+    return merge(left)

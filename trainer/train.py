@@ -1,6 +1,7 @@
 """The training job: the walk a batch takes, from config to metrics and checkpoints."""
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -40,8 +41,10 @@ def seed_everything(seed: int) -> None:
 
 def build_loaders(cfg: Config, dims: ParallelDims, factory: LoaderFactory | None):
     """Train and validation loaders for this rank's data-parallel coordinate: tensor- and
-    pipeline-parallel peers of one replica pass the same dp_rank and so see the same batches."""
-    factory = factory or data_pkg.build_loader
+    pipeline-parallel peers of one replica pass the same dp_rank and so see the same batches.
+    The built-in loader also gets grad_accum: it cuts the global batch (dp_size x grad_accum x
+    batch_size sequences) the same way in every layout. A custom factory hands out its own order."""
+    factory = factory or functools.partial(data_pkg.build_loader, grad_accum=cfg.train.grad_accum)
     common = dict(seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
                   dp_rank=dims.dp_rank, dp_size=dims.dp_size, seed=cfg.run.seed)
     train = factory(cfg.data, split="train", **common)
@@ -60,9 +63,10 @@ def take(it: Iterator, n: int) -> list:
     return [next(it) for _ in range(n)]
 
 
-def evaluate(engine, val_loader, n_batches: int) -> float:
-    """Mean loss over the first `n_batches` of the (finite, fixed) validation pass."""
-    return engine.eval_loss(list(itertools.islice(iter(val_loader), n_batches)))
+def evaluate(engine, val_loader, n_steps: int, grad_accum: int = 1) -> float:
+    """Mean loss over the first `n_steps` validation steps (global batches: grad_accum micro-batches
+    per rank, as in training) of the (finite, fixed) validation pass."""
+    return engine.eval_loss(list(itertools.islice(iter(val_loader), n_steps * grad_accum)))
 
 
 def train(cfg: Config, *, loader_factory: LoaderFactory | None = None, ctx: DistContext | None = None) -> dict:
@@ -117,7 +121,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
     peak = peak_flops(ctx.device, cfg.precision.dtype, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops) * ctx.world_size
 
     if val_loader is not None and state.step == 0:   # the starting point the demo's drop is measured from
-        val = evaluate(engine, val_loader, cfg.train.eval_batches)
+        val = evaluate(engine, val_loader, cfg.train.eval_batches, cfg.train.grad_accum)
         log.log({"step": 0, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
     it = iter(train_loader)
     last = {"loss": float("nan"), "val_loss": float("nan")}
@@ -141,7 +145,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
                      "peak_mem_gib": peak_memory_gib(ctx.device)})
         final = state.step == cfg.train.steps
         if val_loader is not None and (final or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)):
-            val = evaluate(engine, val_loader, cfg.train.eval_batches)
+            val = evaluate(engine, val_loader, cfg.train.eval_batches, cfg.train.grad_accum)
             last["val_loss"] = val
             log.log({"step": state.step, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
             window_t = time.perf_counter()   # evaluation time is not training throughput

@@ -77,7 +77,8 @@ def real_tokens(batches):
 
 
 def slot_stream(batches, eot):
-    """One slot's token stream, padding dropped: row i of its batches reads lane i, lanes in order."""
+    """The token streams of the batches' rows, padding dropped: row i of the batches reads one lane,
+    so this gives the lanes of those rows end to end, in row order."""
     out = []
     rows = batches[0][0].shape[0] if batches else 0
     for i in range(rows):

@@ -1,4 +1,5 @@
-"""Exact resume: same next batches after a restart; no repeat or skip after the DP size changes."""
+"""Exact resume: same next batches after a restart; no repeat or skip after the global batch changes
+(the same global batch under another split is test_data_global_batch.py)."""
 
 import json
 from collections import Counter
@@ -9,6 +10,7 @@ import torch
 from datahelpers import real_tokens, take
 from data import build_loader
 from data import plan as P
+from data.loader import read_positions
 
 
 def loader_for(cfg, r=0, d=1, seed=3, seq_len=6, batch_size=2):
@@ -100,12 +102,14 @@ def test_state_from_other_data_or_seed_is_refused(unique_cfg):
 
 
 @pytest.mark.parametrize("n,group", [(1, 1), (2, 1), (2, 8), (3, 4)])
-def test_worker_bookkeeping_matches_round_robin_messages(n, group):
-    """Simulate torch's DataLoader: messages round robin over workers, each worker's batches cut at
-    multiples of `group` and at the phase end; the closed forms must agree at every k."""
+def test_version_1_worker_bookkeeping_matches_round_robin_messages(n, group):
+    """Version 1 states (per-rank slots) are still loaded, by re-cutting what they left; that needs
+    which worker served which batch. Simulate torch's DataLoader: messages round robin over workers,
+    each worker's batches cut at multiples of `group` and at the phase end; the closed form must
+    agree at every k."""
     for m in (1, 5, 8, 13, 16):
         layout = {"slots_per_rank": n, "group": group}
-        order = []  # worker of each batch of the rank, in the order the trainer gets them
+        order = []  # worker of each batch of the rank, in the order the trainer got them
         messages = {w: [min(group, m - s) for s in range(0, m, group)] for w in range(n)}
         for q in range(len(messages[0])):
             for w in range(n):
@@ -113,5 +117,35 @@ def test_worker_bookkeeping_matches_round_robin_messages(n, group):
         for k in range(len(order) + 1):
             for w in range(n):
                 assert P.worker_batches_done(k, w, layout, m) == order[:k].count(w)
-            if k < len(order):
-                assert P.next_message(k, layout, m) % n == order[k]
+
+
+def test_version_1_state_resumes_without_repeat_or_skip(unique_cfg):
+    """A state saved before global rows (per-rank slots) resumes by cutting what it left anew."""
+    cfg, ids = unique_cfg
+    fresh = loader_for(cfg)
+    end = fresh.remaining[0][1]
+    v1 = {k: v for k, v in fresh.state_dict().items() if k in ("seed", "data", "shuffle", "shuffle_buffer")}
+    v1.update(version=1, epoch=0, remaining=[[0, end]], batches=5,
+              layout={"dp_size": 2, "slots_per_rank": 2, "batch_size": 2, "seq_len": 6, "group": 8})
+    left = P.unconsumed_v1(v1["remaining"], v1["layout"], 5)
+    done = P.merge([[a, b] for a, b in zip([0] + [e for _, e in left], [s for s, _ in left] + [end])])
+    assert done and left  # the v1 run had consumed part of the epoch
+    plan = P.epoch_plan(fresh.sources, 0, 3, cfg.shuffle)
+    pieces = read_positions(plan, done, cfg=cfg, tokenizer=fresh.tokenizer, seed=3, epoch=0, shuffle=cfg.shuffle,
+                            stats={})
+    seen = [t for piece in pieces for t in piece.tolist() if t > 0]  # what the v1 run trained on (0: EOT)
+    resumed = loader_for(cfg, batch_size=3)
+    resumed.load_state_dict(json.loads(json.dumps(v1)))
+    for b in resumed:
+        seen += real_tokens([b])
+        if resumed.state_dict()["epoch"] == 1:
+            break
+    assert sorted(seen) == ids
+
+
+def test_unknown_state_version_is_refused(unique_cfg):
+    cfg, _ = unique_cfg
+    state = loader_for(cfg).state_dict()
+    state["version"] = 99
+    with pytest.raises(ValueError, match="version 99"):
+        loader_for(cfg).load_state_dict(state)
