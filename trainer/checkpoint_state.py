@@ -18,7 +18,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from trainer.config_parse import ConfigError
+from core.errors import CheckpointError, ConfigError
+from trainer.model import Transformer
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict)
@@ -32,10 +33,6 @@ OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 # training during a background save. Checkpoints that hold them (format 1) still load.
 HYPERPARAMETERS = "param_groups."
 
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be loaded into this run: says what differs (the CLI prints it
-    without a traceback, as for a bad config value)."""
 
 
 def as_list(x) -> list:
@@ -150,7 +147,6 @@ def _keys(part: nn.Module) -> set[str]:
 def expected_model_shapes(model_cfg) -> dict[str, tuple]:
     """FQN -> global shape of the single-process model for this config (built on the meta
     device: no memory, no init cost). Resharding never changes these."""
-    from trainer.model import Transformer
     with torch.device("meta"):
         model = Transformer(model_cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

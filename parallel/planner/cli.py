@@ -15,7 +15,7 @@ import sys
 from .cluster import list_clusters, load_cluster
 from .layout import Stack
 from .predict import predict
-from .run_config import config_layout, read_run_config
+from .run_config import config_layout, default_gpus, read_run_config
 from .search import explain, search
 
 
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _predict(args, run, cluster) -> int:
     gpus = args.gpus
-    if not gpus:
-        par = run.parallel
-        gpus = int(par["tp"]) * int(par["pp"]) * int(par["dp_replicate"]) * max(1, int(par["dp_shard"]))
+    gpus = gpus or default_gpus(run)
     layout = config_layout(run, gpus)
     pred = predict(run.model, layout, cluster, Stack())
     out = {"cluster": cluster.name, "model_params": run.model.num_params(), **pred.to_dict()}

@@ -16,9 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core.errors import ConfigError
+from core.layout import resolve_sizes
+from core.run_config import load_config
 from launch.sbatch import TEMPLATE, render
 from launch.slurm_profile import load_profile
-from trainer.config_parse import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,11 +65,9 @@ def _profile_overrides(args) -> dict:
 def check_run_config(config: str | None, overrides: list[str], world: int, mode: str):
     """Fail before queueing: a bad config or a layout that does not fit the job's world size
     would otherwise only show after the job waited its turn."""
-    from parallel.dims import ParallelDims
-    from trainer.config import load_config
     cfg = load_config(config, overrides)
     try:
-        ParallelDims.resolve(cfg.parallel, world)
+        resolve_sizes(cfg.parallel, world)
     except ConfigError as e:
         raise ConfigError(f"{e} (this job starts nodes x tasks_per_node = {world} processes)") from None
     wanted = {"tasks": "slurm", "torchrun": "torchrun"}[mode]
