@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.errors import ConfigError
 from core.layout import resolve_sizes
-from core.run_config import load_config
+from core.run_config import keys_help, load_config
 from launch.sbatch import TEMPLATE, render
 from launch.slurm_profile import load_profile
 
@@ -26,7 +26,9 @@ from launch.slurm_profile import load_profile
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshformer slurm", allow_abbrev=False,
                                 description="Render or submit an sbatch script that trains --config on a Slurm cluster.",
-                                epilog="Other --section.key value pairs override the run config, e.g. --optim.lr 3e-4.")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Other --section.key value pairs override the run config, e.g. --optim.lr 3e-4.\n\n"
+                                       + keys_help())
     p.add_argument("--config", default=None, help="run config TOML (default: built-in defaults)")
     p.add_argument("--profile", default=None,
                    help="cluster profile: a TOML path or a name in configs/slurm/ or configs/clusters/ (its [slurm] table)")
