@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from core.errors import CheckpointError, ConfigError
 from trainer.model import Transformer
@@ -183,23 +186,52 @@ def check_against_metadata(path: Path, metadata, model_cfg, with_optim: bool) ->
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model:\n  " + "\n  ".join(shown))
 
 
-# ---- safe metadata --------------------------------------------------------------------------
+# ---- safe loading ---------------------------------------------------------------------------
+# What a checkpoint may contain is trusted only this far (CHECKPOINTS.md, "Untrusted input"):
+# the `.metadata` pickle may name exactly the classes below (DCP's metadata records, torch's
+# dtypes and sizes, paths), each entry the run loads must be declared a tensor, and its shard a
+# plain file inside the checkpoint folder. Tensor data goes through torch.load(weights_only=True)
+# in DCP's reader. Nothing is ever unpickled freely: a non-tensor ("bytes") entry would be, by
+# DCP's default planner, so SafeLoadPlanner refuses them.
 
-_SAFE_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
-_SAFE_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                 ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_SAFE_GLOBALS = frozenset({
+    *((_DCP_METADATA, n) for n in ("Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata",
+                                   "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+                                   "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath"),          # Python 3.13's pathlib
+})
+_TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's `.metadata` is a pickle. Allow only DCP's own metadata classes and plain torch types,
-    so a crafted checkpoint cannot run code on load (tensor data itself is read as raw bytes)."""
+    """DCP's `.metadata` is a pickle: admit only the exact (module, name) pairs above and torch's
+    dtype/layout/memory-format constants, so a crafted file cannot call anything on load. Exact
+    pairs, not module prefixes: pickle resolves a dotted name ("os.system") as attributes of an
+    admitted module, which would reach any callable that module imports."""
 
     def find_class(self, module, name):
-        if module.startswith(_SAFE_MODULE_PREFIXES) or (module, name) in _SAFE_GLOBALS:
+        if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), _TORCH_ENUMS):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+def _check_storage_files(metadata) -> None:
+    """Every shard the metadata points to is a plain file name inside the checkpoint folder (no
+    '../x', no absolute path), read at a non-negative offset."""
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        rel = str(getattr(info, "relative_path", ""))
+        offset, length = getattr(info, "offset", 0), getattr(info, "length", 0)
+        if not rel or rel != Path(rel).name or rel in (".", "..") or not isinstance(offset, int) \
+                or not isinstance(length, int) or offset < 0 or length < 0:
+            raise pickle.UnpicklingError(f"refusing shard location {rel!r} (offset {offset!r}, length {length!r}) "
+                                         f"for {getattr(index, 'fqn', index)}: shards are files in the checkpoint folder")
 
 
 class SafeFileSystemReader(dcp.FileSystemReader):
@@ -209,11 +241,31 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         path = get_path(rank) if get_path else self.fs.concat_path(self.path, ".metadata")
         with self.fs.create_stream(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
+        _check_storage_files(metadata)
         from torch.distributed.checkpoint.metadata import StorageMeta
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner for a state dict of tensors only: every entry this run asks for must be
+    declared a tensor in the checkpoint, and bytes are never unpickled (DCP's default would pass
+    them to torch.load(weights_only=False), which runs whatever the file says)."""
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        entries = metadata.state_dict_metadata if metadata is not None else {}
+        for key, value in self.state_dict.items():
+            kind = entries.get(key)
+            if isinstance(value, torch.Tensor) and kind is not None and not isinstance(kind, TensorStorageMetadata):
+                raise CheckpointError(f"checkpoint entry {key!r} is stored as {type(kind).__name__}, not a tensor: "
+                                      "refusing to load it (meshformer checkpoints hold only tensors)")
+
+    def load_bytes(self, read_item, value) -> None:
+        raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn!r} holds pickled bytes: refusing to "
+                              "unpickle it (meshformer checkpoints hold only tensors)")
 
 
 class CheckpointWriter(dcp.FileSystemWriter):
@@ -253,8 +305,19 @@ def single_process_quiet():
 
 
 def dcp_load(sd: dict, path: Path, process_group=None) -> None:
+    """Load the tensors of `sd` from a checkpoint folder, trusting it no further than the metadata
+    allow-list, tensor-only entries and in-folder shards (see "safe loading" above)."""
     with single_process_quiet():
-        dcp.load(sd, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group)
+        try:
+            dcp.load(sd, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
+                     process_group=process_group)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from None
+        except CheckpointException as e:            # DCP gathers each rank's failure: re-raise ours as is
+            ours = [exc for exc, _ in e.failures.values() if isinstance(exc, (CheckpointError, pickle.UnpicklingError))]
+            if ours:
+                raise CheckpointError(f"checkpoint {str(path)!r}: {ours[0]}") from None
+            raise
 
 
 # ---- RNG ------------------------------------------------------------------------------------

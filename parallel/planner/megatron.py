@@ -20,16 +20,12 @@ from .cluster import ClusterProfile, load_cluster
 from .layout import Layout, megatron_sc21
 from .predict import Prediction, predict
 
-TABLE1 = Path(__file__).resolve().parents[2].parent / "shared" / "refdata" / "megatron_table1.csv"
+TABLE1 = Path(__file__).resolve().parent / "refdata" / "megatron_table1.csv"   # shipped with the package
 VOCAB, SEQ = 51200, 2048
 
 
 def table1_path() -> Path:
-    """The CSV: ../shared/refdata from the repository root (the layout of the project's machines)."""
-    for p in (TABLE1, Path("/work/shared/refdata/megatron_table1.csv")):
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"Megatron Table 1 not found at {TABLE1}")
+    return TABLE1
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,18 @@
-"""Run under torchrun with 2 gloo ranks: fp8 (torchao) training under FSDP x2 and TP x2 against a
-single-process fp8 run of the same model and global batches. Writes one JSON line per check to
-the file named by argv[1] (rank 0)."""
+"""Run under torchrun with 2 gloo ranks: fp8 (torchao) training under FSDP x2 and TP x2 against
+single-process fp8 runs of the same model and global batches. Writes one JSON line per check to
+the file named by argv[1] (rank 0).
+
+Each layout is compared with the single-process run that does the same arithmetic up to fp32
+reduction order (see test_distributed.py for why):
+- FSDP: every rank scales ITS activations and output gradients by their own amax (dynamic
+  scaling is per process; torchao reduces amax over ranks only for weights). The matching
+  reference is one process taking the global batch as `world` micro-batches with gradient
+  accumulation: each micro-batch gets its own scales, exactly as each rank does.
+- TP: DTensor makes every amax global (max over the TP group), so the reference is one process on
+  the whole batch (TP peers see the same batch).
+These runs keep the high-precision side in fp32 (no autocast). The bf16-autocast runs are recorded
+separately: under TP they differ by construction (partial sums are rounded to bf16 before the
+all-reduce), and fp8 amplifies that difference (see the test)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +33,7 @@ from core.precision_config import PrecisionConfig
 warnings.filterwarnings("ignore")
 STEPS, B, T, LR = 8, 4, 32, 1e-2
 MODEL = ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, max_seq_len=T)
+FP8 = PrecisionConfig(dtype="fp8")
 
 
 def batches(world: int):
@@ -35,27 +48,37 @@ def build():
     return Transformer(MODEL)
 
 
-def run(model, data, rows=slice(None), autocast=True, hook=False):
+def train(model, data, micro_batches: int = 1, autocast: bool = False, hook: bool = False,
+          rank_mean: bool = False):
+    """AdamW steps over `data`, each batch split into `micro_batches` accumulated ones. The loss
+    reported is the step's mean over micro-batches, and with `rank_mean` over ranks (FSDP: each
+    rank holds its own rows; TP peers compute the same replicated loss)."""
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
     for b in data:
-        b = b[rows]
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            loss = cross_entropy(model(b[:, :-1]), b[:, 1:])
-        loss.backward()
+        total = torch.zeros(())
+        for mb in b.chunk(micro_batches):
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                loss = cross_entropy(model(mb[:, :-1]), mb[:, 1:]) / micro_batches
+            loss.backward()
+            total += loss.detach()
         opt.step()
         opt.zero_grad()
         if hook:
             post_optimizer_hook([model])
-        if dist.is_initialized():
-            loss = loss.detach().clone()
-            dist.all_reduce(loss)
-            loss /= dist.get_world_size()
-        losses.append(loss.item())
+        if rank_mean:
+            dist.all_reduce(total)
+            total /= dist.get_world_size()
+        losses.append(total.item())
     return losses
 
 
-def fsdp(cfg: PrecisionConfig, rank: int, world: int):
+def single(world: int, micro_batches: int, autocast: bool):
+    """The reference: one process (every rank computes the same thing, with no collective)."""
+    return train(convert_for_training(build(), FP8), batches(world), micro_batches, autocast)
+
+
+def fsdp(cfg: PrecisionConfig, rank: int, world: int, autocast: bool):
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh("cpu", (world,))
     model = convert_for_training(build(), cfg)
@@ -64,7 +87,8 @@ def fsdp(cfg: PrecisionConfig, rank: int, world: int):
     for block in model.layers.values():
         fully_shard(block, mesh=mesh, **kw)
     fully_shard(model, mesh=mesh, **kw)
-    losses = run(model, batches(world), slice(rank * B, (rank + 1) * B), autocast=cfg.bf16_mode == "autocast", hook=True)
+    rows = slice(rank * B, (rank + 1) * B)
+    losses = train(model, [b[rows] for b in batches(world)], autocast=autocast, hook=True, rank_mean=True)
     # what a checkpoint would save: full-precision, unsharded names and shapes
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -75,7 +99,7 @@ def fsdp(cfg: PrecisionConfig, rank: int, world: int):
     return losses, fp8_module_names(model), dtypes, fp8_gather
 
 
-def tp(cfg: PrecisionConfig, world: int):
+def tp(world: int, autocast: bool):
     """Torch's parallelize_module with the plan parallel/ applies (no sequence parallel), then the
     fp8 conversion on the sharded layers."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -86,8 +110,9 @@ def tp(cfg: PrecisionConfig, world: int):
             "feed_forward.w3": ColwiseParallel(), "feed_forward.w2": RowwiseParallel()}
     for block in model.layers.values():
         parallelize_module(block, mesh, plan)
-    model = convert_for_training(model, cfg, tp_mesh=mesh)   # after TP, as parallelize() orders it
-    return run(model, batches(world)), fp8_module_names(model)   # TP peers see the whole batch
+    model = convert_for_training(model, FP8, tp_mesh=mesh)   # after TP, as parallelize() orders it
+    losses = train(model, batches(world), autocast=autocast)   # TP peers see the whole batch
+    return losses, fp8_module_names(model)
 
 
 def main():
@@ -95,38 +120,26 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    results = []
-    ref_model = convert_for_training(build(), PrecisionConfig(dtype="fp8"))
-    ref = run_single(ref_model, world)
-    results.append({"check": "single", "losses": ref})
-    for name, cfg in [("fsdp", PrecisionConfig(dtype="fp8")),
-                      ("fsdp_fp8_all_gather", PrecisionConfig(dtype="fp8", fp8_fsdp_all_gather=True)),
-                      ("fsdp_params_mode", PrecisionConfig(dtype="fp8", bf16_mode="params"))]:
-        losses, names, dtypes, fp8_gather = fsdp(cfg, rank, world)
+    results = [{"check": "single_whole", "losses": single(world, 1, autocast=False)},
+               {"check": "single_split", "losses": single(world, world, autocast=False)},
+               {"check": "single_whole_bf16", "losses": single(world, 1, autocast=True)},
+               {"check": "single_split_bf16", "losses": single(world, world, autocast=True)}]
+    for name, cfg, autocast in [("fsdp", FP8, False),
+                                ("fsdp_fp8_all_gather", PrecisionConfig(dtype="fp8", fp8_fsdp_all_gather=True), False),
+                                ("fsdp_bf16", FP8, True),
+                                ("fsdp_params_mode", PrecisionConfig(dtype="fp8", bf16_mode="params"), False)]:
+        losses, names, dtypes, fp8_gather = fsdp(cfg, rank, world, autocast)
         results.append({"check": name, "losses": losses, "fp8_modules": names, "state_dtypes": dtypes,
                         "fp8_all_gather_weights": fp8_gather})
-    losses, names = tp(PrecisionConfig(dtype="fp8"), world)
-    results.append({"check": "tp", "losses": losses, "fp8_modules": names})
+    for name, autocast in [("tp", False), ("tp_bf16", True)]:
+        losses, names = tp(world, autocast)
+        results.append({"check": name, "losses": losses, "fp8_modules": names})
     if rank == 0:
         with open(out, "w") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
     dist.barrier()
     dist.destroy_process_group()
-
-
-def run_single(model, world):
-    """The reference: one process, the whole global batch (what FSDP x world sees together)."""
-    losses = []   # not run(): that averages over ranks; here every rank computes the same thing
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    for b in batches(world):
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = cross_entropy(model(b[:, :-1]), b[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 if __name__ == "__main__":

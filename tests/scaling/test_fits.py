@@ -10,10 +10,7 @@ from scaling.kaplan import fit_kaplan
 from scaling.parametric import ChinchillaFit, fit_chinchilla, make_grid
 
 TRUE = dict(E=1.7, A=400.0, B=1100.0, alpha=0.34, beta=0.30)
-REPO = Path(__file__).resolve().parents[2]
-# CI puts shared/ beside the clone; a worktree one level deeper finds it one level up
-SHARED = next((p for p in (REPO.parent / "shared", REPO.parent.parent / "shared") if p.exists()),
-              REPO.parent / "shared")
+CHINCHILLA = Path(__file__).resolve().parent / "refdata" / "chinchilla_data.csv"   # source: refdata/README.md
 
 
 def synthetic(n_points=200, noise=0.003, seed=0):
@@ -85,10 +82,7 @@ def test_fit_speed_hoffmann_grid_300_points():
 
 
 def test_refit_published_chinchilla_points():
-    path = SHARED / "refdata" / "chinchilla_data.csv"
-    if not path.exists():
-        pytest.skip(f"reference data not found at {path} (CI puts ../shared beside the clone)")
-    rows = list(csv.DictReader(path.open()))
+    rows = list(csv.DictReader(CHINCHILLA.open()))
     n, d, loss = (np.array([float(r[k]) for r in rows]) for k in
                   ("model_size_N", "training_tokens_D", "loss"))
     fit = fit_chinchilla(n, d, loss)
