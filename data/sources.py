@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
