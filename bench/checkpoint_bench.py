@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 from launch.context import DistContext  # noqa: E402
 from trainer.checkpoint import CheckpointManager  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.engine import cross_entropy  # noqa: E402
+from core.run_config import load_config  # noqa: E402
+from parallel.local_engine import cross_entropy  # noqa: E402
 from trainer.model import Transformer  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
 from trainer.train import TrainState  # noqa: E402

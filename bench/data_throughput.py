@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import DataConfig, build_loader  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.engine import LocalEngine  # noqa: E402
+from core.run_config import load_config  # noqa: E402
+from parallel.local_engine import LocalEngine  # noqa: E402
 from trainer.model import Transformer  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
 

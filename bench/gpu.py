@@ -9,7 +9,7 @@ with ratios against bf16 measured in the same invocation.
 Needs only torch and this repository (torchao / transformer-engine are used where installed):
 the GPU host has no network. Each mode runs in its own subprocess with a time box, so a missing
 package, an out-of-memory or a slow compile in one mode never stops the others, and peak memory
-is per mode. The training step is the trainer's own (trainer.engine.LocalEngine: autocast bf16
+is per mode. The training step is the trainer's own (parallel.local_engine.LocalEngine: autocast bf16
 over fp32 master weights, AdamW, grad clipping), on synthetic tokens; warmup steps (which include
 compilation) are not timed. MFU is against the GPU's dense bf16 peak for every mode, so MFU ratios
 equal throughput ratios (fp8 tensor cores peak at twice that).
@@ -85,9 +85,9 @@ class Skip(Exception):
 def build_mode(mode: str, args, device):
     import torch
     from trainer.model import Transformer
-    from trainer.model_config import ModelConfig
-    from trainer.precision import convert_for_training
-    from trainer.precision_config import PrecisionConfig
+    from core.model_config import ModelConfig
+    from parallel.precision import convert_for_training
+    from core.precision_config import PrecisionConfig
 
     shape = dict(TINY if args.quick else LLAMA_1B)
     shape["max_seq_len"] = max(shape["max_seq_len"], args.seq_len)
@@ -112,7 +112,7 @@ def build_mode(mode: str, args, device):
     try:
         model = convert_for_training(model, precision)
     except RuntimeError as e:
-        if "needs" in str(e):             # the clear "what is missing" errors of trainer.precision
+        if "needs" in str(e):             # the clear "what is missing" errors of parallel.precision
             raise Skip(str(e)) from None
         raise
     if mode in ("bf16-compile", "fp8-torchao"):
@@ -123,9 +123,9 @@ def build_mode(mode: str, args, device):
 
 def run_mode(mode: str, args) -> dict:
     import torch
-    from trainer.engine import LocalEngine
+    from parallel.local_engine import LocalEngine
     from trainer.metrics import peak_flops, peak_memory_gib
-    from trainer.precision import fp8_module_names
+    from parallel.precision import fp8_module_names
 
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda" if cuda else "cpu")

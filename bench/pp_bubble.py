@@ -33,12 +33,13 @@ def timed(fn, acc: list):
 def worker() -> None:
     import torch
     import torch.distributed as dist
-    from launch.config import LaunchConfig
+    from core.launch_config import LaunchConfig
     from launch.context import init_distributed, shutdown
     from parallel.apply import parallelize
-    from parallel.dims import build_mesh
-    from trainer.config import load_config
+    from parallel.mesh import build_mesh
+    from core.run_config import load_config
     from trainer.model import Transformer
+    from trainer.model_plan import parallel_plan
 
     torch.set_num_threads(1)
     ctx = init_distributed(LaunchConfig(), "cpu")
@@ -50,7 +51,7 @@ def worker() -> None:
             "--parallel.pp_schedule", "1f1b", "--parallel.pp_microbatches", str(m)])
         dims = build_mesh(cfg.parallel, ctx)
         torch.manual_seed(0)
-        par = parallelize(Transformer(cfg.model), dims, cfg)
+        par = parallelize(Transformer(cfg.model), dims, parallel_plan(cfg.model), cfg.parallel, cfg.precision)
         pipe = par.pipeline
         stage = pipe.schedule._stage
         busy = [0.0]

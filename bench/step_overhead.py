@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import load_config  # noqa: E402
-from trainer.engine import LocalEngine  # noqa: E402
+from core.run_config import load_config  # noqa: E402
+from parallel.local_engine import LocalEngine  # noqa: E402
 from trainer.model import Transformer  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
 

@@ -11,12 +11,11 @@ See data/README.md for URLs, resume semantics and `meshformer prepare`.
 
 from __future__ import annotations
 
-from .config import BUILTIN_PREFIX, DataConfig
+from core.data_config import BUILTIN_PREFIX, DataConfig
 from .loader import TokenLoader, ValLoader
 from .plan import IGNORE, data_fingerprint
 from .shards import DataError
-from .sources import build_sources, source_stats
-from .tokenizer import build_tokenizer
+from .sources import build_sources, build_tokenizer, source_stats
 
 __all__ = ["DataConfig", "DataError", "IGNORE", "build_loader", "build_tokenizer", "val_entries"]
 

@@ -26,6 +26,8 @@ import math
 
 import numpy as np
 
+from .shards import shard_name
+
 PAD = -1  # position with no token: input becomes end-of-text, label becomes IGNORE
 IGNORE = -100
 
@@ -78,8 +80,6 @@ def plan_total(plan: list[dict]) -> int:
 
 def data_fingerprint(sources) -> str:
     """Identifies the indexed data, so a state is not applied to other data by mistake."""
-    from .sources import shard_name
-
     text = json.dumps([[s.weight, [[shard_name(x["url"]), x["docs"], x["tokens"]] for x in s.shards]]
                        for s in sources])
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -12,17 +12,17 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 
 import numpy as np
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from core.errors import DataError
+
 log = logging.getLogger("meshformer.data")
 
-
-class DataError(ValueError):
-    """Bad data input: the message names the shard or setting and what would be right."""
 
 
 def is_local(url: str) -> bool:
@@ -129,3 +129,8 @@ def scan_shard(url: str, *, mode: str, field: str, tokenizer, on_corrupt: str) -
     return {"url": url, "docs": docs, "tokens": tokens, "missing_field": stats.get("missing_field", 0),
             "corrupt": stats.get("corrupt_shards", 0)}
 
+
+def shard_name(url: str) -> str:
+    """The shard's file name, also inside a command: 'pipe:aws s3 cp s3://b/x/shard-000001.tar -'."""
+    found = re.findall(r"[^\s/'\"]+\.(?:tar\.gz|tgz|tar)\b", url)
+    return found[-1] if found else os.path.basename(local_path(url))

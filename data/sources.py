@@ -12,15 +12,17 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
 from filelock import FileLock
 from tqdm import tqdm
 
-from .config import BUILTIN_PREFIX
-from .shards import DataError, is_local, local_path, scan_shard
+from core.data_config import BUILTIN_PREFIX
+
+from .builtin import builtin_shards
+from .shards import DataError, is_local, local_path, scan_shard, shard_name
+from .tokenizer import PretokenizedInfo, tokenizer_from_spec
 
 log = logging.getLogger("meshformer.data")
 LIST_SUFFIXES = (".list", ".txt", ".shards")
@@ -42,8 +44,6 @@ class Source:
 def expand_urls(entry: str, cfg, split: str, tokenizer, _depth: int = 0) -> list[str]:
     """One urls entry -> shard URLs (brace patterns, shard-list files, folders, builtin corpora)."""
     if entry.startswith(BUILTIN_PREFIX):
-        from .builtin import builtin_shards
-
         return builtin_shards(entry, cfg, split, tokenizer)
     path = local_path(entry)
     if is_local(path) and os.path.isdir(path):
@@ -114,12 +114,6 @@ def _manifest_entry(cfg, url: str, cache: dict):
     if m is None:
         return None, None
     return m, m["_by_name"].get(shard_name(url))
-
-
-def shard_name(url: str) -> str:
-    """The shard's file name, also inside a command: 'pipe:aws s3 cp s3://b/x/shard-000001.tar -'."""
-    found = re.findall(r"[^\s/'\"]+\.(?:tar\.gz|tgz|tar)\b", url)
-    return found[-1] if found else os.path.basename(local_path(url))
 
 
 def _shard_fingerprint(url: str) -> str:
@@ -217,3 +211,24 @@ def source_stats(sources: list[Source]) -> dict:
             "tokens": sum(s["tokens"] for s in shards),
             "missing_field": sum(s.get("missing_field", 0) for s in shards),
             "corrupt_shards": sum(1 for s in shards if s.get("corrupt"))}
+
+
+def build_tokenizer(cfg):
+    """The tokenizer of a DataConfig; for 'pretokenized' the one named in the shards' manifest."""
+    if cfg.tokenizer != "pretokenized":
+        return tokenizer_from_spec(cfg.tokenizer, cfg.eot_token)
+    cfg.validate()  # urls may still be a TOML string
+    manifest, where = find_manifest_for(cfg, cfg.urls)
+    if manifest is None:
+        raise ValueError("data.tokenizer: 'pretokenized' needs a manifest.json (written by `meshformer prepare`) "
+                         "next to the shards or in data.manifest; none found for " + ", ".join(cfg.urls))
+    try:
+        tok = tokenizer_from_spec(manifest["tokenizer"], cfg.eot_token)
+        if tok.ident == manifest.get("tokenizer_ident"):
+            return tok
+    except Exception:  # e.g. the tokenizer.json named in the manifest is not on this machine
+        pass
+    try:  # ids without a tokenizer to decode them: enough to train
+        return PretokenizedInfo(manifest["tokenizer_ident"], int(manifest["vocab_size"]), int(manifest["eot_id"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"data.tokenizer: manifest {where} lacks {e}; rewrite it with `meshformer prepare`") from e

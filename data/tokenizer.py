@@ -112,26 +112,3 @@ def tokenizer_from_spec(spec: str, eot_token: str = ""):
         return TiktokenTokenizer(spec[len("tiktoken:"):])
     raise ValueError(f"data.tokenizer: {spec!r} unknown; use 'bytes', 'hf:/path/tokenizer.json', "
                      "'tiktoken:<encoding>' or 'pretokenized'")
-
-
-def build_tokenizer(cfg):
-    """The tokenizer of a DataConfig; for 'pretokenized' the one named in the shards' manifest."""
-    if cfg.tokenizer != "pretokenized":
-        return tokenizer_from_spec(cfg.tokenizer, cfg.eot_token)
-    cfg.validate()  # urls may still be a TOML string
-    from .sources import find_manifest_for
-
-    manifest, where = find_manifest_for(cfg, cfg.urls)
-    if manifest is None:
-        raise ValueError("data.tokenizer: 'pretokenized' needs a manifest.json (written by `meshformer prepare`) "
-                         "next to the shards or in data.manifest; none found for " + ", ".join(cfg.urls))
-    try:
-        tok = tokenizer_from_spec(manifest["tokenizer"], cfg.eot_token)
-        if tok.ident == manifest.get("tokenizer_ident"):
-            return tok
-    except Exception:  # e.g. the tokenizer.json named in the manifest is not on this machine
-        pass
-    try:  # ids without a tokenizer to decode them: enough to train
-        return PretokenizedInfo(manifest["tokenizer_ident"], int(manifest["vocab_size"]), int(manifest["eot_id"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"data.tokenizer: manifest {where} lacks {e}; rewrite it with `meshformer prepare`") from e

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from launch.config import LaunchConfig
+from core.launch_config import LaunchConfig
 from launch.discovery import LaunchError, ProcessInfo, discover
 
 

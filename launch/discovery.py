@@ -17,15 +17,13 @@ import socket
 from dataclasses import dataclass
 from typing import Mapping
 
-from launch.config import LaunchConfig
+from core.errors import LaunchError
+from core.launch_config import LaunchConfig
 from launch.hostlist import hostnames, node_address
 
 # Variables that only an MPI launcher sets (MPICH/Hydra, Open MPI, PMIx, Intel MPI).
 MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
-
-class LaunchError(RuntimeError):
-    """The launch environment is missing something or contradicts itself."""
 
 
 @dataclass(frozen=True)

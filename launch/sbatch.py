@@ -15,6 +15,7 @@ import shlex
 import string
 import time
 
+from launch.preemption import EXIT_PREEMPTED
 from launch.slurm_profile import SlurmProfile
 
 ARRAY_SLOT = "{array_task}"
@@ -67,7 +68,7 @@ done
 echo "meshformer: training step ended with exit code $rc"
 
 # Requeue when the step stopped after our signal, or a trainer reports it saved on a signal
-# (exit code @@{exit_preempted}, trainer/preemption.py) that reached it some other way.
+# (exit code @@{exit_preempted}, launch/preemption.py) that reached it some other way.
 if [ "@@{requeue}" = yes ] && { { [ "$signalled" = 1 ] && [ "$rc" -ne 0 ]; } || [ "$rc" = @@{exit_preempted} ]; }; then
   if [ "$restarts" -lt @@{max_requeues} ]; then
     echo "meshformer: requeueing job $SLURM_JOB_ID to resume from the newest checkpoint" >&2
@@ -123,15 +124,6 @@ def launch_lines(p: SlurmProfile, trainer_args: list[str]) -> str:
     return " \\\n  ".join(lines)
 
 
-def exit_preempted() -> int:
-    """The trainer's "saved on a signal, please requeue" exit code."""
-    try:
-        from trainer.preemption import EXIT_PREEMPTED
-        return EXIT_PREEMPTED
-    except ImportError:           # a trainer without preemption support: 75 is EX_TEMPFAIL
-        return 75
-
-
 def render(p: SlurmProfile, trainer_args: list[str], *, job_name: str, chdir: str, array: str = "",
            template: str = TEMPLATE) -> str:
     env = {"OMP_NUM_THREADS": str(p.cpus_per_task), **{k: str(v) for k, v in p.env.items()}}
@@ -144,5 +136,5 @@ def render(p: SlurmProfile, trainer_args: list[str], *, job_name: str, chdir: st
         env_lines="\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
         master_port=str(p.master_port) if p.master_port else "$((20000 + SLURM_JOB_ID % 10000))",
         forward_signal="TERM" if p.mode == "torchrun" else "USR1",
-        requeue="yes" if p.requeue else "no", exit_preempted=str(exit_preempted()), max_requeues=str(p.max_requeues),
+        requeue="yes" if p.requeue else "no", exit_preempted=str(EXIT_PREEMPTED), max_requeues=str(p.max_requeues),
         launch_lines=launch_lines(p, trainer_args))

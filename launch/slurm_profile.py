@@ -10,53 +10,47 @@ import dataclasses
 import difflib
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from trainer.config_parse import ConfigError
+from core.config_parse import ConfigError, option
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
-def _h(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class SlurmProfile:
-    nodes: int = _h("nodes to allocate", 1)
-    tasks_per_node: int = _h("training processes per node (= GPUs per node on GPU nodes)", 1)
-    gpus_per_node: int = _h("GPUs to request per node (0 = CPU nodes, gloo)", 0)
-    cpus_per_task: int = _h("CPU cores per training process (also OMP_NUM_THREADS)", 1)
-    mem: str = _h("memory per node, e.g. '0' (all) or '200G'; empty = the cluster's default", "")
-    partition: str = _h("partition (empty = the cluster's default)", "")
-    account: str = _h("account to charge (empty = your default)", "")
-    qos: str = _h("quality of service (empty = default)", "")
-    time: str = _h("time limit: MM, HH:MM:SS or D-HH:MM:SS", "01:00:00")
-    job_name: str = _h("job name (empty = meshformer-<run folder name>)", "")
-    output: str = _h("job log file (%j = job id; %A_%a in arrays)", "slurm-%j.out")
-    mode: Literal["tasks", "torchrun"] = _h(
+    nodes: int = option("nodes to allocate", 1)
+    tasks_per_node: int = option("training processes per node (= GPUs per node on GPU nodes)", 1)
+    gpus_per_node: int = option("GPUs to request per node (0 = CPU nodes, gloo)", 0)
+    cpus_per_task: int = option("CPU cores per training process (also OMP_NUM_THREADS)", 1)
+    mem: str = option("memory per node, e.g. '0' (all) or '200G'; empty = the cluster's default", "")
+    partition: str = option("partition (empty = the cluster's default)", "")
+    account: str = option("account to charge (empty = your default)", "")
+    qos: str = option("quality of service (empty = default)", "")
+    time: str = option("time limit: MM, HH:MM:SS or D-HH:MM:SS", "01:00:00")
+    job_name: str = option("job name (empty = meshformer-<run folder name>)", "")
+    output: str = option("job log file (%j = job id; %A_%a in arrays)", "slurm-%j.out")
+    mode: Literal["tasks", "torchrun"] = option(
         "'tasks': srun starts one trainer per GPU (SLURM_* variables); 'torchrun': srun starts one torchrun "
         "per node (c10d rendezvous on the first node)", "tasks")
-    signal_seconds: int = _h("ask Slurm for SIGUSR1 this many seconds before the time limit (0 = none); the "
+    signal_seconds: int = option("ask Slurm for SIGUSR1 this many seconds before the time limit (0 = none); the "
                              "trainer checkpoints and the job requeues itself", 300)
-    requeue: bool = _h("requeue the job after a signal-triggered checkpoint", True)
-    max_requeues: int = _h("stop requeueing after this many restarts", 20)
-    python: str = _h("the Python that runs the trainer on the nodes", "python")
-    module: str = _h("the module the tasks run (python -m MODULE --config ...)", "trainer")
-    master_port: int = _h("rendezvous port (0 = 20000 + job id mod 10000)", 0)
-    setup: list[str] = _h("shell lines run before the job starts (module load ..., source venv/bin/activate)",
+    requeue: bool = option("requeue the job after a signal-triggered checkpoint", True)
+    max_requeues: int = option("stop requeueing after this many restarts", 20)
+    python: str = option("the Python that runs the trainer on the nodes", "python")
+    module: str = option("the module the tasks run (python -m MODULE --config ...)", "trainer")
+    master_port: int = option("rendezvous port (0 = 20000 + job id mod 10000)", 0)
+    setup: list[str] = option("shell lines run before the job starts (module load ..., source venv/bin/activate)",
                           factory=list)
-    container: list[str] = _h("srun options that run the tasks in a container, e.g. "
+    container: list[str] = option("srun options that run the tasks in a container, e.g. "
                               "['--container-image=nvcr.io#nvidia/pytorch:25.01-py3', '--container-mounts=/data:/data']",
                               factory=list)
-    srun_args: list[str] = _h("more srun options", factory=list)
-    sbatch_args: list[str] = _h("more #SBATCH options, e.g. ['--exclusive', '--constraint=h100']", factory=list)
-    env: dict[str, str] = _h("environment of the job: NCCL_IB_HCA, NCCL_SOCKET_IFNAME, NCCL_IB_GID_INDEX, "
+    srun_args: list[str] = option("more srun options", factory=list)
+    sbatch_args: list[str] = option("more #SBATCH options, e.g. ['--exclusive', '--constraint=h100']", factory=list)
+    env: dict[str, str] = option("environment of the job: NCCL_IB_HCA, NCCL_SOCKET_IFNAME, NCCL_IB_GID_INDEX, "
                              "TORCH_NCCL_ASYNC_ERROR_HANDLING, ...", factory=dict)
 
     def validate(self) -> None:

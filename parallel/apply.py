@@ -10,16 +10,22 @@ compile wrap whole blocks after their contents are final; data parallel goes las
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from parallel.checkpointing import apply_activation_checkpointing, apply_compile
+from core.parallel_config import ParallelConfig
+from core.parallel_plan import ParallelPlan
+from core.precision_config import PrecisionConfig
+from parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.dims import ParallelDims
-from parallel.mesh import validate_layout
+from parallel.dist_engine import DistEngine
+from parallel.local_engine import LocalEngine
+from parallel.pipeline import PipelineSetup, split_stages
+from parallel.pipeline_engine import PipelineEngine
+from parallel.precision import convert_for_training
+from parallel.tensor import apply_tensor_parallel
 
 
 @dataclass
@@ -31,7 +37,7 @@ class Parallelized:
     model_parts: list[nn.Module]
     dims: ParallelDims
     vocab_parallel: bool = False
-    pipeline: object = None          # parallel.pipeline.PipelineSetup when pp > 1
+    pipeline: PipelineSetup | None = None    # when pp > 1
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -39,12 +45,9 @@ class Parallelized:
         """The one module when there is one part; else a ModuleList over the parts."""
         return self.model_parts[0] if len(self.model_parts) == 1 else nn.ModuleList(self.model_parts)
 
-    def make_engine(self, optimizer, scheduler, device, cfg):
-        from parallel.engine import DistEngine
-        from trainer.engine import LocalEngine
-        common = (optimizer, scheduler, device, cfg.precision.dtype, cfg.optim.grad_clip, cfg.precision.bf16_mode)
+    def make_engine(self, optimizer, scheduler, device, precision: PrecisionConfig, grad_clip: float):
+        common = (optimizer, scheduler, device, precision.dtype, grad_clip, precision.bf16_mode)
         if self.pipeline is not None:
-            from parallel.pipeline import PipelineEngine
             return PipelineEngine(self.model_parts, *common, dims=self.dims, vocab_parallel=self.vocab_parallel,
                                   ddp=False, pipeline=self.pipeline)   # the schedule handles DDP's no_sync
         if self.dims.world_size == 1:
@@ -53,27 +56,15 @@ class Parallelized:
                           ddp=self.dims.ddp_enabled)
 
 
-def convert_precision(model: nn.Module, cfg, tp_mesh) -> nn.Module:
-    """Hook for fp8 training: trainer.precision.convert_for_training(model, cfg.precision, tp_mesh)
-    when that module exists (issue 8); without it, the model is unchanged."""
-    if importlib.util.find_spec("trainer.precision") is None:
-        return model
-    precision = importlib.import_module("trainer.precision")   # its own import errors surface
-    convert = getattr(precision, "convert_for_training", None)
-    if convert is None:
-        return model
-    return convert(model, cfg.precision, tp_mesh) or model
-
-
-def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Parallelized:
-    """Spread `model` (built on CPU from the seed, identical on every rank) over the mesh."""
-    pcfg = cfg.parallel
-    validate_layout(pcfg, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
+def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: ParallelConfig,
+                precision: PrecisionConfig) -> Parallelized:
+    """Spread `model` (built on CPU from the seed, identical on every rank) over the mesh.
+    `plan` names the model's modules (filled by the model side); the caller has checked the
+    layout against the model and batch (core.layout.validate_layout)."""
     device = next(model.parameters()).device
     pipeline = None
     if dims.pp_enabled:
-        from parallel.pipeline import split_stages
-        pipeline = split_stages(model, dims, pcfg, device)
+        pipeline = split_stages(model, plan, dims, pcfg, device)
         parts = pipeline.modules
     else:
         parts = [model]
@@ -81,19 +72,17 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Parallelized:
     vocab_parallel = False
     tp_mesh = dims.tp_mesh if dims.tp_enabled else None
     if dims.tp_enabled:
-        from parallel.tensor import apply_tensor_parallel
         for part in parts:
-            vocab_parallel = apply_tensor_parallel(part, tp_mesh, cfg.model, pcfg.sp,
-                                                   last_stage=part.output is not None) or vocab_parallel
-    parts = [convert_precision(part, cfg, tp_mesh) for part in parts]
+            vocab_parallel = apply_tensor_parallel(part, tp_mesh, plan, pcfg.sp) or vocab_parallel
+    parts = [convert_for_training(part, precision, tp_mesh) or part for part in parts]
     for part in parts:
-        apply_activation_checkpointing(part, pcfg.ac)
+        apply_activation_checkpointing(part, plan.blocks, pcfg.ac)
         if pcfg.compile:
-            apply_compile(part)
+            apply_compile(part, plan.blocks)
     if dims.fsdp_enabled:
-        parts = [apply_fsdp(part, dims, pcfg, cfg.precision) for part in parts]
+        parts = [apply_fsdp(part, plan.blocks, dims, pcfg, precision) for part in parts]
     elif dims.ddp_enabled:
         parts = [apply_ddp(part, dims) for part in parts]
     if pipeline is not None:
-        pipeline.build_schedule(parts, cfg)
+        pipeline.build_schedule(parts, pcfg)
     return Parallelized(model_parts=parts, dims=dims, vocab_parallel=vocab_parallel, pipeline=pipeline)

@@ -7,27 +7,27 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.nn.parallel import DistributedDataParallel
 
 from parallel.dims import ParallelDims
+from parallel.precision import fsdp_mixed_precision
 
 
 def mixed_precision(precision_cfg) -> MixedPrecisionPolicy:
     """The precision module decides (bf16 or fp8 with bf16_mode=params: bf16 compute, fp32 master
     weights and reductions); otherwise compute in the parameters' own dtype."""
-    from trainer.precision import fsdp_mixed_precision
     return fsdp_mixed_precision(precision_cfg) or MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims, parallel_cfg, precision_cfg) -> nn.Module:
+def apply_fsdp(model: nn.Module, blocks: str, dims: ParallelDims, parallel_cfg, precision_cfg) -> nn.Module:
     """`fully_shard` each Transformer block, then the root (embeddings, norm, head), so a block's
     parameters are gathered just before it runs. A 2-D mesh (dp_replicate, dp_shard) gives HSDP."""
     kwargs = dict(mesh=dims.fsdp_mesh, mp_policy=mixed_precision(precision_cfg))
     if parallel_cfg.fsdp_cpu_offload:
-        # pin_memory needs an accelerator (PLATFORM.md); pinned memory only pays with one.
+        # pin_memory needs an accelerator (parallel/README.md, Platform notes); pinned memory only pays with one.
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     reshard = parallel_cfg.fsdp_reshard_after_forward
-    blocks = list(model.layers.values())
-    for i, block in enumerate(blocks):
+    modules = list(getattr(model, blocks).values())
+    for i, block in enumerate(modules):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, reshard_after_forward=reshard and i < len(blocks) - 1, **kwargs)
+        fully_shard(block, reshard_after_forward=reshard and i < len(modules) - 1, **kwargs)
     fully_shard(model, reshard_after_forward=reshard, **kwargs)
     return model
 

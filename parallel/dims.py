@@ -1,19 +1,15 @@
 """Sizes of the parallel dimensions for a world size, and accessors for the device mesh over them.
 
-The mesh itself is built in parallel/mesh.py (`build_mesh`, re-exported here so callers keep one
-import). `ParallelDims` is the small context object passed to whoever needs a group or a rank:
-no module-level process-group state anywhere.
+The sizes come from core/layout.py (the one copy of the layout arithmetic); the mesh is built in
+parallel/mesh.py. `ParallelDims` is the small context object passed to whoever needs a group or
+a rank: no module-level process-group state anywhere.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parallel.config import ParallelConfig
-from trainer.config_parse import ConfigError
-
-# Outermost first: pipeline stages and data-parallel replicas span nodes, tensor parallel is the
-# innermost (fastest-varying) dimension so a TP group is consecutive ranks, i.e. inside one node.
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+from core.layout import MESH_DIMS, resolve_sizes  # noqa: F401 (MESH_DIMS: the mesh's dimension names)
+from core.parallel_config import ParallelConfig
 
 
 @dataclass
@@ -32,18 +28,9 @@ class ParallelDims:
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
-        fixed = cfg.pp * cfg.dp_replicate * cfg.tp
-        shard = cfg.dp_shard
-        if shard == -1:
-            if world_size % fixed:
-                raise ConfigError(f"parallel: pp*dp_replicate*tp = {fixed} does not divide the world size {world_size}")
-            shard = world_size // fixed
-        if fixed * shard != world_size:
-            raise ConfigError(
-                f"parallel: pp({cfg.pp}) x dp_replicate({cfg.dp_replicate}) x dp_shard({shard}) x tp({cfg.tp}) = "
-                f"{fixed * shard}, but the world size is {world_size}")
-        return cls(pp=cfg.pp, dp_replicate=cfg.dp_replicate, dp_shard=shard, tp=cfg.tp, world_size=world_size,
-                   dp_size=cfg.dp_replicate * shard)
+        s = resolve_sizes(cfg, world_size)
+        return cls(pp=s.pp, dp_replicate=s.dp_replicate, dp_shard=s.dp_shard, tp=s.tp, world_size=world_size,
+                   dp_size=s.dp_size)
 
     # ---- which wrappers are on ----------------------------------------------------------------
     @property
@@ -100,7 +87,3 @@ class ParallelDims:
             return self.submesh("dp_replicate", "dp_shard")
         return self.submesh("dp_shard")
 
-
-def build_mesh(cfg: ParallelConfig, ctx) -> ParallelDims:
-    from parallel.mesh import build_mesh as _build
-    return _build(cfg, ctx)

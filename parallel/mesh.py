@@ -1,11 +1,13 @@
-"""The named DeviceMesh for a layout, and the checks that a layout fits the model and schedule."""
+"""The named DeviceMesh for a layout (the sizes and the checks that a layout fits the model and
+schedule are plain arithmetic in core/layout.py)."""
 from __future__ import annotations
 
 from torch.distributed.device_mesh import init_device_mesh
 
-from parallel.config import ParallelConfig
-from parallel.dims import MESH_DIMS, ParallelDims
-from trainer.config_parse import ConfigError
+from core.errors import ConfigError
+from core.layout import MESH_DIMS
+from core.parallel_config import ParallelConfig
+from parallel.dims import ParallelDims
 
 
 def build_mesh(cfg: ParallelConfig, ctx) -> ParallelDims:
@@ -26,56 +28,3 @@ def build_mesh(cfg: ParallelConfig, ctx) -> ParallelDims:
     dims.pp_rank = mesh["pp"].get_local_rank()
     dims.tp_rank = mesh["tp"].get_local_rank()
     return dims
-
-
-def microbatches(cfg: ParallelConfig) -> int:
-    return cfg.pp_microbatches or cfg.pp * cfg.pp_virtual_stages
-
-
-def stage_layer_counts(cfg: ParallelConfig, n_layers: int) -> list[int]:
-    """Layers in each pipeline stage (pp * virtual stages of them): pp_layers, or as even as
-    possible with the extra layers on the earlier stages."""
-    n_stages = cfg.pp * cfg.pp_virtual_stages
-    if cfg.pp_layers:
-        return list(cfg.pp_layers)
-    base, extra = divmod(n_layers, n_stages)
-    return [base + (1 if i < extra else 0) for i in range(n_stages)]
-
-
-def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int, seq_len: int = 0) -> None:
-    """Checks that need the model and batch as well as the layout; each error names the field."""
-    tp = cfg.tp
-    if tp > 1:
-        for what, value in (("model.n_heads", model_cfg.n_heads), ("model.n_kv_heads", model_cfg.kv_heads),
-                            ("the MLP width (model.ffn_hidden)", model_cfg.hidden),
-                            ("model.vocab_size (vocab-parallel head)", model_cfg.vocab_size)):
-            if value % tp:
-                raise ConfigError(f"parallel.tp: {tp} does not divide {what} = {value}; pick a tp that divides it")
-        if cfg.sp and seq_len % tp:
-            raise ConfigError(f"parallel.sp: sequence parallel splits train.seq_len = {seq_len} over tp = {tp}; "
-                              "use a multiple of tp or parallel.sp = false")
-    n_stages = cfg.pp * cfg.pp_virtual_stages
-    if cfg.pp > 1 or cfg.pp_virtual_stages > 1:
-        if n_stages > model_cfg.n_layers:
-            raise ConfigError(f"parallel.pp: {cfg.pp} x {cfg.pp_virtual_stages} virtual stages = {n_stages} stages "
-                              f"but the model has only model.n_layers = {model_cfg.n_layers} layers")
-        if cfg.pp_layers:
-            if len(cfg.pp_layers) != n_stages or sum(cfg.pp_layers) != model_cfg.n_layers or min(cfg.pp_layers) < 1:
-                raise ConfigError(f"parallel.pp_layers: {cfg.pp_layers} must list {n_stages} positive counts "
-                                  f"(pp x pp_virtual_stages) summing to model.n_layers = {model_cfg.n_layers}")
-        if model_cfg.tie_embeddings:
-            raise ConfigError("model.tie_embeddings: a tied head cannot live on another pipeline stage than the "
-                              "embedding; set it false or parallel.pp = 1")
-        multi = cfg.pp_schedule in ("interleaved_1f1b", "zero_bubble")
-        if cfg.pp_virtual_stages > 1 and not multi:
-            raise ConfigError(f"parallel.pp_virtual_stages: {cfg.pp_virtual_stages} needs an interleaved schedule "
-                              f"(interleaved_1f1b or zero_bubble), not {cfg.pp_schedule!r}")
-        m = microbatches(cfg)
-        if m < cfg.pp:
-            raise ConfigError(f"parallel.pp_microbatches: {m} is fewer than the {cfg.pp} pipeline stages; "
-                              f"use at least parallel.pp = {cfg.pp}")
-        if multi and m % cfg.pp:
-            raise ConfigError(f"parallel.pp_microbatches: {m} must be a multiple of parallel.pp = {cfg.pp} "
-                              f"for the {cfg.pp_schedule} schedule")
-        if batch_size % m:
-            raise ConfigError(f"parallel.pp_microbatches: {m} does not divide train.batch_size = {batch_size}")

@@ -1,5 +1,6 @@
-"""Pipeline parallel with torch.distributed.pipelining: split the layers into stages, build a
-schedule (GPipe, 1F1B, interleaved 1F1B, interleaved zero-bubble), and the engine step.
+"""Pipeline parallel with torch.distributed.pipelining: split the layers into stages and build a
+schedule (GPipe, 1F1B, interleaved 1F1B, interleaved zero-bubble); the engine step that runs it is
+parallel/pipeline_engine.py.
 
 Stages are the model itself with other stages' parts removed: the first keeps the embeddings,
 the last the final norm and head (and computes the loss); layer keys keep their original names,
@@ -12,32 +13,34 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (PipelineScheduleMulti, Schedule1F1B, ScheduleGPipe,
                                                     ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
 
-from parallel.engine import DistEngine, full_value
-from parallel.mesh import microbatches, stage_layer_counts
-from trainer.engine import cross_entropy
+from core.layout import microbatches, stage_layer_counts
+from core.parallel_config import ParallelConfig
+from core.parallel_plan import ParallelPlan
+from parallel.dist_engine import full_value
+from parallel.local_engine import cross_entropy
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
              "zero_bubble": ScheduleInterleavedZeroBubble}
 
 
-def split_model(model: nn.Module, stage: int, counts: list[int]) -> nn.Module:
+def split_model(model: nn.Module, plan: ParallelPlan, stage: int, counts: list[int]) -> nn.Module:
     """A copy of `model` holding only stage `stage`'s layers (and the ends it owns)."""
     start = sum(counts[:stage])
     keep = {str(i) for i in range(start, start + counts[stage])}
     part = copy.deepcopy(model)
-    for key in list(part.layers.keys()):
+    blocks = getattr(part, plan.blocks)
+    for key in list(blocks.keys()):
         if key not in keep:
-            del part.layers[key]
-    if stage > 0:
-        part.tok_embeddings, part.pos_embeddings = None, None
-    if stage < len(counts) - 1:
-        part.norm, part.output = None, None
+            del blocks[key]
+    ends = ([plan.embedding, plan.positions] if stage > 0 else []) + \
+           ([plan.final_norm, plan.head] if stage < len(counts) - 1 else [])
+    for name in ends:
+        setattr(part, name, None)
     return part
 
 
@@ -64,13 +67,13 @@ class PipelineSetup:
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return cross_entropy(logits, labels) * self.loss_scale
 
-    def build_schedule(self, parts: list[nn.Module], cfg) -> None:
+    def build_schedule(self, parts: list[nn.Module], pcfg: ParallelConfig) -> None:
         self.modules = parts
         group = self.dims.pp_mesh.get_group()
         stages = [PipelineStage(part, sid, self.n_stages, self.device, group=group)
                   for part, sid in zip(parts, self.stage_ids)]
-        cls = SCHEDULES[cfg.parallel.pp_schedule]
-        n_micro = microbatches(cfg.parallel)
+        cls = SCHEDULES[pcfg.pp_schedule]
+        n_micro = microbatches(pcfg)
         self.n_micro = n_micro
         # scale_grads=False: the schedule would divide all of a stage's gradients by n_micro after
         # each step, also those accumulated by earlier steps of a gradient-accumulation window;
@@ -94,47 +97,9 @@ class PipelineSetup:
         return torch.stack([full_value(l).detach() for l in losses]).sum()
 
 
-def split_stages(model: nn.Module, dims, pcfg, device: torch.device) -> PipelineSetup:
-    counts = stage_layer_counts(pcfg, model.cfg.n_layers)
+def split_stages(model: nn.Module, plan: ParallelPlan, dims, pcfg: ParallelConfig, device: torch.device) -> PipelineSetup:
+    counts = stage_layer_counts(pcfg, len(getattr(model, plan.blocks)))
     stage_ids = [dims.pp_rank + k * dims.pp for k in range(pcfg.pp_virtual_stages)]
     setup = PipelineSetup(stage_ids=stage_ids, n_stages=len(counts), dims=dims, device=device)
-    setup.modules = [split_model(model, sid, counts) for sid in stage_ids]
+    setup.modules = [split_model(model, plan, sid, counts) for sid in stage_ids]
     return setup
-
-
-class PipelineEngine(DistEngine):
-    """The step is the schedule's: forward and backward of all microbatches interleaved."""
-
-    def __init__(self, *args, pipeline: PipelineSetup, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.pipeline = pipeline
-
-    def forward_backward(self, batches) -> torch.Tensor:
-        total = torch.zeros((), device=self.device)
-        for inputs, labels in batches:
-            with self.loss_context(), self.autocast():
-                loss = self.pipeline.run(inputs.to(self.device), labels.to(self.device), accumulation=len(batches))
-            if loss is not None:
-                total += loss
-        return total
-
-    def reduce_loss(self, loss: torch.Tensor) -> float:
-        """The last stage's loss, sent to the other stages, then averaged over data parallel."""
-        group = self.dims.pp_mesh.get_group()
-        loss = loss.detach().clone()
-        dist.broadcast(loss, src=dist.get_global_rank(group, self.dims.pp - 1), group=group)
-        return super().reduce_loss(loss)
-
-    @torch.no_grad()
-    def eval_loss(self, batches) -> float:
-        for m in self.model_parts:
-            m.eval()
-        total = torch.zeros((), device=self.device)
-        for inputs, labels in batches:
-            with self.loss_context(), self.autocast():
-                loss = self.pipeline.run(inputs.to(self.device), labels.to(self.device), train=False)
-            if loss is not None:
-                total += loss
-        for m in self.model_parts:
-            m.train()
-        return self.reduce_loss(total / max(1, len(batches)))

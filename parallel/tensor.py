@@ -22,34 +22,29 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
+from core.parallel_plan import ParallelPlan
+
 BLOCK_ARGS = 4          # TransformerBlock.forward / Attention.forward: (x, rope, start_pos, cache)
 
 
-def _block_plan(sp: bool) -> dict:
+def _block_plan(plan: ParallelPlan, sp: bool) -> dict:
     seq = Shard(1) if sp else Replicate()
-    plan = {
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=seq),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=seq),
-        "feed_forward.w3": ColwiseParallel(),
-    }
+    styles: dict = {name: ColwiseParallel() for name in plan.colwise}
+    styles.update({name: RowwiseParallel(output_layouts=seq) for name in plan.rowwise})
     rest = (None,) * (BLOCK_ARGS - 1)
     # One entry point per half-block (Megatron's "f"/"g"): q/k/v (and w1/w3) take the same
     # DTensor input, so backward sums their input gradients before one all-reduce (or one
     # reduce-scatter under SP) instead of one per projection.
-    plan.update({
-        "attention": PrepareModuleInput(input_layouts=(seq, *rest), desired_input_layouts=(Replicate(), *rest)),
-        "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+    styles.update({
+        plan.attention: PrepareModuleInput(input_layouts=(seq, *rest), desired_input_layouts=(Replicate(), *rest)),
+        plan.feed_forward: PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
     })
     if sp:
         # Local outputs: the residual stream is plain local [B, T/tp, D] tensors, so adding
         # it works for pre- and post-norm blocks alike.
-        plan["attention_norm"] = SequenceParallel(use_local_output=True)
-        plan["ffn_norm"] = SequenceParallel(use_local_output=True)
-    return plan
+        styles[plan.attention_norm] = SequenceParallel(use_local_output=True)
+        styles[plan.ffn_norm] = SequenceParallel(use_local_output=True)
+    return styles
 
 
 def _replicate(module: nn.Module, tp_mesh) -> None:
@@ -67,54 +62,56 @@ def _replicate(module: nn.Module, tp_mesh) -> None:
     distribute_module(module, tp_mesh, partition, input_fn=inputs, output_fn=lambda mod, out, mesh: out.to_local())
 
 
-def _shard_alibi(attention: nn.Module, tp_mesh) -> None:
-    """ALiBi slopes are per head: keep this rank's heads' slopes (heads are sharded in order)."""
-    slopes = getattr(attention, "alibi_slopes", None)
-    if slopes is not None:
-        rank, size = tp_mesh.get_local_rank(), tp_mesh.size()
-        attention.alibi_slopes = slopes.chunk(size)[rank].clone()
+def _shard_head_buffers(attention: nn.Module, names, tp_mesh) -> None:
+    """Per-head buffers (ALiBi slopes): keep this rank's heads' entries (heads are sharded in order)."""
+    rank, size = tp_mesh.get_local_rank(), tp_mesh.size()
+    for name in names:
+        value = getattr(attention, name, None)
+        if value is not None:
+            setattr(attention, name, value.chunk(size)[rank].clone())
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, model_cfg, sp: bool, last_stage: bool = True) -> bool:
-    """Shard `model` (the whole Transformer or one pipeline stage of it) over `tp_mesh`.
-    Returns True when the logits it produces are vocab-sharded DTensors (loss_parallel needed)."""
-    plan: dict = {}
-    if model.tok_embeddings is not None:
-        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    if model.norm is not None and sp:
-        plan["norm"] = SequenceParallel(use_local_output=True)
-    if model.output is not None:
-        plan["output"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Shard(-1),
-                                         use_local_output=False)
-    if plan:
-        parallelize_module(model, tp_mesh, plan)
-        if model_cfg.tie_embeddings:
+def apply_tensor_parallel(model: nn.Module, tp_mesh, plan: ParallelPlan, sp: bool) -> bool:
+    """Shard `model` (the whole model or one pipeline stage of it) over `tp_mesh`, reading its
+    module names from `plan`. Returns True when the logits it produces are vocab-sharded DTensors
+    (loss_parallel needed), i.e. when this part holds the head."""
+    embedding, norm, head = (getattr(model, n) for n in (plan.embedding, plan.final_norm, plan.head))
+    positions = getattr(model, plan.positions, None)
+    styles: dict = {}
+    if embedding is not None:
+        styles[plan.embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if norm is not None and sp:
+        styles[plan.final_norm] = SequenceParallel(use_local_output=True)
+    if head is not None:
+        styles[plan.head] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Shard(-1),
+                                            use_local_output=False)
+    if styles:
+        parallelize_module(model, tp_mesh, styles)
+        if plan.tied_head:
             # Each style registers a new Parameter; both are Shard(0) over the vocabulary, so
             # the head can take the embedding's DTensor back and stay tied.
-            model.output.weight = model.tok_embeddings.weight
-    if model.pos_embeddings is not None:
-        _replicate(model.pos_embeddings, tp_mesh)
-    if model.norm is not None and not sp:
-        _replicate(model.norm, tp_mesh)
-    keys = list(model.layers.keys())
+            getattr(model, plan.head).weight = getattr(model, plan.embedding).weight
+    if positions is not None:
+        _replicate(positions, tp_mesh)
+    if norm is not None and not sp:
+        _replicate(norm, tp_mesh)
+    blocks = getattr(model, plan.blocks)
+    keys = list(blocks.keys())
     for i, key in enumerate(keys):
-        block = model.layers[key]
-        block_plan = _block_plan(sp)
-        if not model_cfg.activation == "swiglu":
-            del block_plan["feed_forward.w3"]
-        parallelize_module(block, tp_mesh, block_plan)
-        _shard_alibi(block.attention, tp_mesh)
+        block = blocks[key]
+        parallelize_module(block, tp_mesh, _block_plan(plan, sp))
+        _shard_head_buffers(getattr(block, plan.attention), plan.head_buffers, tp_mesh)
         if not sp:
-            _replicate(block.attention_norm, tp_mesh)
-            _replicate(block.ffn_norm, tp_mesh)
+            _replicate(getattr(block, plan.attention_norm), tp_mesh)
+            _replicate(getattr(block, plan.ffn_norm), tp_mesh)
         if sp and i == 0:
             rest = (None,) * (BLOCK_ARGS - 1)
             parallelize_module(block, tp_mesh, PrepareModuleInput(
                 input_layouts=(Replicate(), *rest), desired_input_layouts=(Shard(1), *rest), use_local_output=True))
-        if sp and i == len(keys) - 1 and model.norm is None:
+        if sp and i == len(keys) - 1 and norm is None:
             parallelize_module(block, tp_mesh, PrepareModuleOutput(
                 output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
-    return model.output is not None
+    return head is not None
 
 
 def tp_collective_counts(block: nn.Module, x: torch.Tensor, rope) -> dict:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .analysis import cooldown_comparison, fit_all, select_points
 from .plan import accounting, plan_sweep
-from .runner import effective_status, execute_run, load_plan, run_local, write_plan
+from .runner import effective_status, execute_run, load_plan, run_local, select_runs, write_plan
+from .slurm_arrays import submit_arrays
 from .spec import SweepSpecError, load_spec
 from .store import ResultsStore
 
@@ -43,8 +44,6 @@ def cmd_run(a) -> int:
         counts = run_local(spec, jobs=a.jobs, retry_failed=a.retry_failed)
         print("status: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         return 0 if counts.get("failed", 0) == 0 else 1
-    from .runner import select_runs
-    from .slurm import submit_arrays
     runs = plan_sweep(spec)
     store = write_plan(spec, runs)
     todo = select_runs(spec, runs, store, a.retry_failed)
@@ -170,7 +169,7 @@ def cmd_fit(a) -> int:
 
 
 def cmd_plot(a) -> int:
-    from .plots import plot_all
+    from .plots import plot_all          # here: matplotlib takes seconds to import, only plot needs it
     if a.spec:
         spec = load_spec(a.spec)
         pts_path, fit_path = spec.out_dir / "points.csv", spec.out_dir / "fit.json"

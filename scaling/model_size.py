@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 
 def model_numbers(model: dict, seq_len: int) -> tuple[int, int, float]:

@@ -7,9 +7,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class SweepSpecError(ValueError):
-    pass
+from core.errors import SweepSpecError
 
 
 @dataclass(frozen=True)

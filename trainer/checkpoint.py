@@ -3,7 +3,7 @@
 What is saved: model and optimizer (DCP shards, each rank writes its own), the LR schedule,
 step and tokens (train.json), and per rank the data-loader position and RNG states
 (rank-<r>.json). When: every `checkpoint.every` steps, every `checkpoint.every_minutes`,
-at `checkpoint.at_steps`, at the end, and on SIGTERM/SIGUSR1 (trainer/preemption.py).
+at `checkpoint.at_steps`, at the end, and on SIGTERM/SIGUSR1 (launch/preemption.py).
 How: synchronously, or in the background (`checkpoint.async`, trainer/checkpoint_async.py);
 always under a temporary name, renamed when complete (trainer/checkpoint_files.py).
 Resume: a run folder with a complete checkpoint continues from the newest one, under any
@@ -20,12 +20,13 @@ import torch.distributed.checkpoint as dcp
 
 from trainer import checkpoint_files as files
 from trainer.checkpoint_async import AsyncCheckpointWriter
+from trainer.hf_llama import find_weights_files, load_weights
 from trainer.checkpoint_files import COMPLETE, complete_checkpoints, step_dir_name  # noqa: F401 (public API)
 from trainer.checkpoint_state import (CheckpointError, CheckpointWriter, single_process_quiet, ModelParts, as_list, check_against_metadata, dcp_load,
                                       model_config_diff, read_metadata, rng_state, set_rng_state)
-from trainer.config_parse import ConfigError
+from core.errors import ConfigError
+from launch.preemption import EXIT_PREEMPTED, Preemption
 from trainer.run_lock import LOCK_NAME
-from trainer.preemption import EXIT_PREEMPTED, Preemption  # noqa: F401 (re-exported for launch/)
 
 PREEMPTED_MARKER = "PREEMPTED"
 DAMAGED_PREFIX = "damaged-"
@@ -111,7 +112,6 @@ class CheckpointManager:
     def init_from(self, source: str) -> None:
         """A new run from a checkpoint folder (model, optimizer, step, tokens, LR position, data
         position), a run folder (its newest checkpoint) or safetensors weights (weights only)."""
-        from trainer.hf_llama import find_weights_files, load_weights
         path = Path(source)
         if (path / "checkpoints").is_dir() and not (path / ".metadata").exists():
             found = complete_checkpoints(path / "checkpoints")

@@ -10,7 +10,7 @@ the save. The rest runs off the loop:
   and optimizer state in host memory for the whole run.
 - writing, on one background thread per save, at a lower CPU priority than training: this
   rank's JSON records, then `dcp.save` of the staged copy (own gloo process group: sharing the
-  training's group makes gloo see interleaved collectives, PLATFORM.md), then the commit
+  training's group makes gloo see interleaved collectives: parallel/README.md, Platform notes), then the commit
   (COMPLETE, rename, pruning: rank 0 only; DCP's save returns on rank 0 after every rank wrote
   its shards, and every rank wrote its JSON before its shards).
 

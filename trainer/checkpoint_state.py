@@ -21,8 +21,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from core.errors import CheckpointError
 from trainer import checkpoint_files as files
-from trainer.config_parse import ConfigError
+from trainer.model import Transformer
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict)
@@ -36,10 +37,6 @@ OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 # training during a background save. Checkpoints that hold them (format 1) still load.
 HYPERPARAMETERS = "param_groups."
 
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be loaded into this run: says what differs (the CLI prints it
-    without a traceback, as for a bad config value)."""
 
 
 def as_list(x) -> list:
@@ -154,7 +151,6 @@ def _keys(part: nn.Module) -> set[str]:
 def expected_model_shapes(model_cfg) -> dict[str, tuple]:
     """FQN -> global shape of the single-process model for this config (built on the meta
     device: no memory, no init cost). Resharding never changes these."""
-    from trainer.model import Transformer
     with torch.device("meta"):
         model = Transformer(model_cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -2,27 +2,25 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import signal
 import sys
+from pathlib import Path
 
-from trainer.config_parse import ConfigError
+from core.errors import ConfigError, DataError, LaunchError, MeshformerError, SweepSpecError
+from core.run_config import keys_help, load_config
 
-# subcommand -> (module with main(argv) -> int, one-line help)
-SUBCOMMANDS = {
-    "train": ("trainer.cli", "train a model: --config FILE [--section.key value ...]"),
-    "generate": ("trainer.cli", "sample text from a run's latest checkpoint"),
-    "prepare": ("data.prepare", "tokenize text corpora into webdataset shards"),
-    "plan": ("parallel.planner.cli", "predict memory and speed of parallel layouts on a cluster"),
-    "sweep": ("scaling.cli", "scaling-law sweeps: plan, run, collect, fit, plot"),
-    "export": ("trainer.export", "write a checkpoint as Hugging Face safetensors"),
-    "slurm": ("launch.slurm", "render or submit an sbatch script for a run"),
-}
+# Each command imports what it runs when it runs (plain imports, no cycle to dodge): `meshformer
+# plan` or `--help` should not wait seconds for torch, which only train/generate/export/slurm need.
+
+# How a one-line error names its kind; the first class that matches wins (CheckpointError is a ConfigError).
+ERROR_KINDS = ((ConfigError, "config error"), (DataError, "data error"), (LaunchError, "launch error"),
+               (SweepSpecError, "sweep spec error"), (MeshformerError, "error"))
 
 
 def _split_config_args(prog: str, argv: list[str], description: str):
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                epilog="Any --section.key value pair overrides the config, e.g. --optim.lr 3e-4.")
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any --section.key value pair overrides the config, e.g. --optim.lr 3e-4.\n\n"
+                                       + keys_help())
     p.add_argument("--config", default=None, help="TOML config file (default: built-in defaults = configs/tiny.toml)")
     return p
 
@@ -30,9 +28,8 @@ def _split_config_args(prog: str, argv: list[str], description: str):
 def train_main(argv: list[str]) -> int:
     p = _split_config_args("meshformer train", argv, "Train a Transformer LM.")
     args, overrides = p.parse_known_args(argv)
-    from trainer.config import load_config
+    from launch.preemption import EXIT_PREEMPTED
     from trainer.train import train
-    from trainer.preemption import EXIT_PREEMPTED
     cfg = load_config(args.config, overrides)
     # A Slurm warning signal (USR1) that arrives before the loop catches it or after the final
     # save must not kill the process with 138 (the batch script would requeue a finished run).
@@ -50,11 +47,9 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--top-k", type=int, default=40)
     args, overrides = p.parse_known_args(argv)
     import torch
-    from pathlib import Path
 
     import data as data_pkg
     from trainer.checkpoint import complete_checkpoints, load_model_weights
-    from trainer.config import load_config
     from trainer.generate import generate
     from trainer.model import Transformer
     cfg = load_config(args.config, overrides)
@@ -71,31 +66,70 @@ def generate_main(argv: list[str]) -> int:
     return 0
 
 
+def prepare_main(argv: list[str]) -> int:
+    from data.prepare import main
+    return main(argv)
+
+
+def plan_main(argv: list[str]) -> int:
+    from parallel.planner.cli import main
+    return main(argv)
+
+
+def sweep_main(argv: list[str]) -> int:
+    from scaling.cli import main
+    return main(argv)
+
+
+def export_main(argv: list[str]) -> int:
+    from trainer.export import main
+    return main(argv)
+
+
+def slurm_main(argv: list[str]) -> int:
+    from launch.slurm_submit import main
+    return main(argv)
+
+
+# subcommand -> (main(argv) -> int, one-line help); each package owns its command's main
+SUBCOMMANDS = {
+    "train": (train_main, "train a model: --config FILE [--section.key value ...]"),
+    "generate": (generate_main, "sample text from a run's latest checkpoint"),
+    "prepare": (prepare_main, "tokenize text corpora into webdataset shards"),
+    "plan": (plan_main, "predict memory and speed of parallel layouts on a cluster"),
+    "sweep": (sweep_main, "scaling-law sweeps: plan, run, collect, fit, plot"),
+    "export": (export_main, "write a checkpoint as Hugging Face safetensors"),
+    "slurm": (slurm_main, "render or submit an sbatch script for a run"),
+}
+
+
+def error_line(name: str, e: MeshformerError) -> str:
+    kind = next(k for cls, k in ERROR_KINDS if isinstance(e, cls))
+    return f"meshformer {name}: {kind}: {e}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv            # show the stack trace of a bad-input error too
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         lines = [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-        print("usage: meshformer <command> [args]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: meshformer <command> [args] [--debug]\n\ncommands:\n" + "\n".join(lines)
+              + "\n\n`meshformer <command> --help` lists its options (and every config key);"
+              " --debug shows the stack trace of an error.")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nmeshformer: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
     name, rest = argv[0], argv[1:]
+    command, _ = SUBCOMMANDS[name]
     try:
-        if name == "train":
-            return train_main(rest)
-        if name == "generate":
-            return generate_main(rest)
-        module = importlib.import_module(SUBCOMMANDS[name][0])
-        return int(module.main(rest) or 0)
-    except ConfigError as e:
-        print(f"meshformer {name}: config error: {e}", file=sys.stderr)
+        return int(command(rest) or 0)
+    except MeshformerError as e:
+        if debug:
+            raise
+        print(error_line(name, e), file=sys.stderr)
         return 2
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith(SUBCOMMANDS[name][0].split(".")[0]):
-            print(f"meshformer {name}: not available in this build ({e})", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import torch
 
 from trainer import checkpoint_files as files
 from trainer.checkpoint_state import CheckpointError, dcp_load
+from trainer.model import Transformer
 from trainer.hf_llama import check_llama_shaped, hf_config, to_hf
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,7 +58,6 @@ def model_config_of(ckpt: Path) -> ModelConfig:
 
 def consolidated_state_dict(ckpt: Path, mc: ModelConfig) -> dict:
     """The full model state dict from a sharded checkpoint (in this one process)."""
-    from trainer.model import Transformer
     model = Transformer(mc)
     sd = {"model": model.state_dict()}
     dcp_load(sd, ckpt)

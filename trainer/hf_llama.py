@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 
+from trainer import model_plan as M
 from trainer.checkpoint_state import CheckpointError, expected_model_shapes
 
-LAYER_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
+# Our module names come from trainer/model_plan.py (the one place that names the model's modules).
+LAYER_NAMES = {f"{ours}.weight": f"{theirs}.weight" for ours, theirs in (
+    (M.Q, "self_attn.q_proj"), (M.K, "self_attn.k_proj"), (M.V, "self_attn.v_proj"), (M.O, "self_attn.o_proj"),
+    (M.GATE, "mlp.gate_proj"), (M.UP, "mlp.up_proj"), (M.DOWN, "mlp.down_proj"),
+    (M.ATTENTION_NORM, "input_layernorm"), (M.FFN_NORM, "post_attention_layernorm"))}
+TOP_NAMES = {f"{M.EMBEDDING}.weight": "model.embed_tokens.weight", f"{M.FINAL_NORM}.weight": "model.norm.weight",
+             f"{M.HEAD}.weight": "lm_head.weight"}
+Q_WEIGHT, K_WEIGHT, HEAD_WEIGHT, EMBEDDING_WEIGHT = f"{M.Q}.weight", f"{M.K}.weight", f"{M.HEAD}.weight", f"{M.EMBEDDING}.weight"
 
 
 def check_llama_shaped(mc) -> None:
@@ -59,11 +59,11 @@ def to_hf(sd: dict, mc) -> dict:
     check_llama_shaped(mc)
     out = {}
     for k, v in sd.items():
-        if k == "output.weight" and mc.tie_embeddings:
+        if k == HEAD_WEIGHT and mc.tie_embeddings:
             continue
-        if k.endswith("attention.wq.weight"):
+        if k.endswith(Q_WEIGHT):
             v = _rope_permute(v, mc.n_heads)
-        elif k.endswith("attention.wk.weight"):
+        elif k.endswith(K_WEIGHT):
             v = _rope_permute(v, mc.kv_heads)
         out[hf_name(k)] = v.detach().contiguous()
     return out
@@ -82,9 +82,9 @@ def from_hf(hf: dict, mc) -> dict:
             problems.append(f"missing: {theirs}")
             continue
         v = hf[theirs]
-        if ours.endswith("attention.wq.weight"):
+        if ours.endswith(Q_WEIGHT):
             v = _rope_permute(v, mc.n_heads, inverse=True)
-        elif ours.endswith("attention.wk.weight"):
+        elif ours.endswith(K_WEIGHT):
             v = _rope_permute(v, mc.kv_heads, inverse=True)
         if tuple(v.shape) != want[ours]:
             problems.append(f"shape of {theirs}: file {list(v.shape)}, this model {list(want[ours])}")
@@ -94,7 +94,7 @@ def from_hf(hf: dict, mc) -> dict:
         raise CheckpointError("the weights do not fit this model (check model.* against the export's config.json):\n  "
                               + "\n  ".join(problems[:12]))
     if mc.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
+        sd[HEAD_WEIGHT] = sd[EMBEDDING_WEIGHT]
     return sd
 
 

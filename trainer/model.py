@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 
 # ---- positions ------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import OptimConfig
+from core.train_config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

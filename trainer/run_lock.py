@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.config_parse import ConfigError
+from core.errors import ConfigError
 
 LOCK_NAME = ".lock"
 

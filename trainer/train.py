@@ -13,14 +13,17 @@ from typing import Callable, Iterator
 import torch
 
 import data as data_pkg
+from core.errors import ConfigError
+from core.layout import validate_layout
+from core.run_config import Config
 from launch.context import DistContext, init_distributed, shutdown
 from parallel.apply import parallelize
-from parallel.dims import ParallelDims, build_mesh
+from parallel.dims import ParallelDims
+from parallel.mesh import build_mesh
 from trainer.checkpoint import CheckpointManager
-from trainer.config import Config
-from trainer.config_parse import ConfigError
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from trainer.model import Transformer
+from trainer.model_plan import parallel_plan
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.run_lock import hold_run_dir
 
@@ -88,6 +91,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
         torch.use_deterministic_algorithms(True)
     run_dir = Path(cfg.run.dir)
     dims = build_mesh(cfg.parallel, ctx)
+    validate_layout(cfg.parallel, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
     if loader_factory is None:          # a custom loader brings its own token ids
         check_vocab(cfg)
 
@@ -95,11 +99,11 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
     model = Transformer(cfg.model)
     n_params, n_body = model.num_params(), model.num_params(include_embedding=False)
     flops_per_token = model.flops_per_token(cfg.train.seq_len)
-    par = parallelize(model.to(ctx.device), dims, cfg)
+    par = parallelize(model.to(ctx.device), dims, parallel_plan(cfg.model), cfg.parallel, cfg.precision)
     model = par.model                    # one module, or a ModuleList of this rank's pipeline stages
     optimizer = build_optimizer(model, cfg.optim, ctx.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    engine = par.make_engine(optimizer, scheduler, ctx.device, cfg)
+    engine = par.make_engine(optimizer, scheduler, ctx.device, cfg.precision, cfg.optim.grad_clip)
     train_loader, val_loader = build_loaders(cfg, dims, loader_factory)
 
     state = TrainState()

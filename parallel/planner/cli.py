@@ -12,10 +12,12 @@ import argparse
 import json
 import sys
 
+from core.run_config import keys_help
+
 from .cluster import list_clusters, load_cluster
 from .layout import Stack
 from .predict import predict
-from .run_config import config_layout, read_run_config
+from .run_config import config_layout, default_gpus, read_run_config
 from .search import explain, search
 
 
@@ -27,8 +29,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     plan = argparse.ArgumentParser(
         prog="meshformer plan", description="rank parallel layouts by predicted throughput",
-        epilog="`meshformer plan predict ...` gives one layout's figures as JSON. Further `--section.key value` "
-               "arguments override the run config (e.g. --model.n_layers 48); see parallel/planner/README.md.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="`meshformer plan predict ...` gives one layout's figures as JSON. Further `--section.key value`\n"
+               "arguments override the run config (e.g. --model.n_layers 48); see parallel/planner/README.md.\n\n"
+               + keys_help())
     _common(plan)
     plan.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     plan.add_argument("--global-batch", type=int, default=0,
@@ -37,7 +41,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     plan.add_argument("--json", action="store_true", help="print the ranked predictions as JSON instead")
     pred = argparse.ArgumentParser(
         prog="meshformer plan predict", description="predict memory and speed of one layout",
-        epilog="The layout is the config's, changed by `--parallel.* / --train.* / --precision.*` overrides.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="The layout is the config's, changed by `--parallel.* / --train.* / --precision.*` overrides.\n\n"
+               + keys_help())
     _common(pred)
     pred.add_argument("--gpus", type=int, default=0,
                       help="number of GPUs (default: tp x pp x dp_replicate x dp_shard, with dp_shard = -1 read as 1)")
@@ -65,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _predict(args, run, cluster) -> int:
     gpus = args.gpus
-    if not gpus:
-        par = run.parallel
-        gpus = int(par["tp"]) * int(par["pp"]) * int(par["dp_replicate"]) * max(1, int(par["dp_shard"]))
+    gpus = gpus or default_gpus(run)
     layout = config_layout(run, gpus)
     pred = predict(run.model, layout, cluster, Stack())
     out = {"cluster": cluster.name, "model_params": run.model.num_params(), **pred.to_dict()}

@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 from .cluster import ClusterProfile, load_cluster
 from .layout import Layout, megatron_sc21

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 from .cluster import ClusterProfile
 from .layout import Layout, Stack

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 from .cluster import ClusterProfile
 from .layout import AC_MODES, Layout, Stack

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import Literal
 
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 TPStyle = Literal["colwise", "rowwise", "replicate"]
 

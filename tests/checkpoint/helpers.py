@@ -6,8 +6,8 @@ import os
 import signal
 
 from tests.trainer.fixtures import FixedBatches
+from core.run_config import load_config
 from trainer import checkpoint_files as files
-from trainer.config import load_config
 from trainer.train import train
 
 SMALL = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",

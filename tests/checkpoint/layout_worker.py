@@ -21,8 +21,8 @@ from tests.checkpoint.helpers import SMALL
 from tests.trainer.fixtures import FixedBatches
 from launch.context import DistContext
 from trainer.checkpoint import CheckpointManager
-from trainer.config import load_config
-from trainer.engine import cross_entropy
+from core.run_config import load_config
+from parallel.local_engine import cross_entropy
 from trainer.model import Transformer
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.train import TrainState

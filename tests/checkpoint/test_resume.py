@@ -8,7 +8,7 @@ from tests.checkpoint.helpers import config, factory, forge_checksums, losses, l
 from trainer import checkpoint_files as files
 from trainer.checkpoint import PREEMPTED_MARKER, CheckpointManager
 from trainer.checkpoint_state import CheckpointError
-from trainer.preemption import EXIT_PREEMPTED
+from launch.preemption import EXIT_PREEMPTED
 from trainer.train import train
 
 STEPS = ["--train.steps", "8"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.preemption import EXIT_PREEMPTED
+from launch.preemption import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = str(ROOT / "tests/checkpoint/train_worker.py")

@@ -11,8 +11,8 @@ import sys
 
 from tests.checkpoint.helpers import SMALL, SignalAt
 from tests.trainer.fixtures import FixedBatches
-from trainer.config import load_config
-from trainer.preemption import EXIT_PREEMPTED
+from core.run_config import load_config
+from launch.preemption import EXIT_PREEMPTED
 from trainer.train import train
 
 GLOBAL_BATCH, STEPS = 4, 8

@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from launch.config import LaunchConfig
+from core.launch_config import LaunchConfig
 from launch.context import init_distributed, shutdown
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from launch.config import LaunchConfig
+from core.launch_config import LaunchConfig
 from launch.discovery import LaunchError, detect_launcher, discover, from_mpi, from_slurm, from_torchrun, slurm_port
 
 TORCHRUN = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
@@ -84,8 +84,8 @@ def test_slurm_without_nodelist_names_the_fix():
 
 
 def test_launch_config_checks():
-    from trainer.config import load_config
-    from trainer.config_parse import ConfigError
+    from core.run_config import load_config
+    from core.config_parse import ConfigError
     with pytest.raises(ConfigError, match="launch.launcher"):
         load_config(None, ["--launch.launcher", "pbs"])
     with pytest.raises(ConfigError, match="launch.rendezvous_timeout_s"):
@@ -95,7 +95,7 @@ def test_launch_config_checks():
 
 UNREACHABLE = """
 import json, sys
-from launch.config import LaunchConfig
+from core.launch_config import LaunchConfig
 from launch.context import init_distributed
 init_distributed(LaunchConfig(rendezvous_timeout_s=3), "cpu")
 """

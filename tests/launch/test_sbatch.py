@@ -11,7 +11,7 @@ import pytest
 
 from launch.sbatch import render
 from launch.slurm_profile import SlurmProfile, load_profile, time_seconds
-from trainer.config_parse import ConfigError
+from core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ def test_dry_run_prints_the_job():
 
 
 def test_ib_profile_and_torchrun_mode(capsys):
-    from launch.slurm import main
+    from launch.slurm_submit import main
     assert main(["--config", str(REPO / "configs/tiny.toml"), "--profile", "example-ib", "--mode", "torchrun",
                  "--partition", "big", "--account", "proj1", "--dry-run", "--parallel.dp_shard", "16"]) == 0
     s = capsys.readouterr().out
@@ -63,7 +63,7 @@ def test_ib_profile_and_torchrun_mode(capsys):
     (["--launch.launcher", "mpi"], "launch.launcher: 'mpi' contradicts slurm.mode='tasks'"),
 ])
 def test_bad_input_is_refused_before_queueing(args, match, capsys):
-    from launch.slurm import main
+    from launch.slurm_submit import main
     with pytest.raises(ConfigError, match=match):
         main(["--config", str(REPO / "configs/tiny.toml"), "--dry-run", *args])
     assert capsys.readouterr().out == ""        # no script printed

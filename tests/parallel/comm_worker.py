@@ -8,11 +8,12 @@ import sys
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
-from launch.config import LaunchConfig
+from core.launch_config import LaunchConfig
 from launch.context import init_distributed, shutdown
 from parallel.tensor import apply_tensor_parallel, tp_collective_counts
 from trainer.model import Transformer
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
+from trainer.model_plan import parallel_plan
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = Transformer(cfg)
         model.tok_embeddings, model.norm, model.output = None, None, None   # just the block
-        apply_tensor_parallel(model, mesh, cfg, sp=sp, last_stage=False)
+        apply_tensor_parallel(model, mesh, parallel_plan(cfg), sp=sp)
         block = model.layers["0"]
         seq = 16
         x = torch.randn(2, seq, cfg.dim, requires_grad=True)

@@ -33,7 +33,7 @@ def overrides(run_dir: str, dp: int, extra: list[str]) -> list[str]:
 
 def run_layout(run_dir: str, extra: list[str], ctx=None, dp: int = 1) -> dict:
     from tests.trainer.fixtures import fixed_factory
-    from trainer.config import load_config
+    from core.run_config import load_config
     from trainer.train import train
     cfg = load_config("configs/tiny.toml", overrides(run_dir, dp, extra))
     train(cfg, loader_factory=fixed_factory(n=3, vocab=128), ctx=ctx)
@@ -51,7 +51,7 @@ def dp_degree(extra: list[str], world: int) -> int:
 
 def main() -> None:
     import torch.distributed as dist
-    from launch.config import LaunchConfig
+    from core.launch_config import LaunchConfig
     from launch.context import init_distributed, shutdown
     out, specs = sys.argv[1], sys.argv[2:]
     if os.environ.get("ND_DUMP_AFTER"):   # debugging hangs: print every thread's stack, then exit

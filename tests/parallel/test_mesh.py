@@ -1,11 +1,11 @@
 """Layout resolution and the checks that name the offending field."""
 import pytest
 
-from parallel.config import ParallelConfig
+from core.parallel_config import ParallelConfig
 from parallel.dims import ParallelDims
-from parallel.mesh import stage_layer_counts, validate_layout
-from trainer.config_parse import ConfigError
-from trainer.model_config import ModelConfig
+from core.layout import stage_layer_counts, validate_layout
+from core.errors import ConfigError
+from core.model_config import ModelConfig
 
 
 def model(**kw):

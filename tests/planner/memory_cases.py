@@ -1,5 +1,5 @@
 """Tiny models and layouts for the exact model-state memory test (4 ranks)."""
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 WORLD = 4
 

@@ -5,7 +5,7 @@ import torch
 from parallel.planner.layout import Layout, Stack
 from parallel.planner.memory import layer_activation_bytes_per_token, layer_saved_bytes_per_token
 from trainer.model import Transformer
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 # LayerNorm: a fused kernel on CPU as on GPU (torch's CPU RMSNorm is composite, unlike CUDA's)
 CONFIGS = {

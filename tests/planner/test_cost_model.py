@@ -7,7 +7,7 @@ from parallel.planner.memory import chunks_in_flight, memory_per_gpu, model_stat
 from parallel.planner.predict import predict
 from parallel.planner.shapes import flop_split, stage_layers
 from parallel.planner.timing import group_link
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 CFG = ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=11008,
                   max_seq_len=4096)

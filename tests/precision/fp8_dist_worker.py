@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from trainer.engine import cross_entropy
+from parallel.local_engine import cross_entropy
 from trainer.model import Transformer
-from trainer.model_config import ModelConfig
-from trainer.precision import convert_for_training, fp8_module_names, fsdp_mixed_precision, post_optimizer_hook
-from trainer.precision_config import PrecisionConfig
+from core.model_config import ModelConfig
+from parallel.precision import convert_for_training, fp8_module_names, fsdp_mixed_precision, post_optimizer_hook
+from core.precision_config import PrecisionConfig
 
 warnings.filterwarnings("ignore")
 STEPS, B, T, LR = 8, 4, 32, 1e-2

@@ -23,7 +23,7 @@ def bench(*args, timeout=600):
 def test_bench_model_is_the_llama3_1b_config():
     model = tomllib.loads((ROOT / "configs/llama3-1b.toml").read_text())["model"]
     assert gpu.LLAMA_1B == model
-    from trainer.model_config import ModelConfig
+    from core.model_config import ModelConfig
     assert 1.2e9 < ModelConfig(**gpu.LLAMA_1B).num_params() < 1.3e9
 
 

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from trainer.model import Transformer
-from trainer.model_config import ModelConfig
-from trainer.precision import (autocast_context, convert_for_training, fp8_module_filter, fp8_module_names,
+from core.model_config import ModelConfig
+from parallel.precision import (autocast_context, convert_for_training, fp8_module_filter, fp8_module_names,
                                fsdp_mixed_precision, post_optimizer_hook)
-from trainer.precision_config import PrecisionConfig
+from core.precision_config import PrecisionConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, max_seq_len=32)
@@ -87,10 +87,10 @@ def test_te_backend_errors_clearly_without_cuda_or_package():
 
 
 def test_transformer_engine_is_imported_only_when_asked_for():
-    code = ("import sys, trainer.precision, trainer.train, trainer.engine\n"
-            "from trainer.precision import convert_for_training\n"
-            "from trainer.precision_config import PrecisionConfig\n"
-            "from trainer.model import Transformer\nfrom trainer.model_config import ModelConfig\n"
+    code = ("import sys, parallel.precision, trainer.train, parallel.local_engine\n"
+            "from parallel.precision import convert_for_training\n"
+            "from core.precision_config import PrecisionConfig\n"
+            "from trainer.model import Transformer\nfrom core.model_config import ModelConfig\n"
             "convert_for_training(Transformer(ModelConfig(dim=64, n_layers=1)), PrecisionConfig(dtype='fp8'))\n"
             "assert not any(m.startswith('transformer_engine') for m in sys.modules), 'imported TE'\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},

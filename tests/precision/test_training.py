@@ -8,7 +8,7 @@ import torch
 from tests.precision.markov import MarkovBatches, markov_factory
 from tests.trainer.fixtures import fixed_factory
 from trainer.checkpoint import complete_checkpoints, load_model_weights
-from trainer.config import load_config
+from core.run_config import load_config
 from trainer.model import Transformer
 from trainer.train import train
 

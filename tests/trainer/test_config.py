@@ -1,7 +1,7 @@
 import pytest
 
-from trainer.config import load_config
-from trainer.config_parse import ConfigError
+from core.run_config import load_config
+from core.errors import ConfigError
 
 
 def test_defaults_and_overrides_are_typed(tmp_path):

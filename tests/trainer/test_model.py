@@ -5,7 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.generate import generate
 from trainer.model import Transformer
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 POSITIONS = ["rope", "alibi", "sinusoidal", "learned", "none"]
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from trainer.config import OptimConfig
+from core.train_config import OptimConfig
 from trainer.optim import lr_factor
 
 

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from tests.trainer.fixtures import fixed_factory
-from trainer.config import load_config
-from trainer.config_parse import ConfigError
+from core.run_config import load_config
+from core.errors import ConfigError
 from trainer.train import train
 
 SMALL = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--train.seq_len", "32",

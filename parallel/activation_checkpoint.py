@@ -40,18 +40,19 @@ def _checkpointed(forward, selective: bool, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """mode: "none", "full" (keep only each block's input) or "selective" (see SAVE_OPS)."""
+def apply_activation_checkpointing(model: nn.Module, blocks: str, mode: str) -> None:
+    """mode: "none", "full" (keep only each block's input) or "selective" (see SAVE_OPS), on each
+    module of the ModuleDict `model.<blocks>`."""
     if mode == "none":
         return
     if mode not in ("full", "selective"):
         raise ValueError(f"parallel.ac: {mode!r} is not one of none, full, selective")
-    for block in model.layers.values():
+    for block in getattr(model, blocks).values():
         block.forward = functools.partial(_checkpointed, block.forward, mode == "selective")
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, blocks: str) -> None:
     """Compile each block separately: blocks are identical, so one compiled graph is reused and
     compile time does not grow with depth (and FSDP's per-block hooks stay outside the graph)."""
-    for block in model.layers.values():
+    for block in getattr(model, blocks).values():
         block.compile()

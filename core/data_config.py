@@ -3,8 +3,10 @@
 # No `from __future__ import annotations`: field types stay real types (dataclasses.fields(...).type),
 # which the config loader maps TOML values and --data.key overrides onto.
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
+
+from core.config_parse import option
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_CORPORA = ("builtin:stdlib",)
@@ -17,45 +19,28 @@ def default_cache_dir() -> str:
 
 @dataclass
 class DataConfig:
-    urls: list[str] = field(
-        default_factory=lambda: ["builtin:stdlib"],
-        metadata={"help": "training shards: paths, brace patterns (shard-{000000..000127}.tar), shard-list files "
-                  "(*.list/*.txt, one URL a line), folders of *.tar, 'pipe:CMD' (a TRUSTED shell command that "
-                  "writes a tar to stdout), or 'builtin:stdlib'"})
-    weights: list[float] = field(
-        default_factory=list,
-        metadata={"help": "mixing weights, one per urls entry (each entry is then its own source); "
-                  "empty = all urls form one source"})
-    val_urls: list[str] = field(
-        default_factory=list,
-        metadata={"help": "validation shards (same forms as urls); empty = the built-in corpus' validation split "
-                  "when urls is builtin, else no validation"})
-    manifest: str = field(
-        default="",
-        metadata={"help": "manifest.json written by `meshformer prepare` for shards that are not local files "
-                  "(pipe:); empty = look next to local shards, else scan the shards once"})
-    tokenizer: str = field(
-        default="bytes",
-        metadata={"help": "'bytes' (257 ids, no files), 'hf:/path/tokenizer.json', 'tiktoken:<encoding>' "
-                  "(must already be on this machine) or 'pretokenized' (use the tokens in the shards)"})
-    eot_token: str = field(
-        default="",
-        metadata={"help": "end-of-text token string for hf: tokenizers; empty = find <|endoftext|>, </s>, <eos>"})
-    text_field: str = field(default="txt", metadata={"help": "sample field holding UTF-8 text"})
-    token_field: str = field(default="tokens.npy", metadata={"help": "sample field holding pre-tokenized ids"})
-    num_workers: int = field(default=0, metadata={"help": "loader worker processes per rank (0 = in process)"})
-    prefetch: int = field(default=2, metadata={"help": "batches each worker prepares ahead"})
-    shuffle: bool = field(default=True, metadata={"help": "shuffle shard order and documents each epoch"})
-    shuffle_buffer: int = field(
-        default=1000, metadata={"help": "documents shuffled together inside a shard (0 or 1 = keep shard order)"})
-    on_corrupt: Literal["skip", "error"] = field(
-        default="skip",
-        metadata={"help": "a truncated or corrupt tar: 'skip' (keep what was readable, count, log) or 'error'"})
-    cache_dir: str = field(
-        default="", metadata={"help": "where the built-in corpus and shard indexes live; empty = "
-                              "$MESHFORMER_CACHE or ~/.cache/meshformer"})
-    builtin_val_percent: float = field(
-        default=5.0, metadata={"help": "percent of built-in corpus files (by path hash) held out for validation"})
+    urls: list[str] = option("training shards: paths, brace patterns (shard-{000000..000127}.tar), shard-list files "
+        "(*.list/*.txt, one URL a line), folders of *.tar, 'pipe:CMD' (a TRUSTED shell command that "
+        "writes a tar to stdout), or 'builtin:stdlib'", factory=lambda: ["builtin:stdlib"])
+    weights: list[float] = option("mixing weights, one per urls entry (each entry is then its own source); "
+        "empty = all urls form one source", factory=list)
+    val_urls: list[str] = option("validation shards (same forms as urls); empty = the built-in corpus' validation split "
+        "when urls is builtin, else no validation", factory=list)
+    manifest: str = option("manifest.json written by `meshformer prepare` for shards that are not local files "
+        "(pipe:); empty = look next to local shards, else scan the shards once", "")
+    tokenizer: str = option("'bytes' (257 ids, no files), 'hf:/path/tokenizer.json', 'tiktoken:<encoding>' "
+        "(must already be on this machine) or 'pretokenized' (use the tokens in the shards)", "bytes")
+    eot_token: str = option("end-of-text token string for hf: tokenizers; empty = find <|endoftext|>, </s>, <eos>", "")
+    text_field: str = option("sample field holding UTF-8 text", "txt")
+    token_field: str = option("sample field holding pre-tokenized ids", "tokens.npy")
+    num_workers: int = option("loader worker processes per rank (0 = in process)", 0)
+    prefetch: int = option("batches each worker prepares ahead", 2)
+    shuffle: bool = option("shuffle shard order and documents each epoch", True)
+    shuffle_buffer: int = option("documents shuffled together inside a shard (0 or 1 = keep shard order)", 1000)
+    on_corrupt: Literal["skip", "error"] = option("a truncated or corrupt tar: 'skip' (keep what was readable, count, log) or 'error'", "skip")
+    cache_dir: str = option("where the built-in corpus and shard indexes live; empty = "
+        "$MESHFORMER_CACHE or ~/.cache/meshformer", "")
+    builtin_val_percent: float = option("percent of built-in corpus files (by path hash) held out for validation", 5.0)
 
     def resolved_cache_dir(self) -> str:
         return os.path.expanduser(self.cache_dir) if self.cache_dir else default_cache_dir()

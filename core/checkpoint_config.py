@@ -1,10 +1,10 @@
 """When and how checkpoints are written: the `[checkpoint]` config section."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from trainer.config_parse import option
+from core.config_parse import option
 
 
 @dataclass
@@ -13,7 +13,7 @@ class CheckpointConfig:
     every_minutes: float = option("also save when this many minutes passed since the last save (0 = off)", 0.0)
     keep: int = option("complete checkpoints to keep (the newest); never fewer than 1", 3)
     async_save: bool = option("write in the background while training continues", False, key="async")
-    at_steps: list[int] = field(default_factory=list, metadata={"help": "also save at exactly these steps"})
+    at_steps: list[int] = option("also save at exactly these steps", factory=list)
     init_from: str = option("start a new run from a checkpoint folder (model, optimizer, step, LR and data "
                            "position) or a run folder (its newest checkpoint); a .safetensors file or an "
                            "export folder loads only the weights", "")

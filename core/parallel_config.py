@@ -2,10 +2,10 @@
 each wrapper behaves)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from trainer.config_parse import option
+from core.config_parse import option
 
 
 @dataclass
@@ -20,7 +20,7 @@ class ParallelConfig:
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = option("pipeline schedule", "1f1b")
     pp_microbatches: int = option("microbatches per step under pipeline parallel (0 = pp x pp_virtual_stages)", 0)
     pp_virtual_stages: int = option("stages per rank for interleaved schedules", 1)
-    pp_layers: list[int] = field(default_factory=list, metadata={"help": "layers per stage for uneven splits (empty = even)"})
+    pp_layers: list[int] = option("layers per stage for uneven splits (empty = even)", factory=list)
     ac: Literal["none", "full", "selective"] = option("activation checkpointing", "none")
     compile: bool = option("torch.compile each Transformer block", False)
     fsdp_reshard_after_forward: bool = option("FSDP: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2-like)", True)

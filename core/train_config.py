@@ -1,26 +1,11 @@
-"""The run configuration: one typed section per concern, loaded from TOML plus overrides.
-
-`load_config("configs/tiny.toml", ["--optim.lr", "3e-4"])` returns a validated `Config`.
-Each package owns its section's dataclass (model shape in trainer/model_config.py, data in
-data/config.py, parallel layout in parallel/config.py, ...); this file only gathers them.
-"""
+"""The run-level config sections: `[run]`, `[train]`, `[optim]`, `[metrics]` (the trainer's own;
+the other sections live beside them in core/, one file each)."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
-import tomli_w
-import tomllib
-
-from data.config import DataConfig
-from launch.config import LaunchConfig
-from parallel.config import ParallelConfig
-from trainer.checkpoint_config import CheckpointConfig
-from trainer.config_parse import ConfigError, apply_overrides, build_section, did_you_mean, option, section_to_dict
-from trainer.model_config import ModelConfig
-from trainer.precision_config import PrecisionConfig
+from core.config_parse import option
 
 
 @dataclass
@@ -93,70 +78,3 @@ class MetricsConfig:
     def validate(self) -> None:
         if self.log_every < 1:
             raise ValueError("metrics.log_every: must be >= 1")
-
-
-SECTIONS: dict[str, type] = {
-    "run": RunConfig, "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig,
-    "data": DataConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,
-    "checkpoint": CheckpointConfig, "metrics": MetricsConfig, "launch": LaunchConfig,
-}
-
-
-@dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
-
-    def validate(self) -> None:
-        for name in SECTIONS:
-            section = getattr(self, name)
-            if hasattr(section, "validate"):
-                try:
-                    section.validate()
-                except ConfigError:
-                    raise
-                except ValueError as e:
-                    raise ConfigError(str(e)) from None
-        if self.train.seq_len > self.model.max_seq_len:
-            raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-
-    def to_dict(self) -> dict:
-        return {name: section_to_dict(getattr(self, name)) for name in SECTIONS}
-
-    def to_toml(self) -> str:
-        return tomli_w.dumps(self.to_dict())
-
-    def replace(self, section: str, **changes) -> "Config":
-        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
-
-
-def config_from_tables(tables: dict) -> Config:
-    for name in tables:
-        if name not in SECTIONS:
-            raise ConfigError(f"unknown section [{name}]{did_you_mean(name, SECTIONS)}")
-    cfg = Config(**{name: build_section(cls, tables.get(name, {}), name) for name, cls in SECTIONS.items()})
-    cfg.validate()
-    return cfg
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML config (None = all defaults), apply `--section.key value` overrides, validate."""
-    tables: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found (try configs/tiny.toml)")
-        try:
-            tables = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
-    apply_overrides(tables, list(overrides or []), SECTIONS)
-    return config_from_tables(tables)

@@ -11,7 +11,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.dims import ParallelDims
 from parallel.grad_norm import clip_grads_, settle_partial_grads
-from trainer.engine import LocalEngine, cross_entropy
+from parallel.local_engine import LocalEngine, cross_entropy
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:

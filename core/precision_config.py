@@ -1,14 +1,14 @@
 """Numeric precision of training: the `[precision]` config section.
 
 Which library is installed and whether there is a GPU are checked when the model is converted
-(trainer/precision.py), not here: a GPU config must still load on a CPU machine (planner, sweeps).
+(parallel/precision.py), not here: a GPU config must still load on a CPU machine (planner, sweeps).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from trainer.config_parse import option
+from core.config_parse import option
 
 FP8_RECIPES = {"torchao": ("tensorwise", "rowwise"), "te": ("delayed", "current", "mxfp8")}
 DEFAULT_RECIPE = {"torchao": "tensorwise", "te": "delayed"}

@@ -16,15 +16,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core.errors import ConfigError
+from core.layout import resolve_sizes
+from core.run_config import keys_help, load_config
 from launch.sbatch import TEMPLATE, render
 from launch.slurm_profile import load_profile
-from trainer.config_parse import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshformer slurm", allow_abbrev=False,
                                 description="Render or submit an sbatch script that trains --config on a Slurm cluster.",
-                                epilog="Other --section.key value pairs override the run config, e.g. --optim.lr 3e-4.")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Other --section.key value pairs override the run config, e.g. --optim.lr 3e-4.\n\n"
+                                       + keys_help())
     p.add_argument("--config", default=None, help="run config TOML (default: built-in defaults)")
     p.add_argument("--profile", default=None,
                    help="cluster profile: a TOML path or a name in configs/slurm/ or configs/clusters/ (its [slurm] table)")
@@ -63,11 +67,9 @@ def _profile_overrides(args) -> dict:
 def check_run_config(config: str | None, overrides: list[str], world: int, mode: str):
     """Fail before queueing: a bad config or a layout that does not fit the job's world size
     would otherwise only show after the job waited its turn."""
-    from parallel.dims import ParallelDims
-    from trainer.config import load_config
     cfg = load_config(config, overrides)
     try:
-        ParallelDims.resolve(cfg.parallel, world)
+        resolve_sizes(cfg.parallel, world)
     except ConfigError as e:
         raise ConfigError(f"{e} (this job starts nodes x tasks_per_node = {world} processes)") from None
     wanted = {"tasks": "slurm", "torchrun": "torchrun"}[mode]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from trainer.config_parse import option
+from core.config_parse import option
 
 
 @dataclass

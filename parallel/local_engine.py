@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.precision import autocast_context, post_optimizer_hook
+from parallel.precision import autocast_context, post_optimizer_hook
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.precision_config import PrecisionConfig
+from core.precision_config import PrecisionConfig
 
 # ---- which linear layers go to fp8 -------------------------------------------------------------
 

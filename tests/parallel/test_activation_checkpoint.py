@@ -3,10 +3,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from parallel.checkpointing import apply_activation_checkpointing
-from trainer.engine import cross_entropy
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.local_engine import cross_entropy
 from trainer.model import Transformer
-from trainer.model_config import ModelConfig
+from core.model_config import ModelConfig
 
 CFG = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, ffn_hidden=64, max_seq_len=32)
 
@@ -26,7 +26,7 @@ def backward_work(mode: str):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**CFG))
     names = [n for n, _ in model.named_parameters()]
-    apply_activation_checkpointing(model, mode)
+    apply_activation_checkpointing(model, "layers", mode)
     assert [n for n, _ in model.named_parameters()] == names
     x = torch.randint(0, 64, (2, 16))
     loss = cross_entropy(model(x), x)

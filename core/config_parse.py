@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import textwrap
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
 import tomllib
+
+from core.errors import ConfigError
 
 
 def option(help: str, default: Any = dataclasses.MISSING, *, factory=None, key: str | None = None):
@@ -21,10 +24,6 @@ def option(help: str, default: Any = dataclasses.MISSING, *, factory=None, key: 
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
-
-
-class ConfigError(ValueError):
-    """A bad configuration value, with the dotted key and what would be right."""
 
 
 def toml_key(f: dataclasses.Field) -> str:
@@ -197,3 +196,41 @@ def section_to_dict(obj) -> dict:
         if v is not None:
             out[toml_key(f)] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def _short_type(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        named = [_short_type(a) for a in get_args(tp) if a is not type(None)]
+        return " or ".join(named) + (" (or unset)" if type(None) in get_args(tp) else "")
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_short_type(a) for a in get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def describe_keys(sections: dict[str, type], prefix: str = "--") -> str:
+    """Every key of `sections` with its type, default and help text: the `--help` listing, read
+    from the dataclasses themselves so it cannot drift from what the loader accepts."""
+    lines = [f"config keys: [section] key = value in the TOML file, or {prefix}section.key value:"]
+    for section, cls in sections.items():
+        lines.append(f"\n  [{section}]")
+        for key, (f, tp) in field_types(cls).items():
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {prefix}{section}.{key}  ({_short_type(tp)}, default {_toml_value(default)})")
+            lines.append(textwrap.fill(f.metadata.get("help", ""), width=100, initial_indent=" " * 6,
+                                       subsequent_indent=" " * 6))
+    return "\n".join(lines)

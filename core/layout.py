@@ -1,0 +1,101 @@
+"""Layout arithmetic: the sizes of the mesh dimensions for a world size, pipeline microbatches
+and stage sizes, and the checks that a layout fits the model and batch.
+
+One copy, used by the runtime (parallel/dims.py, parallel/pipeline.py), the planner
+(`meshformer plan`) and `meshformer slurm` (checked before a job is queued), so a layout the
+planner or the sbatch check accepts is the layout the trainer builds. Plain integers, no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.errors import ConfigError
+from core.parallel_config import ParallelConfig
+
+# Outermost first: pipeline stages and data-parallel replicas span nodes, tensor parallel is the
+# innermost (fastest-varying) dimension so a TP group is consecutive ranks, i.e. inside one node.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class LayoutSizes:
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    world_size: int
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+
+def resolve_sizes(cfg: ParallelConfig, world_size: int) -> LayoutSizes:
+    """The mesh sizes for `world_size` processes (dp_shard = -1 takes what the others leave)."""
+    fixed = cfg.pp * cfg.dp_replicate * cfg.tp
+    shard = cfg.dp_shard
+    if shard == -1:
+        if world_size % fixed:
+            raise ConfigError(f"parallel: pp*dp_replicate*tp = {fixed} does not divide the world size {world_size} "
+                              "(a world size not divisible by parallel.tp x pp x dp_replicate leaves no whole dp_shard)")
+        shard = world_size // fixed
+    if fixed * shard != world_size:
+        raise ConfigError(
+            f"parallel: pp({cfg.pp}) x dp_replicate({cfg.dp_replicate}) x dp_shard({shard}) x tp({cfg.tp}) = "
+            f"{fixed * shard}, but the world size is {world_size}")
+    return LayoutSizes(pp=cfg.pp, dp_replicate=cfg.dp_replicate, dp_shard=shard, tp=cfg.tp, world_size=world_size)
+
+
+def microbatches(cfg: ParallelConfig) -> int:
+    """Pipeline microbatches per step: pp_microbatches, else one per stage (pp x virtual stages),
+    the fewest that keep every stage of an interleaved schedule busy."""
+    return cfg.pp_microbatches or cfg.pp * cfg.pp_virtual_stages
+
+
+def stage_layer_counts(cfg: ParallelConfig, n_layers: int) -> list[int]:
+    """Layers in each pipeline stage (pp * virtual stages of them): pp_layers, or as even as
+    possible with the extra layers on the earlier stages."""
+    n_stages = cfg.pp * cfg.pp_virtual_stages
+    if cfg.pp_layers:
+        return list(cfg.pp_layers)
+    base, extra = divmod(n_layers, n_stages)
+    return [base + (1 if i < extra else 0) for i in range(n_stages)]
+
+
+def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int, seq_len: int = 0) -> None:
+    """Checks that need the model and batch as well as the layout; each error names the field."""
+    tp = cfg.tp
+    if tp > 1:
+        for what, value in (("model.n_heads", model_cfg.n_heads), ("model.n_kv_heads", model_cfg.kv_heads),
+                            ("the MLP width (model.ffn_hidden)", model_cfg.hidden),
+                            ("model.vocab_size (vocab-parallel head)", model_cfg.vocab_size)):
+            if value % tp:
+                raise ConfigError(f"parallel.tp: {tp} does not divide {what} = {value}; pick a tp that divides it")
+        if cfg.sp and seq_len % tp:
+            raise ConfigError(f"parallel.sp: sequence parallel splits train.seq_len = {seq_len} over tp = {tp}; "
+                              "use a multiple of tp or parallel.sp = false")
+    n_stages = cfg.pp * cfg.pp_virtual_stages
+    if cfg.pp > 1 or cfg.pp_virtual_stages > 1:
+        if n_stages > model_cfg.n_layers:
+            raise ConfigError(f"parallel.pp: {cfg.pp} x {cfg.pp_virtual_stages} virtual stages = {n_stages} stages "
+                              f"but the model has only model.n_layers = {model_cfg.n_layers} layers")
+        if cfg.pp_layers:
+            if len(cfg.pp_layers) != n_stages or sum(cfg.pp_layers) != model_cfg.n_layers or min(cfg.pp_layers) < 1:
+                raise ConfigError(f"parallel.pp_layers: {cfg.pp_layers} must list {n_stages} positive counts "
+                                  f"(pp x pp_virtual_stages) summing to model.n_layers = {model_cfg.n_layers}")
+        if model_cfg.tie_embeddings:
+            raise ConfigError("model.tie_embeddings: a tied head cannot live on another pipeline stage than the "
+                              "embedding; set it false or parallel.pp = 1")
+        multi = cfg.pp_schedule in ("interleaved_1f1b", "zero_bubble")
+        if cfg.pp_virtual_stages > 1 and not multi:
+            raise ConfigError(f"parallel.pp_virtual_stages: {cfg.pp_virtual_stages} needs an interleaved schedule "
+                              f"(interleaved_1f1b or zero_bubble), not {cfg.pp_schedule!r}")
+        m = microbatches(cfg)
+        if m < cfg.pp:
+            raise ConfigError(f"parallel.pp_microbatches: {m} is fewer than the {cfg.pp} pipeline stages; "
+                              f"use at least parallel.pp = {cfg.pp}")
+        if multi and m % cfg.pp:
+            raise ConfigError(f"parallel.pp_microbatches: {m} must be a multiple of parallel.pp = {cfg.pp} "
+                              f"for the {cfg.pp_schedule} schedule")
+        if batch_size % m:
+            raise ConfigError(f"parallel.pp_microbatches: {m} does not divide train.batch_size = {batch_size}")

@@ -1,0 +1,96 @@
+"""The run configuration: one typed section per concern, loaded from TOML plus overrides.
+
+`load_config("configs/tiny.toml", ["--optim.lr", "3e-4"])` returns a validated `Config`.
+Each section is a dataclass in its own file here in core/ (model shape in core/model_config.py,
+data in core/data_config.py, parallel layout in core/parallel_config.py, ...), so every package can
+read the sections it uses without importing another package; this file only gathers them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+import tomllib
+
+from core.data_config import DataConfig
+from core.launch_config import LaunchConfig
+from core.parallel_config import ParallelConfig
+from core.checkpoint_config import CheckpointConfig
+from core.config_parse import ConfigError, apply_overrides, build_section, describe_keys, did_you_mean, section_to_dict
+from core.model_config import ModelConfig
+from core.precision_config import PrecisionConfig
+from core.train_config import MetricsConfig, OptimConfig, RunConfig, TrainConfig
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig, "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig,
+    "data": DataConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,
+    "checkpoint": CheckpointConfig, "metrics": MetricsConfig, "launch": LaunchConfig,
+}
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self) -> None:
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if hasattr(section, "validate"):
+                try:
+                    section.validate()
+                except ConfigError:
+                    raise
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+    def to_dict(self) -> dict:
+        return {name: section_to_dict(getattr(self, name)) for name in SECTIONS}
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, section: str, **changes) -> "Config":
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+def config_from_tables(tables: dict) -> Config:
+    for name in tables:
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section [{name}]{did_you_mean(name, SECTIONS)}")
+    cfg = Config(**{name: build_section(cls, tables.get(name, {}), name) for name, cls in SECTIONS.items()})
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (None = all defaults), apply `--section.key value` overrides, validate."""
+    tables: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found (try configs/tiny.toml)")
+        try:
+            tables = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    apply_overrides(tables, list(overrides or []), SECTIONS)
+    return config_from_tables(tables)
+
+
+def keys_help() -> str:
+    """The `--help` listing of every run config key (type, default, help text)."""
+    return describe_keys(SECTIONS)

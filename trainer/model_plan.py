@@ -1,0 +1,25 @@
+"""The Transformer's parallel plan: which of trainer/model.py's modules parallel/ splits, by name.
+
+Beside the model it describes (torchtitan keeps sharding.py beside model.py): a renamed module is
+changed here and in model.py, and tensor parallel, pipeline split, activation checkpointing, FSDP
+and the Hugging Face name map (trainer/hf_llama.py) all follow.
+"""
+from __future__ import annotations
+
+from core.model_config import ModelConfig
+from core.parallel_plan import ParallelPlan
+
+BLOCKS, EMBEDDING, POSITIONS, FINAL_NORM, HEAD = "layers", "tok_embeddings", "pos_embeddings", "norm", "output"
+ATTENTION, FEED_FORWARD, ATTENTION_NORM, FFN_NORM = "attention", "feed_forward", "attention_norm", "ffn_norm"
+Q, K, V, O = (f"{ATTENTION}.{p}" for p in ("wq", "wk", "wv", "wo"))
+GATE, DOWN, UP = (f"{FEED_FORWARD}.{p}" for p in ("w1", "w2", "w3"))   # swiglu: w2(silu(w1 x) * w3 x)
+
+
+def parallel_plan(cfg: ModelConfig) -> ParallelPlan:
+    """The plan of `Transformer(cfg)`: gelu MLPs have no up projection (w3)."""
+    return ParallelPlan(
+        blocks=BLOCKS, embedding=EMBEDDING, positions=POSITIONS, final_norm=FINAL_NORM, head=HEAD,
+        tied_head=cfg.tie_embeddings, attention=ATTENTION, feed_forward=FEED_FORWARD,
+        attention_norm=ATTENTION_NORM, ffn_norm=FFN_NORM, qkv=(Q, K, V), attention_out=O,
+        mlp_in=(GATE, UP) if cfg.activation == "swiglu" else (GATE,), mlp_out=DOWN,
+        head_buffers=("alibi_slopes",))
