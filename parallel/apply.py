@@ -1,17 +1,21 @@
 """Apply the parallel layout to the model, in ONE function and a fixed order:
 
     pipeline split -> tensor/sequence parallel -> precision conversion (fp8) ->
-    activation checkpointing -> torch.compile -> FSDP / HSDP / DDP
+    activation checkpointing -> torch.compile -> FSDP / HSDP -> materialise + init -> DDP
 
 Why this order: the split decides which blocks a rank holds; TP turns their weights into DTensors
 that fp8 conversion must see (it swaps Linear modules and needs the TP mesh); checkpointing and
 compile wrap whole blocks after their contents are final; data parallel goes last because
-`fully_shard` shards whatever parameters (plain or TP DTensors) the blocks end up with.
+`fully_shard` shards whatever parameters (plain or TP DTensors) the blocks end up with. A model
+built on the meta device goes through all of it without memory; its parameters are allocated only
+after FSDP has sharded them (so at their local size) and before DDP, which needs real tensors to
+broadcast (parallel/sharded_init.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from core.parallel_config import ParallelConfig
@@ -25,6 +29,7 @@ from parallel.local_engine import LocalEngine
 from parallel.pipeline import PipelineSetup, split_stages
 from parallel.pipeline_engine import PipelineEngine
 from parallel.precision import convert_for_training
+from parallel.sharded_init import ParamInit, init_local_shards, is_meta
 from parallel.tensor import apply_tensor_parallel
 
 
@@ -57,11 +62,17 @@ class Parallelized:
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: ParallelConfig,
-                precision: PrecisionConfig) -> Parallelized:
-    """Spread `model` (built on CPU from the seed, identical on every rank) over the mesh.
-    `plan` names the model's modules (filled by the model side); the caller has checked the
-    layout against the model and batch (core.layout.validate_layout)."""
-    device = next(model.parameters()).device
+                precision: PrecisionConfig, init: ParamInit | None = None) -> Parallelized:
+    """Spread `model` over the mesh. `plan` names the model's modules (filled by the model side);
+    the caller has checked the layout against the model and batch (core.layout.validate_layout).
+    A model on the meta device needs `init` (the device and the value of each parameter): it is
+    materialised after sharding, each rank filling only its own shards. A real model (identical on
+    every rank) is used as it is."""
+    meta = is_meta(model)
+    if meta and init is None:
+        raise ValueError("parallelize: the model is on the meta device; pass init=ParamInit(device, value) "
+                         "to materialise it")
+    device = init.device if meta else next(model.parameters()).device
     pipeline = None
     if dims.pp_enabled:
         pipeline = split_stages(model, plan, dims, pcfg, device)
@@ -81,7 +92,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: 
             apply_compile(part, plan.blocks)
     if dims.fsdp_enabled:
         parts = [apply_fsdp(part, plan.blocks, dims, pcfg, precision) for part in parts]
-    elif dims.ddp_enabled:
+    if meta:
+        # FSDP's CPU offload keeps the sharded parameters on the host (as torchtitan initialises them).
+        offload = dims.fsdp_enabled and pcfg.fsdp_cpu_offload
+        init_local_shards(parts, ParamInit(torch.device("cpu") if offload else init.device, init.value))
+    if dims.ddp_enabled:
         parts = [apply_ddp(part, dims) for part in parts]
     if pipeline is not None:
         pipeline.build_schedule(parts, pcfg)

@@ -8,6 +8,7 @@ None by a pipeline split (a middle stage receives and returns hidden states).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -54,6 +55,13 @@ def sinusoidal_table(max_len: int, dim: int, device=None) -> torch.Tensor:
     table[:, 0::2] = torch.sin(pos * div)
     table[:, 1::2] = torch.cos(pos * div[: dim // 2])
     return table
+
+
+def param_generator(seed: int, fqn: str, device: torch.device) -> torch.Generator:
+    """A generator of its own per parameter, seeded from (seed, name) by a stable hash (Python's
+    hash() of a str changes between processes)."""
+    digest = hashlib.blake2b(f"{seed}/{fqn}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
 
 
 # ---- blocks ---------------------------------------------------------------------------------
@@ -162,38 +170,46 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("rope", self._rope_table(), persistent=False)
-        self.register_buffer("sinusoidal", self._sin_table(), persistent=False)
+        self.register_buffer("rope", None, persistent=False)
+        self.register_buffer("sinusoidal", None, persistent=False)
+        self.init_buffers()
         self.init_weights()
 
-    def _rope_table(self, device=None):
+    def init_buffers(self, device: torch.device | None = None) -> None:
+        """(Re)compute the position buffers (RoPE, sinusoidal tables, ALiBi slopes) on `device`:
+        they are not weights (not saved, not random), so a model built on the meta device gets
+        them here before it is split, and sharding slices them like any tensor."""
         c = self.cfg
-        return rope_cache(c.head_dim, c.max_seq_len, c.rope_theta, device) if c.position == "rope" else None
-
-    def _sin_table(self, device=None):
-        c = self.cfg
-        return sinusoidal_table(c.max_seq_len, c.dim, device) if c.position == "sinusoidal" else None
-
-    @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """(Re)initialise parameters and position buffers; called after materialising a model
-        that was built on the meta device (parameters may be DTensors by then)."""
-        c = self.cfg
-        self.rope = self._rope_table(buffer_device)
-        self.sinusoidal = self._sin_table(buffer_device)
-        out_std = c.init_std / math.sqrt(2 * c.n_layers)  # GPT-2: scale residual projections
-        for name, p in self.named_parameters():
-            if p.ndim == 1:
-                if name.endswith("bias"):
-                    nn.init.zeros_(p)
-                else:
-                    nn.init.ones_(p)
-            else:
-                std = out_std if name.endswith(("wo.weight", "w2.weight")) else c.init_std
-                nn.init.normal_(p, 0.0, std)
+        self.rope = rope_cache(c.head_dim, c.max_seq_len, c.rope_theta, device) if c.position == "rope" else None
+        self.sinusoidal = sinusoidal_table(c.max_seq_len, c.dim, device) if c.position == "sinusoidal" else None
         for layer in self.layers.values():
             if hasattr(layer.attention, "alibi_slopes"):
-                layer.attention.alibi_slopes = alibi_slopes(c.n_heads).to(buffer_device or layer.attention.alibi_slopes.device)
+                layer.attention.alibi_slopes = alibi_slopes(c.n_heads).to(device or layer.attention.alibi_slopes.device)
+
+    def initial_value(self, fqn: str, shape: torch.Size, device: torch.device, dtype: torch.dtype, *,
+                      seed: int) -> torch.Tensor:
+        """The full initial tensor of parameter `fqn` (a name of the whole model): norm weights 1,
+        biases 0, every matrix normal(0, init_std), residual projections (wo, w2) with std scaled
+        by 1/sqrt(2 n_layers) (GPT-2). Drawn from a generator of its own, seeded from (seed, fqn),
+        so the value depends on nothing but the seed and the name: not on which parameters a
+        pipeline stage holds nor on the order they are filled in (parallel/sharded_init.py
+        materialises each rank's shards from it)."""
+        if len(shape) == 1:
+            return (torch.zeros if fqn.endswith("bias") else torch.ones)(shape, device=device, dtype=dtype)
+        c = self.cfg
+        std = c.init_std / math.sqrt(2 * c.n_layers) if fqn.endswith(("wo.weight", "w2.weight")) else c.init_std
+        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=param_generator(seed, fqn, device))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise the parameters in place with `initial_value` (skipped on the meta device:
+        nothing to fill). Without `seed`, one is drawn from torch's global generator, so
+        `torch.manual_seed(s); Transformer(cfg)` is reproducible; the trainer passes run.seed."""
+        real = [(fqn, p) for fqn, p in self.named_parameters() if not p.is_meta]
+        if real and seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (), device="cpu").item())
+        for fqn, p in real:
+            p.copy_(self.initial_value(fqn, p.shape, p.device, p.dtype, seed=seed))
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]; on a pipeline stage, hidden states in or out."""

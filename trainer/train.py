@@ -17,9 +17,10 @@ from core.errors import ConfigError
 from core.layout import validate_layout
 from core.run_config import Config
 from launch.context import DistContext, init_distributed, shutdown
-from parallel.apply import parallelize
+from parallel.apply import Parallelized, parallelize
 from parallel.dims import ParallelDims
 from parallel.mesh import build_mesh
+from parallel.sharded_init import ParamInit
 from trainer.checkpoint import CheckpointManager
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from trainer.model import Transformer
@@ -72,6 +73,19 @@ def evaluate(engine, val_loader, n_steps: int, grad_accum: int = 1) -> float:
     return engine.eval_loss(list(itertools.islice(iter(val_loader), n_steps * grad_accum)))
 
 
+def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> tuple[Parallelized, Transformer]:
+    """This rank's part of the model, initialised: built on the meta device (no memory),
+    parallelized there, then each rank allocates and fills only its own shards with the model's
+    per-parameter initial values (parallel/sharded_init.py), so no rank ever holds the whole model
+    and every layout starts from the single-process weights of run.seed. Also returns the whole
+    model on the meta device (shapes, counts, FLOPs)."""
+    with torch.device("meta"):
+        whole = Transformer(cfg.model)
+    whole.init_buffers(device)       # position tables: small, computed before the split
+    init = ParamInit(device, functools.partial(whole.initial_value, seed=cfg.run.seed))
+    return parallelize(whole, dims, parallel_plan(cfg.model), cfg.parallel, cfg.precision, init=init), whole
+
+
 def train(cfg: Config, *, loader_factory: LoaderFactory | None = None, ctx: DistContext | None = None) -> dict:
     """Run the job described by `cfg`; returns the summary also written to run.dir/summary.json."""
     own_ctx = ctx is None
@@ -95,11 +109,10 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
     if loader_factory is None:          # a custom loader brings its own token ids
         check_vocab(cfg)
 
-    seed_everything(cfg.run.seed)        # the same initial weights in every layout
-    model = Transformer(cfg.model)
-    n_params, n_body = model.num_params(), model.num_params(include_embedding=False)
-    flops_per_token = model.flops_per_token(cfg.train.seq_len)
-    par = parallelize(model.to(ctx.device), dims, parallel_plan(cfg.model), cfg.parallel, cfg.precision)
+    seed_everything(cfg.run.seed)
+    par, whole = build_model(cfg, dims, ctx.device)
+    n_params, n_body = whole.num_params(), whole.num_params(include_embedding=False)
+    flops_per_token = whole.flops_per_token(cfg.train.seq_len)
     model = par.model                    # one module, or a ModuleList of this rank's pipeline stages
     optimizer = build_optimizer(model, cfg.optim, ctx.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
