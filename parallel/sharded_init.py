@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
 
 # (fqn in the unsplit model, global shape, device, dtype) -> the full tensor
 ValueFn = Callable[[str, torch.Size, torch.device, torch.dtype], torch.Tensor]
@@ -83,6 +84,8 @@ def fill_local_shards(parts: Iterable[nn.Module], value: ValueFn, names: Iterabl
     wanted = set(names) if names is not None else None
     done = []
     for part in parts:
+        if isinstance(part, DistributedDataParallel):      # its names carry "module."
+            part = part.module
         for fqn, p in part.named_parameters():     # a tied parameter once, under its first name
             if wanted is not None and fqn not in wanted:
                 continue

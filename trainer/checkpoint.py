@@ -20,12 +20,13 @@ import torch.distributed.checkpoint as dcp
 
 from trainer import checkpoint_files as files
 from trainer.checkpoint_async import AsyncCheckpointWriter
-from trainer.hf_llama import find_weights_files, load_weights
+from trainer.hf_llama import WeightsReader, find_weights_files
 from trainer.checkpoint_files import COMPLETE, complete_checkpoints, step_dir_name  # noqa: F401 (public API)
 from trainer.checkpoint_state import (CheckpointError, CheckpointWriter, single_process_quiet, ModelParts, as_list, check_against_metadata, dcp_load,
                                       model_config_diff, read_metadata, rng_state, set_rng_state)
 from core.errors import ConfigError
 from launch.preemption import EXIT_PREEMPTED, Preemption
+from parallel.sharded_init import fill_local_shards
 from trainer.run_lock import LOCK_NAME
 
 PREEMPTED_MARKER = "PREEMPTED"
@@ -120,7 +121,8 @@ class CheckpointManager:
             path = found[-1]
         weights = find_weights_files(path)
         if weights:
-            self.parts.load_full_model_state_dict(load_weights(weights, self.cfg.model))
+            # One full tensor at a time, each rank keeping its shard: no rank holds the whole file.
+            fill_local_shards(self.parts.parts, WeightsReader(weights, self.cfg.model).value)
             self._say(f"initialised weights from {source} (fresh optimizer, step 0)")
             return
         _require_complete(path)

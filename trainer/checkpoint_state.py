@@ -132,15 +132,6 @@ class ModelParts:
             if optim_sd is not None:
                 set_optimizer_state_dict(module, opt, optim_sd, options=OPTIONS)
 
-    def load_full_model_state_dict(self, full: dict) -> None:
-        """Load full (unsharded) tensors, e.g. from safetensors, into whatever layout holds the
-        parts: DCP slices each tensor to this rank's shard."""
-        opts = StateDictOptions(full_state_dict=True, strict=True)
-        full = self._unstrip(full, optim=False)
-        for module, _ in self._modules():
-            keys = _keys(module)
-            set_model_state_dict(module, {k: v for k, v in full.items() if k in keys}, options=opts)
-
 
 def _keys(part: nn.Module) -> set[str]:
     return set(get_model_state_dict(part, options=StateDictOptions()).keys())

@@ -69,35 +69,6 @@ def to_hf(sd: dict, mc) -> dict:
     return out
 
 
-def from_hf(hf: dict, mc) -> dict:
-    """HF Llama tensors -> our full state dict, checked name by name and shape by shape."""
-    check_llama_shaped(mc)
-    want = expected_model_shapes(mc)
-    names = {hf_name(k): k for k in want}
-    if mc.tie_embeddings:
-        names.pop("lm_head.weight", None)
-    sd, problems = {}, []
-    for theirs, ours in names.items():
-        if theirs not in hf:
-            problems.append(f"missing: {theirs}")
-            continue
-        v = hf[theirs]
-        if ours.endswith(Q_WEIGHT):
-            v = _rope_permute(v, mc.n_heads, inverse=True)
-        elif ours.endswith(K_WEIGHT):
-            v = _rope_permute(v, mc.kv_heads, inverse=True)
-        if tuple(v.shape) != want[ours]:
-            problems.append(f"shape of {theirs}: file {list(v.shape)}, this model {list(want[ours])}")
-        sd[ours] = v
-    problems += [f"not in this model: {k}" for k in hf if k not in names and not (k == "lm_head.weight" and mc.tie_embeddings)]
-    if problems:
-        raise CheckpointError("the weights do not fit this model (check model.* against the export's config.json):\n  "
-                              + "\n  ".join(problems[:12]))
-    if mc.tie_embeddings:
-        sd[HEAD_WEIGHT] = sd[EMBEDDING_WEIGHT]
-    return sd
-
-
 def hf_config(mc, dtype: str = "float32") -> dict:
     check_llama_shaped(mc)
     return {
@@ -133,24 +104,74 @@ def find_weights_files(path: Path) -> list[Path]:
     return []
 
 
+class WeightsReader:
+    """Tensors of safetensors files in our names, read one at a time (never unpickles): a rank
+    loading `checkpoint.init_from` reads each full tensor it needs once and keeps its shard
+    (parallel/sharded_init.py), so its memory grows by one tensor, not by the model. Names and
+    shapes are checked from the files' headers before any data is read; HF names are converted
+    and an export folder's config.json is checked against the model config first."""
+
+    def __init__(self, files: list[Path], mc):
+        from safetensors import safe_open
+        self.files = [Path(f) for f in files]
+        self.mc = mc
+        config = self.files[0].parent / "config.json"
+        if config.is_file():
+            check_hf_config(json.loads(config.read_text()), mc, str(config))
+        self._handles = [safe_open(str(f), framework="pt") for f in self.files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+        self.hf = "model.embed_tokens.weight" in self._where
+        self.want = expected_model_shapes(mc)
+        self._check()
+
+    def _shape(self, name: str) -> tuple:
+        return tuple(self._where[name].get_slice(name).get_shape())
+
+    def _stored_name(self, ours: str) -> str:
+        if self.hf:
+            return hf_name(EMBEDDING_WEIGHT if ours == HEAD_WEIGHT and self.mc.tie_embeddings else ours)
+        return ours
+
+    def _check(self) -> None:
+        if self.hf:
+            check_llama_shaped(self.mc)
+            names = {hf_name(k): k for k in self.want}
+            if self.mc.tie_embeddings:
+                names.pop("lm_head.weight", None)
+            problems = [f"missing: {theirs}" for theirs in names if theirs not in self._where]
+            problems += [f"shape of {theirs}: file {list(self._shape(theirs))}, this model {list(self.want[ours])}"
+                         for theirs, ours in names.items() if theirs in self._where and self._shape(theirs) != self.want[ours]]
+            problems += [f"not in this model: {k}" for k in self._where
+                         if k not in names and not (k == "lm_head.weight" and self.mc.tie_embeddings)]
+            if problems:
+                raise CheckpointError("the weights do not fit this model (check model.* against the export's "
+                                      "config.json):\n  " + "\n  ".join(problems[:12]))
+            return
+        problems = [f"missing: {k}" for k in self.want if k not in self._where]
+        problems += [f"not in this model: {k}" for k in self._where if k not in self.want]
+        problems += [f"shape of {k}: file {list(self._shape(k))}, this model {list(self.want[k])}"
+                     for k in self.want if k in self._where and self._shape(k) != self.want[k]]
+        if problems:
+            raise CheckpointError(f"weights {[str(f) for f in self.files]} do not fit this model:\n  "
+                                  + "\n  ".join(problems[:12]))
+
+    def tensor(self, ours: str) -> torch.Tensor:
+        """The full tensor of parameter `ours`, as the file holds it (dtype included)."""
+        name = self._stored_name(ours)
+        v = self._where[name].get_tensor(name)
+        if self.hf and ours.endswith(Q_WEIGHT):
+            v = _rope_permute(v, self.mc.n_heads, inverse=True)
+        elif self.hf and ours.endswith(K_WEIGHT):
+            v = _rope_permute(v, self.mc.kv_heads, inverse=True)
+        return v
+
+    def value(self, fqn: str, shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """parallel.sharded_init's ValueFn: the tensor converted to the parameter's device and dtype."""
+        return self.tensor(fqn).to(device=device, dtype=dtype)
+
+
 def load_weights(files: list[Path], mc) -> dict:
-    """Full state dict in our names from safetensors (never unpickles); HF names are converted;
-    an export folder's config.json is checked against the model config first."""
-    from safetensors.torch import load_file
-    files = [Path(f) for f in files]
-    config = files[0].parent / "config.json"
-    if config.is_file():
-        check_hf_config(json.loads(config.read_text()), mc, str(config))
-    tensors = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    if "model.embed_tokens.weight" in tensors:
-        return from_hf(tensors, mc)
-    want = expected_model_shapes(mc)
-    problems = [f"missing: {k}" for k in want if k not in tensors]
-    problems += [f"not in this model: {k}" for k in tensors if k not in want]
-    problems += [f"shape of {k}: file {list(tensors[k].shape)}, this model {list(want[k])}"
-                 for k in want if k in tensors and tuple(tensors[k].shape) != want[k]]
-    if problems:
-        raise CheckpointError(f"weights {[str(f) for f in files]} do not fit this model:\n  " + "\n  ".join(problems[:12]))
-    return tensors
+    """Full state dict in our names from safetensors (all tensors at once: for export and tests;
+    training loads through WeightsReader one tensor at a time)."""
+    reader = WeightsReader(files, mc)
+    return {k: reader.tensor(k) for k in reader.want}

@@ -1,9 +1,10 @@
 """Sharded init harness, run under torchrun by tests/parallel/test_sharded_init.py.
 
-    init_worker.py state OUT_DIR NAME=ARGS ...   for each layout (ARGS: `--parallel.*` and model
-        overrides), build the model the way the trainer does (meta device, parallelize, fill the
-        local shards) and write its gathered full state dict to OUT_DIR/NAME.pt (rank 0), with
-        a record of which parameters a tied head shares
+    init_worker.py state OUT_DIR NAME=ARGS ...   for each layout (ARGS: `--parallel.*`, model and
+        `--checkpoint.init_from` overrides), build the model the way the trainer does (meta device,
+        parallelize, fill the local shards; then load safetensors weights if init_from names them)
+        and write its gathered full state dict to OUT_DIR/NAME.pt (rank 0), with whether a tied
+        head still shares the embedding's parameter
     init_worker.py rss OUT.json ARGS ...         peak resident memory of each rank building and
         initialising the model (FSDP over all ranks), above the RSS it had before the build
 """
@@ -23,7 +24,8 @@ from core.launch_config import LaunchConfig
 from core.run_config import load_config
 from launch.context import init_distributed, shutdown
 from parallel.mesh import build_mesh
-from trainer.train import build_model
+from trainer.checkpoint import CheckpointManager
+from trainer.train import TrainState, build_model
 
 SEED = 11
 # Every dimension divisible by 2 and 4 (TP, FSDP) but the vocabulary odd under FSDP x2 chunks of
@@ -66,6 +68,9 @@ def run_state(out_dir: Path, specs: list[str], ctx) -> None:
             cfg = config(SMALL + args.split())
             dims = build_mesh(cfg.parallel, ctx)
             par, _ = build_model(cfg, dims, ctx.device)
+            if cfg.checkpoint.init_from:     # the trainer's own path for safetensors weights
+                CheckpointManager(cfg, ctx, out_dir / name, model=par.model, optimizer=None, scheduler=None,
+                                  loader=None, state=TrainState(), dims=dims).init_from(cfg.checkpoint.init_from)
             sd = full_state(par.model_parts)
             result = {"state": sd, "tied": tied(par.model_parts, cfg.model),
                       "meta_left": [n for p in par.model_parts for n, t in p.named_parameters() if t.is_meta]}

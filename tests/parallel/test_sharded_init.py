@@ -32,13 +32,20 @@ TWO_RANKS = {
                               "--model.activation gelu --model.norm layernorm --model.bias true",
     "fsdp2_tied_learned": "--parallel.dp_shard 2 --model.tie_embeddings true --model.position learned",
     "fsdp2_offload": "--parallel.dp_shard 2 --parallel.fsdp_cpu_offload true",
+    # checkpoint.init_from safetensors: our names, and a Hugging Face export (renamed, q/k permuted)
+    "load_ours_fsdp2": "--parallel.dp_shard 2 --checkpoint.init_from {ours}",
+    "load_hf_tp2": "--parallel.tp 2 --checkpoint.init_from {hf}",
+    "load_ours_pp2": "--parallel.pp 2 --checkpoint.init_from {ours}",
+    "load_ours_ddp2": "--parallel.dp_replicate 2 --parallel.dp_shard 1 --checkpoint.init_from {ours}",
 }
 FOUR_RANKS = {
     "tp2_fsdp2": "--parallel.tp 2 --parallel.dp_shard 2",
     "tp2_fsdp2_tied": "--parallel.tp 2 --parallel.dp_shard 2 --model.tie_embeddings true",
     "pp2_tp2": "--parallel.pp 2 --parallel.tp 2",
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
+    "load_hf_tp2_fsdp2": "--parallel.tp 2 --parallel.dp_shard 2 --checkpoint.init_from {hf}",
 }
+WEIGHTS_SEED = 99
 
 
 def torchrun(nproc: int, args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -50,7 +57,27 @@ def torchrun(nproc: int, args: list[str], timeout: float) -> subprocess.Complete
 
 def model_args(layout: str) -> list[str]:
     words = layout.split()
-    return [w for k, v in zip(words[::2], words[1::2]) if not k.startswith("--parallel.") for w in (k, v)]
+    return [w for k, v in zip(words[::2], words[1::2]) if k.startswith("--model.") for w in (k, v)]
+
+
+def weights_state() -> dict:
+    """What the safetensors files hold: the model initialised from another seed."""
+    model = Transformer(config(SMALL).model)
+    model.init_weights(WEIGHTS_SEED)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def write_weights(out: Path) -> dict[str, str]:
+    """The same weights under our names (one file) and as a Hugging Face export (a folder)."""
+    from safetensors.torch import save_file
+    from trainer.hf_llama import hf_config, to_hf
+    mc = config(SMALL).model
+    sd = weights_state()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "ours.safetensors"))
+    (out / "hf").mkdir()
+    save_file(to_hf(sd, mc), str(out / "hf" / "model.safetensors"))
+    (out / "hf" / "config.json").write_text(json.dumps(hf_config(mc)))
+    return {"ours": str(out / "ours.safetensors"), "hf": str(out / "hf")}
 
 
 def single(layout: str) -> dict:
@@ -63,9 +90,11 @@ def single(layout: str) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("init")
+    paths = write_weights(out)
     got = {}
     for nproc, layouts in ((2, TWO_RANKS), (4, FOUR_RANKS)):
-        proc = torchrun(nproc, ["state", str(out), *(f"{k}={v}" for k, v in layouts.items())], timeout=600)
+        specs = [f"{k}={v.format(**paths)}" for k, v in layouts.items()]
+        proc = torchrun(nproc, ["state", str(out), *specs], timeout=600)
         for name in layouts:
             f = out / f"{name}.pt"
             got[name] = torch.load(f, weights_only=True) if f.exists() else {"error": proc.stderr[-6000:]}
@@ -84,7 +113,8 @@ def test_initial_state_equals_single_process(name, results):
     got = results[name]
     assert "error" not in got, f"{name} failed:\n{got.get('error')}"
     assert got["meta_left"] == []
-    assert_bit_equal(got["state"], single({**TWO_RANKS, **FOUR_RANKS}[name]), name)
+    want = weights_state() if name.startswith("load_") else single({**TWO_RANKS, **FOUR_RANKS}[name])
+    assert_bit_equal(got["state"], want, name)
     if "tied" in name:
         assert got["tied"] is True, f"{name}: the head no longer shares the embedding's parameter"
 
