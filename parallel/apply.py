@@ -93,9 +93,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: 
     if dims.fsdp_enabled:
         parts = [apply_fsdp(part, plan.blocks, dims, pcfg, precision) for part in parts]
     if meta:
-        # FSDP's CPU offload keeps the sharded parameters on the host (as torchtitan initialises them).
+        # FSDP's CPU offload keeps the sharded parameters on the host (values still drawn on the device).
         offload = dims.fsdp_enabled and pcfg.fsdp_cpu_offload
-        init_local_shards(parts, ParamInit(torch.device("cpu") if offload else init.device, init.value))
+        init_local_shards(parts, init, storage=torch.device("cpu") if offload else None)
     if dims.ddp_enabled:
         parts = [apply_ddp(part, dims) for part in parts]
     if pipeline is not None:

@@ -23,7 +23,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-# (fqn in the unsplit model, global shape, device, dtype) -> the full tensor
+# (fqn in the unsplit model, global shape, device, dtype) -> the full tensor; a pure function of
+# its arguments (a random one: one generator per fqn), so every rank draws the same values
 ValueFn = Callable[[str, torch.Size, torch.device, torch.dtype], torch.Tensor]
 
 
@@ -76,31 +77,31 @@ def local_piece(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fill_local_shards(parts: Iterable[nn.Module], value: ValueFn, names: Iterable[str] | None = None) -> list[str]:
+def fill_local_shards(parts: Iterable[nn.Module], value: ValueFn, device: torch.device | None = None) -> list[str]:
     """Copy each parameter's local piece of `value(fqn, ...)` into it, one parameter at a time.
     Parameter names must be the unsplit model's (pipeline stages keep them; wrappers applied in
-    `parallelize` do not rename). `names`: only those (default every parameter). Returns the
+    `parallelize` do not rename). `device`: where the full values are made (default: where the
+    parameter lives); random values differ between a CPU and a CUDA generator, so a layout whose
+    shards live on the host (FSDP CPU offload) still draws them on the compute device. Returns the
     names filled."""
-    wanted = set(names) if names is not None else None
     done = []
     for part in parts:
         if isinstance(part, DistributedDataParallel):      # its names carry "module."
             part = part.module
         for fqn, p in part.named_parameters():     # a tied parameter once, under its first name
-            if wanted is not None and fqn not in wanted:
-                continue
             local = p.to_local() if isinstance(p, DTensor) else p
-            full = value(fqn, p.shape, local.device, p.dtype)
+            full = value(fqn, p.shape, device or local.device, p.dtype)
             if tuple(full.shape) != tuple(p.shape):
                 raise ValueError(f"initial value of {fqn}: shape {list(full.shape)}, the parameter's is {list(p.shape)}")
-            local.copy_(local_piece(full, p))
+            local.copy_(local_piece(full, p).to(local.device))
             del full
             done.append(fqn)
     return done
 
 
-def init_local_shards(parts: list[nn.Module], init: ParamInit) -> None:
-    """Materialise meta parts on `init.device` and fill their shards with `init.value`."""
+def init_local_shards(parts: list[nn.Module], init: ParamInit, storage: torch.device | None = None) -> None:
+    """Materialise meta parts on `storage` (default `init.device`) and fill their shards with
+    `init.value`, drawn on `init.device`."""
     for part in parts:
-        materialize(part, init.device)
-    fill_local_shards(parts, init.value)
+        materialize(part, storage or init.device)
+    fill_local_shards(parts, init.value, init.device)
