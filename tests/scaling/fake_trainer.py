@@ -79,6 +79,9 @@ def main(argv):
                 deadline = time.monotonic() + 60
                 while not got and time.monotonic() < deadline:
                     time.sleep(0.05)
+                if not got:
+                    print("FAKE_PREEMPT_AT: no SIGUSR1 came within 60 s", file=sys.stderr)
+                    return 6
                 (run_dir / "PREEMPTED").write_text(json.dumps({"step": s, "exit_code": 75}))
                 (run_dir / "summary.json").write_text(json.dumps({"steps": s, "preempted": True}))
                 print(f"SIGUSR1: saved step {s}; exiting with code 75")
