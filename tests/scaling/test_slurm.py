@@ -147,3 +147,24 @@ def test_sweep_run_preempted_by_the_signal_is_requeued_and_resumes(slurm, tmp_pa
     start = next(p for p in plan if p["run_id"] == branch["run_id"])["overrides"]["checkpoint.init_from"]
     assert saved < int(start.rsplit("-", 1)[1]), (saved, start)    # the branch's checkpoint came after the resume
     assert branch["attempts"] == 1
+
+
+@pytest.mark.slow
+def test_sweep_run_over_the_profile_layout_is_recorded_once(slurm, tmp_path, capsys):
+    """A profile of 2 tasks: each array task starts 2 trainer processes (srun) that train the run
+    together (FSDP over 2); only the first records it, so it ran once (one attempt) in a world of 2."""
+    replace = {"enabled = true": "enabled = false", "dims = [32, 48, 64, 96]": "dims = [32, 48]",
+               "budgets = [6e9, 1.2e10, 2.4e10]": "budgets = [6e9]",
+               '"checkpoint.every" = 0': '"checkpoint.every" = 0\n"parallel.dp_shard" = 2'}
+    spec_path = write_spec(tmp_path, trainer=[sys.executable, "-m", "trainer", "train"], replace=replace)
+    spec_path.write_text(spec_path.read_text() + f'\n[slurm]\nprofile = "local"\ntasks_per_node = 2\n'
+                                                  f'python = "{sys.executable}"\n')
+    spec = load_spec(spec_path)
+    assert main(["run", str(spec_path), "--slurm", "--jobs", "1", "--wait"]) == 0
+    script = (spec.out_dir / "slurm" / "array-stage0.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=2" in script and "--ntasks=2 --ntasks-per-node=2" in script
+    rows = ResultsStore(spec.results_path).rows()
+    assert len(rows) == 2 and all(r["status"] == "done" and r["attempts"] == 1 for r in rows), rows
+    for r in rows:
+        summary = json.loads((spec.out_dir / "runs" / r["run_id"] / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == r["steps_planned"]
