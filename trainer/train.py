@@ -17,6 +17,7 @@ from core.errors import ConfigError
 from core.layout import validate_layout
 from core.run_config import Config
 from launch.context import DistContext, init_distributed, shutdown
+from launch.watchdog import stall_watchdog
 from parallel.apply import parallelize
 from parallel.dims import ParallelDims
 from parallel.mesh import build_mesh
@@ -77,14 +78,14 @@ def train(cfg: Config, *, loader_factory: LoaderFactory | None = None, ctx: Dist
     own_ctx = ctx is None
     ctx = ctx or init_distributed(cfg.launch, cfg.train.device)
     try:
-        with hold_run_dir(Path(cfg.run.dir), ctx):
-            return _train(cfg, ctx, loader_factory)
+        with hold_run_dir(Path(cfg.run.dir), ctx), stall_watchdog(ctx, cfg.launch.timeout_s) as beat:
+            return _train(cfg, ctx, loader_factory, beat)
     finally:
         if own_ctx:
             shutdown(ctx)
 
 
-def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) -> dict:
+def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, beat=lambda step: None) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
@@ -154,8 +155,10 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
             log.log({"step": state.step, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
             window_t = time.perf_counter()   # evaluation time is not training throughput
         ckpt.after_step(final=final)
+        beat(state.step)            # progress, for launch/watchdog.py (a rank stuck for launch.timeout_s is named)
         if ckpt.preempted:          # a termination signal: saved; the CLI exits with EXIT_PREEMPTED
             break
+    beat(None)
     ckpt.finish()
     log.close()
 
