@@ -86,6 +86,15 @@ def export_main(argv: list[str]) -> int:
     return main(argv)
 
 
+def doctor_main(argv: list[str]) -> int:
+    p = _split_config_args("meshformer doctor", argv, "Check the environment a job needs: torch build, devices, "
+                           "NCCL/IB variables, free disk and write access in run.dir, and (under a launcher) that "
+                           "every node sees the same run.dir. Exit status 1 on a problem.")
+    args, overrides = p.parse_known_args(argv)
+    from launch.doctor import run_checks
+    return run_checks(load_config(args.config, overrides))
+
+
 def slurm_main(argv: list[str]) -> int:
     from launch.slurm_submit import main
     return main(argv)
@@ -100,6 +109,7 @@ SUBCOMMANDS = {
     "sweep": (sweep_main, "scaling-law sweeps: plan, run, collect, fit, plot"),
     "export": (export_main, "write a checkpoint as Hugging Face safetensors"),
     "slurm": (slurm_main, "render or submit an sbatch script for a run"),
+    "doctor": (doctor_main, "check torch, devices, NCCL/IB variables, disk and a shared run.dir before a job"),
 }
 
 
