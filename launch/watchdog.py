@@ -164,12 +164,20 @@ class StallWatchdog:
         """Publish this rank's view, gather the others', and return the line to print ("" on
         every rank but the lowest waiting one, so a job prints it once)."""
         rank, world = self.ctx.rank, self.ctx.world_size
-        self.store.set(str(rank), json.dumps({"step": self.step, "groups": flight_record()}))
-        keys = [str(r) for r in range(world)]
-        deadline = time.monotonic() + self.answer_s
-        while not self.store.check(keys) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        reports = {r: json.loads(self.store.get(str(r))) for r in range(world) if self.store.check([str(r)])}
+        mine = {"step": self.step, "groups": flight_record()}
+        try:
+            self.store.set(str(rank), json.dumps(mine))
+            keys = [str(r) for r in range(world)]
+            deadline = time.monotonic() + self.answer_s
+            while not self.store.check(keys) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            reports = {r: json.loads(self.store.get(str(r))) for r in range(world) if self.store.check([str(r)])}
+        except (RuntimeError, ValueError) as e:      # the store's host is gone too: say what this rank knows
+            waiting = "; ".join(f"{g[1]} #{g[0]} on process group {n}" for n, g in mine["groups"].items() if not g[2])
+            return (f"launch error: rank {rank}: no progress for {idle:.0f} s (launch.timeout_s={self.timeout_s:g}) "
+                    f"after step {self.step}" + (f", waiting in {waiting}" if waiting else "")
+                    + f"; the rendezvous store did not answer ({str(e).splitlines()[0] if str(e) else type(e).__name__}), "
+                    f"so the other ranks' state is unknown; stopping with exit code {EXIT_STALLED}")
         stuck, why = diagnose(reports, world)
         printer = min((r for r in reports if r not in stuck), default=min(reports, default=rank))
         if rank != printer:
