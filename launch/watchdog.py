@@ -34,13 +34,13 @@ import time
 
 import torch.distributed as dist
 
-try:        # torch's flight recorder dump (private, present since before 2.11); without it reports name no collective
+try:        # torch's flight-recorder dump: private (checked on 2.13); where absent, reports name no collective
     from torch._C._distributed_c10d import _dump_fr_trace_json
 except ImportError:
     _dump_fr_trace_json = None
 
 EXIT_STALLED = 70          # EX_SOFTWARE in sysexits.h; torchrun restarts on any non-zero exit
-FR_BUFFER_SIZE = "2000"    # collectives remembered per process (torch's documented default size)
+FR_BUFFER_SIZE = "2000"    # collectives remembered per process (the size torch's flight-recorder docs suggest)
 
 
 def collective_timeout_s(timeout_s: float) -> float:
