@@ -6,7 +6,8 @@ the project's own code recorded against the optimizer step it happened in.
 A host read is `Tensor.item()`, `float()`, `int()`, `bool()` or `.tolist()`: on a GPU each waits
 for the device queue to drain. Only calls made directly from a file of this repository outside
 tests/ are recorded (torch's own CPU-side bookkeeping, e.g. AdamW's step counters, is not ours
-and never touches the device). Rank 0 writes {rows, reads: [[step, "file:line"], ...]}.
+and never touches the device). Rank 0 writes {rows, reads: [[step, "file:line"], ...]}; a run
+that stops on divergence writes OUT.json.rank-R holding the message on every rank and exits 1.
 """
 import json
 import os
@@ -17,6 +18,7 @@ import torch
 
 from tests.checkpoint.helpers import SMALL
 from tests.trainer.fixtures import FixedBatches
+from core.errors import TrainingDiverged
 from core.run_config import load_config
 from parallel.local_engine import LocalEngine
 from trainer.train import train
@@ -57,7 +59,11 @@ def main(run_dir, out, extra):
 
     reads, step = [], [0]
     instrument(reads, step)
-    train(cfg, loader_factory=factory)
+    try:
+        train(cfg, loader_factory=factory)
+    except TrainingDiverged as e:
+        Path(f"{out}.rank-{rank}").write_text(str(e))
+        return 1
     if rank == 0:
         rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
         Path(out).write_text(json.dumps({"rows": rows, "reads": reads}))

@@ -233,6 +233,26 @@ def test_rollback_without_a_checkpoint_stops(tmp_path):
         run(tmp_path / "run", *LR, "--checkpoint.every", "0", "--train.on_nonfinite", "rollback")
 
 
+# ---- two ranks: every rank takes the same decision ------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy,extra,expect", [
+    ("skip", ["--train.max_skips", "1"], "train.on_nonfinite = skip, train.max_skips = 1"),
+    ("rollback", ["--train.max_rollbacks", "1"], "train.on_nonfinite = rollback: gave up after train.max_rollbacks = 1"),
+])
+def test_fsdp_ranks_agree(tmp_path, policy, extra, expect):
+    d, out = tmp_path / "run", tmp_path / "out.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "tests/trainer/host_read_worker.py"), str(d), str(out), "--parallel.dp_shard", "2",
+                        *LR, "--metrics.log_every", "4", "--train.on_nonfinite", policy, *extra],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0, r.stderr[-3000:]
+    messages = [Path(f"{out}.rank-{rank}").read_text() for rank in (0, 1)]
+    assert messages[0] == messages[1] and expect in messages[0], (messages, r.stderr[-3000:])
+    assert assert_finite_on_disk(d, tmp_path)
+
+
 # ---- config ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key,value,message", [
