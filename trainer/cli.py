@@ -78,7 +78,8 @@ def plan_main(argv: list[str]) -> int:
 
 def sweep_main(argv: list[str]) -> int:
     from scaling.cli import main
-    return main(argv)
+    from trainer.sweep_slurm import LAUNCHER      # job arrays through launch/'s sbatch renderer
+    return main(argv, launcher=LAUNCHER)
 
 
 def export_main(argv: list[str]) -> int:
