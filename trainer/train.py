@@ -173,10 +173,10 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
                 log.rewind(state.step)
                 log.log({"step": state.step, "rollback_from": from_step, "diverged_at": d.step,
                          "data_steps_skipped": from_step - state.step, "checkpoint": loaded.name})
-                skipped = f"{state.step + 1}-{from_step}" if from_step > state.step + 1 else f"{from_step}"
+                skipped = f"steps {state.step + 1}-{from_step}" if from_step > state.step + 1 else f"step {from_step}"
                 log.message(f"training diverged at step {d.step}: {d.what()}; rolled back to {loaded} "
                             f"(rollback {guard.rollbacks} of train.max_rollbacks = {cfg.train.max_rollbacks}); "
-                            f"the data of step {skipped} is skipped")
+                            f"the data of {skipped} is skipped")
                 window_t, window_steps = time.perf_counter(), 0
             if ckpt.preempted:          # a termination signal: saved; the CLI exits with EXIT_PREEMPTED
                 break
