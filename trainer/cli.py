@@ -6,14 +6,14 @@ import signal
 import sys
 from pathlib import Path
 
-from core.errors import ConfigError, DataError, LaunchError, MeshformerError, SweepSpecError
+from core.errors import ConfigError, DataError, LaunchError, MeshformerError, SweepSpecError, TrainingDiverged
 from core.run_config import keys_help, load_config
 
 # Each command imports what it runs when it runs (plain imports, no cycle to dodge): `meshformer
 # plan` or `--help` should not wait seconds for torch, which only train/generate/export/slurm need.
 
 # How a one-line error names its kind; the first class that matches wins (CheckpointError is a ConfigError).
-ERROR_KINDS = ((ConfigError, "config error"), (DataError, "data error"), (LaunchError, "launch error"),
+ERROR_KINDS = ((TrainingDiverged, ""), (ConfigError, "config error"), (DataError, "data error"), (LaunchError, "launch error"),
                (SweepSpecError, "sweep spec error"), (MeshformerError, "error"))
 
 
@@ -116,7 +116,7 @@ SUBCOMMANDS = {
 
 def error_line(name: str, e: MeshformerError) -> str:
     kind = next(k for cls, k in ERROR_KINDS if isinstance(e, cls))
-    return f"meshformer {name}: {kind}: {e}"
+    return f"meshformer {name}: {kind}: {e}" if kind else f"meshformer {name}: {e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(error_line(name, e), file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":
