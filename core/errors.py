@@ -10,6 +10,13 @@ from __future__ import annotations
 
 class MeshformerError(Exception):
     """Bad input (a config value, a data source, a checkpoint, a launch environment, a sweep spec)."""
+    exit_code = 2
+
+
+class TrainingDiverged(MeshformerError, RuntimeError):
+    """The loss or gradient norm stopped being finite and train.on_nonfinite gave up. A runtime
+    fault, not bad input: the CLI prints the one line and exits 1."""
+    exit_code = 1
 
 
 class ConfigError(MeshformerError, ValueError):

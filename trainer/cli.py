@@ -6,14 +6,14 @@ import signal
 import sys
 from pathlib import Path
 
-from core.errors import ConfigError, DataError, LaunchError, MeshformerError, SweepSpecError
+from core.errors import ConfigError, DataError, LaunchError, MeshformerError, SweepSpecError, TrainingDiverged
 from core.run_config import keys_help, load_config
 
 # Each command imports what it runs when it runs (plain imports, no cycle to dodge): `meshformer
 # plan` or `--help` should not wait seconds for torch, which only train/generate/export/slurm need.
 
 # How a one-line error names its kind; the first class that matches wins (CheckpointError is a ConfigError).
-ERROR_KINDS = ((ConfigError, "config error"), (DataError, "data error"), (LaunchError, "launch error"),
+ERROR_KINDS = ((TrainingDiverged, ""), (ConfigError, "config error"), (DataError, "data error"), (LaunchError, "launch error"),
                (SweepSpecError, "sweep spec error"), (MeshformerError, "error"))
 
 
@@ -87,6 +87,15 @@ def export_main(argv: list[str]) -> int:
     return main(argv)
 
 
+def doctor_main(argv: list[str]) -> int:
+    p = _split_config_args("meshformer doctor", argv, "Check the environment a job needs: torch build, devices, "
+                           "NCCL/IB variables, free disk and write access in run.dir, and (under a launcher) that "
+                           "every node sees the same run.dir. Exit status 1 on a problem.")
+    args, overrides = p.parse_known_args(argv)
+    from launch.doctor import run_checks
+    return run_checks(load_config(args.config, overrides))
+
+
 def slurm_main(argv: list[str]) -> int:
     from launch.slurm_submit import main
     return main(argv)
@@ -101,12 +110,13 @@ SUBCOMMANDS = {
     "sweep": (sweep_main, "scaling-law sweeps: plan, run, collect, fit, plot"),
     "export": (export_main, "write a checkpoint as Hugging Face safetensors"),
     "slurm": (slurm_main, "render or submit an sbatch script for a run"),
+    "doctor": (doctor_main, "check torch, devices, NCCL/IB variables, disk and a shared run.dir before a job"),
 }
 
 
 def error_line(name: str, e: MeshformerError) -> str:
     kind = next(k for cls, k in ERROR_KINDS if isinstance(e, cls))
-    return f"meshformer {name}: {kind}: {e}"
+    return f"meshformer {name}: {kind}: {e}" if kind else f"meshformer {name}: {e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(error_line(name, e), file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":
