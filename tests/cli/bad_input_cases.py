@@ -197,7 +197,8 @@ CASES = [
     cmd("sweep-fit-bootstrap-negative", "sweep", "fit", "--csv", "{good_csv}", "--bootstrap", "-1",
         "--out", "{w}/fit-{id}.json", match=r"--bootstrap: .*>= 0"),
     cmd("sweep-plot-nothing", "sweep", "plot", match=r"plot: give a sweep spec, or --csv FILE and --fit FILE"),
-    cmd("sweep-exec-unknown-run", "sweep", "exec", "{sweep_spec}", "--run-id", "nope", match=r"run id 'nope'"),
+    cmd("sweep-exec-before-plan", "sweep", "exec", "{sweep_spec}", "--run-id", "nope",
+        match=r"sweep exec: .*plan.json not found: run `sweep plan` or `sweep run`"),
     # ---- the top level
     cmd("unknown-command", "trian", match=r"unknown command 'trian'"),
 ]
