@@ -36,7 +36,7 @@ def shard_tokens(entry: dict, *, cfg, tokenizer, seed: int, epoch: int, shuffle:
     eot = np.array([tokenizer.eot_id], dtype=np.int64)
     window = cfg.shuffle_buffer if shuffle else 0
     docs = iter_documents(entry["url"], mode=entry["mode"], field=entry["field"], tokenizer=tokenizer,
-                          on_corrupt=cfg.on_corrupt, stats=stats)
+                          on_corrupt=cfg.on_corrupt, stats=stats, vocab_size=entry.get("vocab"))
     if window <= 1:
         for ids in docs:
             yield ids

@@ -107,20 +107,25 @@ def decode_tokens(data: bytes, vocab_size: int, url: str, key, field: str = "tok
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise ShardDamageError(f"data shard {url}: sample {key!r} holds a {ids.dtype} array of shape {ids.shape}, "
                                "not a 1-d array of integer token ids; restore the shard or prepare it again")
-    if ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
-        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
-        raise ShardDamageError(f"data shard {url}: sample {key!r} has token id {bad}, outside the tokenizer's "
-                               f"vocabulary of {vocab_size} ids (0..{vocab_size - 1}); the shard is damaged or "
-                               "was prepared with another tokenizer")
+    if ids.size:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (vocab_size is not None and high >= vocab_size):
+            bad = low if low < 0 else high
+            raise ShardDamageError(f"data shard {url}: sample {key!r} has token id {bad}, outside the tokenizer's "
+                                   f"vocabulary of {vocab_size} ids (0..{(vocab_size or 1) - 1}); the shard is "
+                                   "damaged or was prepared with another tokenizer")
     return ids
 
 
-def iter_documents(url: str, *, mode: str, field: str, tokenizer, on_corrupt: str, stats: dict):
+def iter_documents(url: str, *, mode: str, field: str, tokenizer, on_corrupt: str, stats: dict,
+                   vocab_size: int | None = None):
     """Yield each document's token ids (without end-of-text) in shard order.
 
     mode 'text': tokenize sample[field] (UTF-8 bytes); mode 'tokens': sample[field] is an .npy array.
     Samples without the field are skipped, counted in stats['missing_field'] and logged once per shard.
+    Token ids must lie below `vocab_size` (the shard's manifest's; default the tokenizer's).
     """
+    vocab_size = vocab_size or getattr(tokenizer, "vocab_size", None)
     warned = False
     for sample in iter_samples(url, on_corrupt, stats):
         data = sample.get(field)
@@ -133,7 +138,7 @@ def iter_documents(url: str, *, mode: str, field: str, tokenizer, on_corrupt: st
                 warned = True
             continue
         if mode == "tokens":
-            yield decode_tokens(data, tokenizer.vocab_size, url, sample.get("__key__"), field)
+            yield decode_tokens(data, vocab_size, url, sample.get("__key__"), field)
         else:
             yield tokenizer.encode_bytes(data)
 

@@ -167,8 +167,10 @@ def index_shards(urls: list[str], cfg, tokenizer) -> list[dict]:
                 raise DataError(f"data.urls: shards were tokenized differently ({ua}: {a}, {ub}: {b}); "
                                 "prepare all sources with one tokenizer")
             field = m.get("token_field", cfg.token_field)
+            # ids of a manifest's shards lie below its vocab_size: the loader checks that per document
+            vocab = m.get("vocab_size")
             out.append({"url": url, "docs": int(entry["docs"]), "tokens": int(entry["tokens"]),
-                        "mode": "tokens", "field": field})
+                        "mode": "tokens", "field": field, **({"vocab": vocab} if isinstance(vocab, int) else {})})
         else:
             mode = "tokens" if cfg.tokenizer == "pretokenized" else "text"
             field = cfg.token_field if mode == "tokens" else cfg.text_field
