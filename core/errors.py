@@ -19,6 +19,12 @@ class MeshformerError(Exception):
     exit_code = 2
 
 
+class TrainingDiverged(MeshformerError, RuntimeError):
+    """The loss or gradient norm stopped being finite and train.on_nonfinite gave up. A runtime
+    fault, not bad input: the CLI prints the one line and exits 1."""
+    exit_code = 1
+
+
 class ConfigError(MeshformerError, ValueError):
     """A bad configuration value, with the dotted key and what would be right."""
 
@@ -50,7 +56,8 @@ class SweepSpecError(MeshformerError, ValueError):
 
 
 # How a one-line error names its kind; the first class that matches wins (CheckpointError is a ConfigError).
-ERROR_KINDS = ((ConfigError, "config error"), (DataError, "data error"), (LaunchError, "launch error"),
+# TrainingDiverged's line says what happened itself (no kind).
+ERROR_KINDS = ((TrainingDiverged, ""), (ConfigError, "config error"), (DataError, "data error"), (LaunchError, "launch error"),
                (SweepSpecError, "sweep spec error"), (UsageError, "usage error"), (MeshformerError, "error"))
 
 
@@ -58,7 +65,7 @@ def error_line(prog: str, e: MeshformerError) -> str:
     """The one line a command prints for `e`: 'meshformer train: config error: optim.lr: ...'."""
     kind = next(k for cls, k in ERROR_KINDS if isinstance(e, cls))
     text = " ".join(str(e).split())      # a message with line breaks still prints as one line
-    return f"{prog}: {kind}: {text}"
+    return f"{prog}: {kind}: {text}" if kind else f"{prog}: {text}"
 
 
 def report_errors(prog: str, body: Callable[[], int], debug: bool = False) -> int:

@@ -15,7 +15,9 @@ class LaunchConfig:
         "else an srun step's SLURM_* variables, else one process; or force one of them "
         "(none = always a single process)", "auto")
     backend: Literal["auto", "gloo", "nccl"] = option("process-group backend; auto = nccl on CUDA, gloo on CPU", "auto")
-    timeout_s: int = option("seconds before a collective gives up with an error", 300)
+    timeout_s: int = option("seconds a rank may go without finishing a step (with its evaluation and save) before "
+        "the job stops, naming the stuck rank(s) and the collective they hold up (launch/watchdog.py); collectives "
+        "themselves give up at 2x + 30 s", 300)
     rendezvous_timeout_s: int = option("seconds to wait for all processes to reach the rendezvous (MASTER_ADDR:MASTER_PORT) before a clear error", 120)
     master_addr: str = option("rendezvous host for Slurm/MPI launches; empty = $MASTER_ADDR, else the first host of the job "
         "(Slurm) or rank 0's host (MPI)", "")

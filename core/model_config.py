@@ -66,6 +66,8 @@ class ModelConfig:
             raise ValueError("model.ffn_hidden must be >= 0 and model.ffn_multiple_of >= 1")
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("model.norm_eps and model.init_std must be > 0")
+        if self.rope_theta <= 0:    # the RoPE frequencies are rope_theta ** (-2i/d): inf or nan otherwise
+            raise ValueError(f"model.rope_theta: must be > 0 (10000 is usual), got {self.rope_theta}")
 
     # ---- counts ----------------------------------------------------------------------------
     def _layer_matmul_params(self) -> int:

@@ -33,9 +33,16 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = option("where to train; auto = cuda if available", "auto")
     deterministic: bool = option("use deterministic algorithms (slower on GPU)", False)
     threads: int = option("torch CPU threads per process (0 = torch's default)", 0)
+    on_nonfinite: Literal["stop", "skip", "rollback"] = option(
+        "when the loss or gradient norm is not finite (checked at logging and evaluation steps and before every "
+        "save, no host read per step): stop = exit 1 naming the step, never saving a state that is not finite; skip = "
+        "drop that update (one host read per step) and stop after train.max_skips in a row; rollback = reload "
+        "the newest checkpoint, skip the data read since, and stop after train.max_rollbacks", "stop")
+    max_skips: int = option("on_nonfinite = skip: steps in a row whose update may be dropped; one more stops the run", 5)
+    max_rollbacks: int = option("on_nonfinite = rollback: rollbacks in one run; one more divergence stops it", 3)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches"):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "max_skips", "max_rollbacks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:

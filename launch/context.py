@@ -7,6 +7,7 @@ lives in launch/discovery.py; this file turns a `ProcessInfo` into a process gro
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from core.errors import ConfigError
 from core.launch_config import LaunchConfig
 from launch.discovery import LaunchError, ProcessInfo, discover
+from launch.watchdog import FR_BUFFER_SIZE, collective_timeout_s
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class DistContext:
     backend: str = ""            # "" when no process group was created
     node_rank: int = 0
     launcher: str = "none"       # torchrun | accelerate | slurm | mpi | none
+    master_addr: str = ""        # the rendezvous store, which launch/watchdog.py reports through
+    master_port: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -82,7 +86,10 @@ def init_distributed(cfg: LaunchConfig, device_request: str = "auto") -> DistCon
     if backend == "nccl" and device.type != "cuda":
         raise LaunchError("launch.backend: 'nccl' needs CUDA devices; use 'gloo' (or 'auto') on CPU")
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        # torch's flight recorder (a ring of recent collectives) lets launch/watchdog.py name the
+        # collective a stuck rank holds up; read by torch when the first process group is made.
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", FR_BUFFER_SIZE)
+        timeout = datetime.timedelta(seconds=collective_timeout_s(cfg.timeout_s))
         device_id = device if device.type == "cuda" else None
         if info.agent_store:
             # torchrun's agent serves the store at MASTER_ADDR:MASTER_PORT; env:// joins it.
@@ -93,7 +100,8 @@ def init_distributed(cfg: LaunchConfig, device_request: str = "auto") -> DistCon
             dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
                                     timeout=timeout, device_id=device_id)
     return DistContext(rank=info.rank, world_size=info.world_size, local_rank=info.local_rank, device=device,
-                       backend=backend, node_rank=info.node_rank, launcher=info.launcher)
+                       backend=backend, node_rank=info.node_rank, launcher=info.launcher,
+                       master_addr=info.master_addr, master_port=info.master_port)
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -75,11 +75,19 @@ def from_torchrun(env: Mapping[str, str]) -> ProcessInfo:
     world = _int(env, "WORLD_SIZE", why=why)
     rank = _int(env, "RANK", why=why)
     launcher = "accelerate" if any(k.startswith("ACCELERATE_") for k in env) else "torchrun"
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    if shared and _int(env, "TORCHELASTIC_RESTART_COUNT", 0) > 0:
+        # The agent's store still holds the first attempt's addresses; a restarted rank may read a
+        # peer's old one before the peer rewrites it and fail to connect (pytorch issue 135712).
+        raise LaunchError("torchrun restarted the workers (TORCHELASTIC_RESTART_COUNT="
+                          f"{env['TORCHELASTIC_RESTART_COUNT']}) but shares its rendezvous store with them, where the "
+                          "previous attempt's addresses remain; start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                          "in its environment to give every restart a fresh store")
     return ProcessInfo(
         rank=rank, world_size=world, local_rank=_int(env, "LOCAL_RANK", 0),
         local_world_size=_int(env, "LOCAL_WORLD_SIZE", 1), node_rank=_int(env, "GROUP_RANK", 0),
         master_addr=env.get("MASTER_ADDR", ""), master_port=_int(env, "MASTER_PORT", 0), launcher=launcher,
-        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true").check()
+        agent_store=shared).check()
 
 
 def slurm_port(job_id: int) -> int:

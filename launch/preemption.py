@@ -24,7 +24,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-EXIT_PREEMPTED = 75
+from launch.exit_codes import EXIT_PREEMPTED  # noqa: F401 (public here too: the trainer imports it from this module)
 SIGNALS = ("SIGTERM", "SIGUSR1")
 
 

@@ -15,7 +15,7 @@ import shlex
 import string
 import time
 
-from launch.preemption import EXIT_PREEMPTED
+from launch.exit_codes import EXIT_PREEMPTED
 from launch.slurm_profile import SlurmProfile
 
 ARRAY_SLOT = "{array_task}"

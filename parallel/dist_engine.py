@@ -53,13 +53,21 @@ class DistEngine(LocalEngine):
             total += full_value(loss.detach())
         return total
 
-    def reduce_loss(self, loss: torch.Tensor) -> float:
+    def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Mean over data-parallel ranks (each saw its own slice of the global batch)."""
+        loss = loss.detach()
         if self.dims.dp_enabled:
-            loss = loss.detach().clone()
+            loss = loss.clone()
             dist.all_reduce(loss, group=self.dims.dp_mesh.get_group())
             loss = loss / self.dims.dp_size
-        return loss.item()
+        return loss
+
+    def all_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
+        """Every rank's verdict, so all of them drop the same updates (under pipeline parallel
+        only the last stage holds a loss)."""
+        finite = (torch.isfinite(loss) & torch.isfinite(norm)).to(torch.int32)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
 
     def clip_grad_norm(self) -> torch.Tensor:
         params = self.parameters()
@@ -75,4 +83,4 @@ class DistEngine(LocalEngine):
             with self.loss_context(), self.autocast():
                 total += full_value(self.loss_fn(self.model(inputs.to(self.device)), labels.to(self.device)))
         self.model.train()
-        return self.reduce_loss(total / max(1, len(batches)))
+        return self.reduce_loss(total / max(1, len(batches))).item()

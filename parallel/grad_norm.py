@@ -64,5 +64,8 @@ def clip_grads_(params, max_norm: float, pp_group=None) -> torch.Tensor:
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for p in params:
-            p.grad.mul_(coef.item() if isinstance(p.grad, DTensor) else coef.to(p.grad.device))
+            # Scale the local shard in place (to_local() is a view): the same product as scaling
+            # the DTensor, without turning coef into a Python number, a host sync per parameter.
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            g.mul_(coef.to(g.device))
     return norm

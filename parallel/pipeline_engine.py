@@ -25,7 +25,7 @@ class PipelineEngine(DistEngine):
                 total += loss
         return total
 
-    def reduce_loss(self, loss: torch.Tensor) -> float:
+    def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The last stage's loss, sent to the other stages, then averaged over data parallel."""
         group = self.dims.pp_mesh.get_group()
         loss = loss.detach().clone()
@@ -44,4 +44,4 @@ class PipelineEngine(DistEngine):
                 total += loss
         for m in self.model_parts:
             m.train()
-        return self.reduce_loss(total / max(1, len(batches)))
+        return self.reduce_loss(total / max(1, len(batches))).item()

@@ -1,4 +1,5 @@
-"""`meshformer sweep plan|run|status|collect|fit|plot` (also `python -m scaling ...`)."""
+"""`meshformer sweep plan|run|status|collect|fit|plot` (also `python -m scaling ...`, except
+`run --slurm`, whose job script comes from launch/: `meshformer sweep` hands its `launcher` in)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ from core.errors import MeshformerError, UsageError, report_errors
 from .analysis import cooldown_comparison, fit_all, select_points
 from .plan import accounting, plan_sweep
 from .runner import effective_status, execute_run, load_plan, run_local, select_runs, write_plan
-from .slurm_arrays import submit_arrays
+from .slurm_arrays import ArrayLauncher, read_run_list, submit_arrays
 from .spec import SweepSpecError, load_spec
 from .store import ResultsStore
 
@@ -40,9 +41,12 @@ def cmd_plan(a) -> int:
     return 0
 
 
-def cmd_run(a) -> int:
+def cmd_run(a, launcher: ArrayLauncher | None) -> int:
     at_least("--jobs", a.jobs, 1, "runs at a time")
     spec = load_spec(a.spec)
+    if a.slurm and launcher is None:
+        raise RuntimeError("--slurm needs the launcher layer: run `meshformer sweep run --slurm` "
+                           "(python -m trainer sweep ...), not python -m scaling")
     if not a.slurm:
         counts = run_local(spec, jobs=a.jobs, retry_failed=a.retry_failed)
         print("status: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -52,7 +56,7 @@ def cmd_run(a) -> int:
     todo = select_runs(spec, runs, store, a.retry_failed)
     print(f"{len(todo)} runs to submit, {len(runs) - len(todo)} skipped (done, running or failed)")
     if todo:
-        submit_arrays(spec, todo, a.jobs, wait=a.wait, extra_sbatch=a.sbatch_arg or [])
+        submit_arrays(spec, todo, a.jobs, launcher, wait=a.wait, extra_sbatch=a.sbatch_arg or [], profile=a.profile)
     if a.wait:
         counts = store.counts()
         print("status: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -71,7 +75,7 @@ def cmd_status(a) -> int:
     for r in rows:
         st = effective_status(r)
         counts[st] = counts.get(st, 0) + 1
-        if a.verbose or st in ("failed", "lost", "running"):
+        if a.verbose or st in ("failed", "lost", "running", "preempted"):
             err = (r["error"] or "").strip().splitlines()
             print(f"{r['run_id']:40s} {st:8s} loss {_fmt(r['final_loss'])} val {_fmt(r['final_val_loss'])} "
                   f"{r['slurm_job'] or ''} {err[0][:80] if err else ''}")
@@ -79,11 +83,21 @@ def cmd_status(a) -> int:
     return 0
 
 
-def cmd_exec(a) -> int:
+def cmd_exec(a, launcher: ArrayLauncher | None) -> int:
+    """One run, by id or as line --run-index of a stage's run list (an array task). Returns the
+    trainer's exit code, so that the job script sees the requeue code of a signal-triggered save."""
     spec = load_spec(a.spec)
-    if a.run_id not in load_plan(spec):
-        raise UsageError(f"--run-id: run id {a.run_id!r} is not in {spec.out_dir / 'plan.json'}")
-    return 0 if execute_run(spec, a.run_id) else 1
+    if (a.run_id is None) == (a.run_list is None) or (a.run_list is None) != (a.run_index is None):
+        raise UsageError("sweep exec: give --run-id ID, or --run-list FILE with --run-index I")
+    try:
+        run_id = a.run_id or read_run_list(a.run_list, a.run_index)
+    except ValueError as e:
+        raise UsageError(f"sweep exec: {e}") from None
+    if run_id not in load_plan(spec):
+        raise UsageError(f"--run-id: run id {run_id!r} is not in {spec.out_dir / 'plan.json'}")
+    rank = launcher.rank() if launcher else 0
+    # --run.overwrite false is what a requeued job script appends (launch/sbatch.py): resume
+    return execute_run(spec, run_id, record=rank == 0, resume=a.overwrite == "false")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -220,12 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", "-k", type=int, default=1, help="runs at a time (Slurm: the %%k array throttle)")
     s.add_argument("--slurm", action="store_true", help="submit as Slurm job arrays instead of running here")
     s.add_argument("--wait", action="store_true", help="with --slurm: block until the arrays end")
+    s.add_argument("--profile", help="with --slurm: cluster profile (a name in configs/slurm/ or a TOML path); "
+                                     "default: the spec's [slurm] profile")
     s.add_argument("--sbatch-arg", action="append", help="extra #SBATCH line, e.g. --sbatch-arg=--partition=cpu")
     s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     s = sub.add_parser("status", help="done / running / failed counts; failed runs with their error")
     s.add_argument("spec"); s.add_argument("--verbose", "-v", action="store_true")
     s = sub.add_parser("exec", help="run ONE planned run (what each local worker / array task does)")
-    s.add_argument("spec"); s.add_argument("--run-id", required=True)
+    s.add_argument("spec"); s.add_argument("--run-id")
+    s.add_argument("--run-list", help="a stage's run ids, one a line (an array task: with --run-index)")
+    s.add_argument("--run-index", type=int, help="which line of --run-list (the array task's index)")
+    s.add_argument("--run.overwrite", dest="overwrite", choices=["true", "false"],
+                   help="false: a restarted task; resume the run from its newest checkpoint")
     for name, hlp in (("collect", "export results.csv and points.csv; compare branches with scratch runs"),
                       ("fit", "fit the laws to a sweep, or to any CSV with --csv"),
                       ("plot", "PNG plots from points.csv and fit.json")):
@@ -255,13 +275,16 @@ COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "exec": cmd_
             "collect": cmd_collect, "fit": cmd_fit, "plot": cmd_plot}
 
 
-def main(argv: list[str] | None = None, debug: bool = False) -> int:
-    return report_errors("meshformer sweep", lambda: _main(argv), debug)
+def main(argv: list[str] | None = None, launcher: ArrayLauncher | None = None, debug: bool = False) -> int:
+    """launcher: how to render and place array tasks (trainer/sweep_slurm.py); needed by run --slurm."""
+    return report_errors("meshformer sweep", lambda: _main(argv, launcher), debug)
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, launcher: ArrayLauncher | None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        if a.command in ("run", "exec"):
+            return COMMANDS[a.command](a, launcher)
         return COMMANDS[a.command](a)
     except (FileNotFoundError, RuntimeError) as e:   # a results store or a run folder that is not there
         raise MeshformerError(f"sweep {a.command}: {e}") from e

@@ -48,6 +48,9 @@ class Spec:
     cooldown_shape: str = "1-sqrt"
     compare_from_scratch: bool = False
     compare_schedule: str = "wsd"    # schedule of those scratch runs: "wsd" (same as the branch) or "cosine"
+    # [slurm]: `profile` (a cluster profile name or path) and single profile keys for `run --slurm`;
+    # checked where the profile is loaded (launch/slurm_profile.py), which scaling/ may not import
+    slurm: dict = field(default_factory=dict)
 
     def lrs(self, size: Size) -> list[float]:
         base = self.lr_base
@@ -116,7 +119,7 @@ def load_spec(path: str | Path) -> Spec:
         raise SweepSpecError(f"sweep spec {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise SweepSpecError(f"sweep spec {path} is not valid TOML: {e}") from None
-    known = {"sweep", "base", "family", "design", "batch", "lr", "cooldown"}
+    known = {"sweep", "base", "family", "design", "batch", "lr", "cooldown", "slurm"}
     if set(raw) - known:
         raise SweepSpecError(f"{path}: unknown tables {sorted(set(raw) - known)}; known: {sorted(known)}")
     sw, des, bat = dict(raw.get("sweep", {})), dict(raw.get("design", {})), dict(raw.get("batch", {}))
@@ -127,7 +130,8 @@ def load_spec(path: str | Path) -> Spec:
               trainer=tuple(_take(sw, "sweep", "trainer", list, ["python", "-m", "trainer", "train"])),
               seeds=tuple(_take(sw, "sweep", "seeds", list, [0])),
               param_count=_take(sw, "sweep", "param_count", str, "total", ("total", "non_embedding")),
-              base=dict(raw.get("base", {})), sizes=_sizes(dict(raw.get("family", {}))))
+              base=dict(raw.get("base", {})), sizes=_sizes(dict(raw.get("family", {}))),
+              slurm=dict(raw.get("slurm", {})))
     _no_leftovers(sw, "sweep")
     kw["design"] = _take(des, "design", "kind", str, choices=("isoflop", "grid"))
     if kw["design"] == "isoflop":

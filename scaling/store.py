@@ -25,7 +25,7 @@ COLUMNS = {
 PLAN_FIELDS = ["config_hash", "kind", "is_branch", "parent", "size", "n_params",
                "n_params_non_embedding", "D", "C", "budget", "lr", "batch_size", "seed",
                "steps_planned", "run_dir"]
-STATUSES = ("pending", "running", "done", "failed")
+STATUSES = ("pending", "running", "done", "failed")   # and "preempted": saved on a signal, resumes
 
 
 class ResultsStore:
@@ -77,6 +77,9 @@ class ResultsStore:
                      tokens=summary.get("tokens"), steps=summary.get("steps"), wall_s=summary.get("wall_s"),
                      n_params=summary.get("n_params"),
                      n_params_non_embedding=summary.get("n_params_non_embedding"))
+
+    def mark_preempted(self, run_id: str, note: str) -> None:
+        self._update(run_id, "status='preempted'", error=note)
 
     def mark_failed(self, run_id: str, error: str) -> None:
         self._update(run_id, "status='failed'", error=error[-2000:])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -43,8 +44,10 @@ def find_damage(path: Path, ctx=None) -> str | None:
 
 
 class CheckpointManager:
-    def __init__(self, cfg, ctx, run_dir: Path, *, model, optimizer, scheduler, loader, state, dims=None):
+    def __init__(self, cfg, ctx, run_dir: Path, *, model, optimizer, scheduler, loader, state, dims=None,
+                 before_save: Callable[[int], None] | None = None):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, Path(run_dir)
+        self.before_save = before_save      # called with the step first in every save (may raise)
         self.root = self.run_dir / "checkpoints"
         self.parts = ModelParts(model, optimizer)
         self.schedulers = as_list(scheduler)
@@ -130,7 +133,7 @@ class CheckpointManager:
         self.load(path)
         self._say(f"initialised from {path} at step {self.state.step} (checkpoint.init_from)")
 
-    def load(self, path: Path, *, with_optim: bool = True) -> None:
+    def load(self, path: Path, *, with_optim: bool = True, with_loader: bool = True) -> None:
         path = Path(path)
         _require_complete(path)
         meta = files.read_json(path / "train.json", "checkpoint")
@@ -145,12 +148,31 @@ class CheckpointManager:
         self.state.step, self.state.tokens = meta["step"], meta["tokens"]
         for i, sched in enumerate(self.schedulers):       # a run's optimizers share one schedule
             _load_scheduler(sched, meta["schedulers"][min(i, len(meta["schedulers"]) - 1)])
-        self._load_rank_state(path, meta)
+        self._load_rank_state(path, meta, with_loader)
         self.last_saved_step = self.state.step
 
-    def _load_rank_state(self, path: Path, meta: dict) -> None:
+    def newest(self) -> Path | None:
+        """The newest complete checkpoint, once a save in flight is committed (collective)."""
+        if self.writer is not None:
+            self.writer.wait()
+        self._barrier()
+        found = complete_checkpoints(self.root)
+        return found[-1] if found else None
+
+    def roll_back(self) -> Path | None:
+        """Reload the newest complete checkpoint that verifies (model, optimizer, LR schedule,
+        step, tokens, RNG) but leave the data loader where it is, so the batches read since that
+        checkpoint are skipped (train.on_nonfinite = rollback). None when there is none."""
+        newest = self.newest()
+        for path in reversed(complete_checkpoints(self.root) if newest else []):
+            if find_damage(path, self.ctx) is None:
+                self.load(path, with_loader=False)
+                return path
+        return None
+
+    def _load_rank_state(self, path: Path, meta: dict, with_loader: bool = True) -> None:
         ranks = [files.read_json(path / f"rank-{r}.json", "checkpoint") for r in range(meta["world_size"])]
-        if hasattr(self.loader, "load_state_dict"):
+        if with_loader and hasattr(self.loader, "load_state_dict"):
             try:
                 self.loader.load_state_dict(_loader_state_for(ranks, self.dp_rank, self.dp_size, path))
             except (ValueError, KeyError) as e:
@@ -196,6 +218,8 @@ class CheckpointManager:
 
     def save(self, blocking: bool = False) -> Path:
         step = self.state.step
+        if self.before_save is not None:
+            self.before_save(step)
         name = step_dir_name(step)
         final, tmp = self.root / name, self.root / f"{files.TMP_PREFIX}{name}"
         if self.writer is not None:

@@ -78,12 +78,22 @@ def plan_main(argv: list[str], debug: bool = False) -> int:
 
 def sweep_main(argv: list[str], debug: bool = False) -> int:
     from scaling.cli import main
-    return main(argv, debug=debug)
+    from trainer.sweep_slurm import LAUNCHER      # job arrays through launch/'s sbatch renderer
+    return main(argv, launcher=LAUNCHER, debug=debug)
 
 
 def export_main(argv: list[str], debug: bool = False) -> int:
     from trainer.export import main
     return main(argv, debug=debug)
+
+
+def doctor_main(argv: list[str], debug: bool = False) -> int:
+    p = _split_config_args("meshformer doctor", argv, "Check the environment a job needs: torch build, devices, "
+                           "NCCL/IB variables, free disk and write access in run.dir, and (under a launcher) that "
+                           "every node sees the same run.dir. Exit status 1 on a problem.")
+    args, overrides = p.parse_known_args(argv)
+    from launch.doctor import run_checks
+    return run_checks(load_config(args.config, overrides))
 
 
 def slurm_main(argv: list[str], debug: bool = False) -> int:
@@ -100,6 +110,7 @@ SUBCOMMANDS = {
     "sweep": (sweep_main, "scaling-law sweeps: plan, run, collect, fit, plot"),
     "export": (export_main, "write a checkpoint as Hugging Face safetensors"),
     "slurm": (slurm_main, "render or submit an sbatch script for a run"),
+    "doctor": (doctor_main, "check torch, devices, NCCL/IB variables, disk and a shared run.dir before a job"),
 }
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -50,6 +51,12 @@ def trim_after(path: Path, step: int) -> None:
         tmp.replace(path)
 
 
+def strict(value):
+    """JSON has no NaN or Infinity: a non-finite number is written as null (metrics.jsonl stays
+    strict JSON that any parser reads; a null loss means the value was not finite)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 class MetricsLogger:
     """Writes on the main process only; other ranks get a logger that does nothing."""
 
@@ -60,7 +67,7 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "metrics.jsonl"
+        self.path = path = run_dir / "metrics.jsonl"
         if path.exists():
             trim_after(path, start_step)
         self.file = open(path, "a", buffering=1)
@@ -77,9 +84,9 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        row = dict(row)
+        row = {key: strict(value) for key, value in row.items()}
         row["time"] = round(time.time(), 3)
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json.dumps(row, allow_nan=False) + "\n")
         step = row["step"]
         if self.tb is not None:
             for key, value in row.items():
@@ -90,6 +97,18 @@ class MetricsLogger:
             self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False)
         elif "loss" in row or "val_loss" in row:
             print(json.dumps(row), flush=True)
+
+    def rewind(self, step: int) -> None:
+        """Forget the rows after `step`: a run rolled back to its checkpoint at `step` trains
+        those steps again (on other data), and each step should appear once."""
+        if not self.enabled:
+            return
+        self.file.close()
+        trim_after(self.path, step)
+        self.file = open(self.path, "a", buffering=1)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:

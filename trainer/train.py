@@ -13,15 +13,17 @@ from typing import Callable, Iterator
 import torch
 
 import data as data_pkg
-from core.errors import ConfigError
+from core.errors import ConfigError, TrainingDiverged
 from core.layout import validate_layout
 from core.run_config import Config
 from launch.context import DistContext, init_distributed, shutdown
+from launch.watchdog import stall_watchdog
 from parallel.apply import parallelize
 from parallel.dims import ParallelDims
 from parallel.mesh import build_mesh
 from trainer.checkpoint import CheckpointManager
-from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from trainer.divergence import Divergence, DivergenceGuard
+from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib, strict
 from trainer.model import Transformer
 from trainer.model_plan import parallel_plan
 from trainer.optim import build_optimizer, build_scheduler
@@ -77,14 +79,14 @@ def train(cfg: Config, *, loader_factory: LoaderFactory | None = None, ctx: Dist
     own_ctx = ctx is None
     ctx = ctx or init_distributed(cfg.launch, cfg.train.device)
     try:
-        with hold_run_dir(Path(cfg.run.dir), ctx):
-            return _train(cfg, ctx, loader_factory)
+        with hold_run_dir(Path(cfg.run.dir), ctx), stall_watchdog(ctx, cfg.launch.timeout_s) as beat:
+            return _train(cfg, ctx, loader_factory, beat)
     finally:
         if own_ctx:
             shutdown(ctx)
 
 
-def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) -> dict:
+def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, beat=lambda step: None) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
@@ -107,8 +109,9 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
     train_loader, val_loader = build_loaders(cfg, dims, loader_factory)
 
     state = TrainState()
+    guard = DivergenceGuard(cfg.train, ctx, model, optimizer)
     ckpt = CheckpointManager(cfg, ctx, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                             loader=train_loader, state=state, dims=dims)
+                             loader=train_loader, state=state, dims=dims, before_save=guard.before_save)
     ckpt.prepare_run_dir()
     ckpt.restore()
     if ctx.distributed:   # every rank has looked at the run folder before rank 0 writes into it
@@ -130,32 +133,60 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
     it = iter(train_loader)
     last = {"loss": float("nan"), "val_loss": float("nan")}
     start_wall, window_t, window_steps = time.perf_counter(), time.perf_counter(), 0
-    while state.step < cfg.train.steps:
-        lr = scheduler.get_last_lr()[0]
-        loss, grad_norm = engine.train_step(take(it, cfg.train.grad_accum))
-        state.step += 1
-        state.tokens += tokens_per_step
-        window_steps += 1
-        last["loss"] = loss
-        log.advance()
-        if state.step % cfg.metrics.log_every == 0 or state.step == cfg.train.steps:
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            tps = window_steps * tokens_per_step / (now - window_t)
-            window_t, window_steps = now, 0
-            log.log({"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
-                     "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
-                     "peak_mem_gib": peak_memory_gib(ctx.device)})
-        final = state.step == cfg.train.steps
-        if val_loader is not None and (final or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)):
-            val = evaluate(engine, val_loader, cfg.train.eval_batches, cfg.train.grad_accum)
-            last["val_loss"] = val
-            log.log({"step": state.step, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
-            window_t = time.perf_counter()   # evaluation time is not training throughput
-        ckpt.after_step(final=final)
-        if ckpt.preempted:          # a termination signal: saved; the CLI exits with EXIT_PREEMPTED
-            break
+    try:
+        while state.step < cfg.train.steps:
+            lr = scheduler.get_last_lr()[0]
+            # Nothing of the step is read on the host here (a read waits for the device's queue):
+            # loss and norm stay on the device until a logging step; the guard notes a non-finite
+            # one on the device too (under train.on_nonfinite = skip the engine reads each step).
+            out = engine.train_step(take(it, cfg.train.grad_accum), skip_nonfinite=guard.skip_updates)
+            state.step += 1
+            state.tokens += tokens_per_step
+            window_steps += 1
+            log.advance()
+            if out.skipped:
+                log.log({"step": state.step, "skipped": "non-finite loss or gradient norm", "lr": lr})
+            guard.observe(state.step, out)
+            final = state.step == cfg.train.steps
+            evaluate_now = val_loader is not None and (
+                final or bool(cfg.train.eval_every and state.step % cfg.train.eval_every == 0))
+            try:
+                if (state.step % cfg.metrics.log_every == 0 or final) and not out.skipped:
+                    if ctx.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    tps = window_steps * tokens_per_step / (now - window_t)
+                    window_t, window_steps = now, 0
+                    last["loss"] = engine.reduce_loss(out.loss).item()     # a collective under data parallel
+                    log.log({"step": state.step, "loss": last["loss"], "lr": lr, "grad_norm": out.grad_norm.item(),
+                             "tokens": state.tokens, "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
+                             "peak_mem_gib": peak_memory_gib(ctx.device)})
+                    guard.check(state.step)
+                if evaluate_now:
+                    guard.check(state.step)          # a diverged model is not worth evaluating
+                    val = evaluate(engine, val_loader, cfg.train.eval_batches, cfg.train.grad_accum)
+                    last["val_loss"] = val
+                    log.log({"step": state.step, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
+                    window_t = time.perf_counter()   # evaluation time is not training throughput
+                ckpt.after_step(final=final)         # each save checks the guard first
+            except Divergence as d:                  # rollback, else TrainingDiverged
+                from_step, loaded = guard.recover(d, ckpt)
+                log.rewind(state.step)
+                log.log({"step": state.step, "rollback_from": from_step, "diverged_at": d.step,
+                         "data_steps_skipped": from_step - state.step, "checkpoint": loaded.name})
+                skipped = f"steps {state.step + 1}-{from_step}" if from_step > state.step + 1 else f"step {from_step}"
+                log.message(f"training diverged at step {d.step}: {d.what()}; rolled back to {loaded} "
+                            f"(rollback {guard.rollbacks} of train.max_rollbacks = {cfg.train.max_rollbacks}); "
+                            f"the data of {skipped} is skipped")
+                window_t, window_steps = time.perf_counter(), 0
+            beat(state.step)            # progress, for launch/watchdog.py (a rank stuck for launch.timeout_s is named)
+            if ckpt.preempted:          # a termination signal: saved; the CLI exits with EXIT_PREEMPTED
+                break
+    except TrainingDiverged:
+        ckpt.finish()                   # a save in flight holds a checked state: let it commit
+        log.close()
+        raise
+    beat(None)
     ckpt.finish()
     log.close()
 
@@ -163,6 +194,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None) 
                "tokens": state.tokens, "wall_s": round(time.perf_counter() - start_wall, 3),
                "n_params": n_params, "n_params_non_embedding": n_body, "flops_per_token": flops_per_token,
                "world_size": ctx.world_size, "preempted": ckpt.preempted}
-    if ctx.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if ctx.is_main:   # strict JSON: a value never computed (no validation split) is null
+        text = json.dumps({k: strict(v) for k, v in summary.items()}, indent=2, allow_nan=False)
+        (run_dir / "summary.json").write_text(text + "\n")
     return summary

@@ -157,3 +157,11 @@ def test_mpi_rank0_picks_the_rendezvous_and_others_receive_it():
     assert info3.node_rank == 2                       # third distinct host in rank order
     fixed = from_mpi(LaunchConfig(master_addr="head", master_port=5000), comm=FakeComm(0, [me, "other"]))
     assert (fixed.master_addr, fixed.master_port) == ("head", 5000)
+
+
+def test_torchrun_restart_with_a_shared_store_is_refused_with_the_fix():
+    env = {**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "1"}
+    with pytest.raises(LaunchError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        from_torchrun(env)
+    assert from_torchrun({**env, "TORCHELASTIC_USE_AGENT_STORE": "False"}).rank == int(TORCHRUN["RANK"])
+    assert from_torchrun({**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "0"}).agent_store

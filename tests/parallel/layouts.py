@@ -1,5 +1,6 @@
 """Parity harness: run several parallel layouts inside ONE multi-process launch (start-up costs
-more than the tiny runs) and record each layout's per-step losses and gradient norms.
+more than the tiny runs) and record each layout's per-step losses and gradient norms, trained on
+the built-in corpus through the real data loader (byte tokens, vocab 320).
 
 Run by the tests as `torchrun --nproc_per_node N tests/parallel/layouts.py OUT.json NAME=ARGS ...`,
 where ARGS are `--parallel.*` overrides separated by spaces. Rank 0 writes OUT.json.
@@ -21,7 +22,7 @@ STEPS = 10
 # within 5 steps even between two single-process runs that only sum the batch in another order.
 # A tiny model with every dimension divisible by tp=2 and 4 layers for uneven/virtual stages.
 BASE = ["--model.dim", "32", "--model.n_layers", "4", "--model.n_heads", "4", "--model.n_kv_heads", "2",
-        "--model.vocab_size", "128", "--model.ffn_hidden", "64", "--train.seq_len", "32",
+        "--model.vocab_size", "320", "--model.ffn_hidden", "64", "--train.seq_len", "32",
         "--train.steps", str(STEPS), "--train.eval_batches", "1", "--metrics.progress", "false",
         "--metrics.tensorboard", "false", "--metrics.log_every", "1", "--optim.warmup_steps", "2",
         "--optim.lr", "3e-3", "--optim.grad_clip", "1.0", "--checkpoint.every", "0", "--checkpoint.final", "false", "--train.threads", "1"]
@@ -32,11 +33,12 @@ def overrides(run_dir: str, dp: int, extra: list[str]) -> list[str]:
 
 
 def run_layout(run_dir: str, extra: list[str], ctx=None, dp: int = 1) -> dict:
-    from tests.trainer.fixtures import fixed_factory
+    """One layout on the REAL data stream (the built-in corpus through data/'s loader): every
+    layout of the same global batch must see the same sequences at every step."""
     from core.run_config import load_config
     from trainer.train import train
     cfg = load_config("configs/tiny.toml", overrides(run_dir, dp, extra))
-    train(cfg, loader_factory=fixed_factory(n=3, vocab=128), ctx=ctx)
+    train(cfg, ctx=ctx)
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()] \
         if (ctx is None or ctx.is_main) else []
     return {"loss": [r["loss"] for r in rows if "loss" in r], "grad_norm": [r["grad_norm"] for r in rows if "loss" in r],

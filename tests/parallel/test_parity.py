@@ -1,5 +1,6 @@
 """Loss parity: every parallel layout gives the single-process loss (within 1e-5 relative) and the
-same gradient norm at every step, in fp32 on CPU with gloo, on the same global batches.
+same gradient norm at every step, in fp32 on CPU with gloo, on the real data stream (the loader
+gives every layout of one global batch the same sequences: data/README.md).
 
 Each launch runs several layouts (tests/parallel/layouts.py) to amortise process start-up.
 """

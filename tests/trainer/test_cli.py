@@ -7,7 +7,7 @@ from trainer.cli import main
 def test_help_lists_every_subcommand(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("train", "generate", "prepare", "plan", "sweep", "export", "slurm"):
+    for name in ("train", "generate", "prepare", "plan", "sweep", "export", "slurm", "doctor"):
         assert f"  {name} " in out
 
 
