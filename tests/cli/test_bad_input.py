@@ -36,9 +36,7 @@ def test_the_table_covers_every_command_with_at_least_60_rows():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [
-    pytest.param(c, id=c.id, marks=[pytest.mark.xfail(reason=f"fixed on branch {c.owner}", strict=False)]
-                 if c.owner else []) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_gives_one_line(results, case):
     result = results[0][case.id]
     assert not problems(case, result), (problems(case, result), result["err"][-2000:])
