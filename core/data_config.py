@@ -76,6 +76,9 @@ class DataConfig:
         if tok.startswith("hf:") and not os.path.isfile(tok[3:]):
             raise ValueError(f"data.tokenizer: no tokenizer file at {tok[3:]!r}; give 'hf:' plus the path of a "
                              "Hugging Face tokenizer.json")
+        if self.eot_token and not (tok.startswith("hf:") or tok == "pretokenized"):
+            raise ValueError(f"data.eot_token: {self.eot_token!r} is only read for hf: tokenizers; "
+                             f"data.tokenizer={tok!r} has its own end-of-text id, leave data.eot_token empty")
         if tok == "pretokenized" and any(u.startswith(BUILTIN_PREFIX) for u in self.urls):
             raise ValueError("data.tokenizer: 'pretokenized' needs shards written by `meshformer prepare`; "
                              "the built-in corpus is tokenized on first use, use 'bytes' or 'hf:...'")

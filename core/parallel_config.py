@@ -32,5 +32,9 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ValueError(f"parallel.dp_shard: must be >= 1 or -1 (fill), got {self.dp_shard}")
+        if self.pp_microbatches < 0:
+            raise ValueError(f"parallel.pp_microbatches: must be >= 0 (0 = pp x pp_virtual_stages), got {self.pp_microbatches}")
+        if any(n < 1 for n in self.pp_layers):
+            raise ValueError(f"parallel.pp_layers: every stage needs >= 1 layer, got {self.pp_layers}")
         if self.cp != 1 or self.ep != 1:
             raise ValueError("parallel.cp and parallel.ep: context and expert parallel are not built yet; use 1")

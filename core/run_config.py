@@ -56,6 +56,13 @@ class Config:
                     raise ConfigError(str(e)) from None
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        steps = self.train.steps
+        beyond = [s for s in self.checkpoint.at_steps if s > steps]
+        if beyond:      # a save that can never happen
+            raise ConfigError(f"checkpoint.at_steps: {beyond} lie beyond train.steps={steps}; give steps in 1..{steps}")
+        if self.optim.schedule == "wsd" and self.optim.decay_steps > steps:
+            raise ConfigError(f"optim.decay_steps: {self.optim.decay_steps} is longer than the run (train.steps={steps}); "
+                              f"give at most {steps}, or 0 to use optim.decay_fraction")
 
     def to_dict(self) -> dict:
         return {name: section_to_dict(getattr(self, name)) for name in SECTIONS}

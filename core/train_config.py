@@ -18,6 +18,8 @@ class RunConfig:
     def validate(self) -> None:
         if not self.dir:
             raise ValueError("run.dir: must name a folder, e.g. runs/tiny")
+        if self.seed < 0:     # numpy's SeedSequence (data order) takes no negative seed
+            raise ValueError(f"run.seed: must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -45,6 +47,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError("train.eval_every: must be >= 0 (0 = only at the end)")
+        if self.threads < 0:
+            raise ValueError(f"train.threads: must be >= 0 (0 = torch's default), got {self.threads}")
 
 
 @dataclass
@@ -72,6 +76,8 @@ class OptimConfig:
             raise ValueError("optim.warmup_steps, decay_steps, grad_clip and weight_decay must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.decay_fraction <= 1:
             raise ValueError("optim.min_lr_ratio and optim.decay_fraction must be in [0, 1]")
+        if not 0 < self.eps < float("inf"):      # AdamW divides by sqrt(v) + eps
+            raise ValueError(f"optim.eps: must be a finite number > 0 (e.g. 1e-8), got {self.eps}")
 
 
 @dataclass
@@ -85,3 +91,8 @@ class MetricsConfig:
     def validate(self) -> None:
         if self.log_every < 1:
             raise ValueError("metrics.log_every: must be >= 1")
+        # MFU divides by these: a zero, negative or non-finite peak would crash or mislead.
+        if not 0 <= self.peak_tflops < float("inf"):
+            raise ValueError(f"metrics.peak_tflops: must be >= 0 (0 = look the device up), got {self.peak_tflops}")
+        if not 0 < self.cpu_peak_tflops < float("inf"):
+            raise ValueError(f"metrics.cpu_peak_tflops: must be > 0 (e.g. 1.0), got {self.cpu_peak_tflops}")

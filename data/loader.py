@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from core.errors import MeshformerError
+
 from . import plan as P
 from .shards import iter_documents
 
@@ -34,7 +36,7 @@ def shard_tokens(entry: dict, *, cfg, tokenizer, seed: int, epoch: int, shuffle:
     eot = np.array([tokenizer.eot_id], dtype=np.int64)
     window = cfg.shuffle_buffer if shuffle else 0
     docs = iter_documents(entry["url"], mode=entry["mode"], field=entry["field"], tokenizer=tokenizer,
-                          on_corrupt=cfg.on_corrupt, stats=stats)
+                          on_corrupt=cfg.on_corrupt, stats=stats, vocab_size=entry.get("vocab"))
     if window <= 1:
         for ids in docs:
             yield ids
@@ -123,6 +125,15 @@ def _as_is(batch):
     return batch
 
 
+class WorkerFailure:
+    """A bad-input error met in a loader worker, sent as a message: torch would re-raise it in
+    the trainer with the worker's whole stack pasted into the text, and the CLI's one line
+    would carry it. The trainer raises the error itself instead."""
+
+    def __init__(self, error: MeshformerError):
+        self.error = error
+
+
 class RowStream(IterableDataset):
     """Messages (lists of per-step (inputs, labels) of this reader's rows) of one DP rank.
 
@@ -140,6 +151,17 @@ class RowStream(IterableDataset):
         self.seed, self.shuffle, self.forever = seed, shuffle, forever
 
     def __iter__(self):
+        if get_worker_info() is None:
+            return self._messages()
+        return self._messages_or_failure()
+
+    def _messages_or_failure(self):
+        try:
+            yield from self._messages()
+        except MeshformerError as e:
+            yield WorkerFailure(e)
+
+    def _messages(self):
         info = get_worker_info()
         mine = self.rows[info.id if info is not None else 0::self.readers]
         st = self.state
@@ -179,6 +201,9 @@ def stitched_steps(stream: RowStream, num_workers: int, prefetch: int):
         parts = list(itertools.islice(messages, n))  # one message per worker, worker 0 first
         if not parts:
             return
+        failed = next((p for p in parts if isinstance(p, WorkerFailure)), None)
+        if failed is not None:
+            raise failed.error
         if len(parts) != n or len({len(p) for p in parts}) != 1:
             raise RuntimeError(f"data workers sent misaligned messages ({[len(p) for p in parts]} steps)")
         for step in zip(*parts):

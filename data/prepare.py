@@ -8,7 +8,6 @@ the output does not depend on the worker count); the main process writes the tar
 
 from __future__ import annotations
 
-import argparse
 import glob
 import gzip
 import io
@@ -21,6 +20,9 @@ from multiprocessing import get_all_start_methods, get_context
 import numpy as np
 from tqdm import tqdm
 from webdataset import TarWriter
+
+from core.cli_args import ArgParser
+from core.errors import DataError, MeshformerError, UsageError, report_errors
 
 from .tokenizer import tokenizer_from_spec
 
@@ -69,7 +71,7 @@ def _npy(arr: np.ndarray) -> bytes:
 
 
 def write_shards(docs, out_dir: str, *, tokenizer: str = "bytes", eot_token: str = "", shard_mb: float = 256.0,
-                 workers: int = 1, keep_text: bool = False, progress=None) -> dict:
+                 workers: int = 1, keep_text: bool = False, progress=None, source: str = "the input") -> dict:
     """Tokenize `docs` (an iterable of UTF-8 bytes) into out_dir/shard-NNNNNN.tar + manifest.json."""
     tok = tokenizer_from_spec(tokenizer, eot_token)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
@@ -113,6 +115,9 @@ def write_shards(docs, out_dir: str, *, tokenizer: str = "bytes", eot_token: str
             writer.close()
         if pool is not None:
             pool.terminate()
+    if index == 0:      # no shard was opened: out_dir holds nothing of ours
+        raise DataError(f"{source}: no documents (empty files, blank lines, or JSON objects without the "
+                        "--text-key field); nothing written")
     manifest = {"format": FORMAT, "tokenizer": tok.spec, "tokenizer_ident": tok.ident, "vocab_size": tok.vocab_size,
                 "eot_id": tok.eot_id, "token_field": "tokens.npy", "dtype": np.dtype(dtype).name,
                 "docs": index, "tokens": sum(s["tokens"] for s in shards), "shards": shards}
@@ -123,9 +128,22 @@ def write_shards(docs, out_dir: str, *, tokenizer: str = "bytes", eot_token: str
     return manifest
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8", errors="replace") if path.endswith(".gz") else \
-        open(path, encoding="utf-8", errors="replace")
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+REPLACEMENT = "\ufffd"
+
+
+def _decode(raw: bytes, path: str, stats: dict) -> str:
+    """UTF-8 text of `raw`; invalid bytes become U+FFFD and are counted (a U+FFFD already in the
+    input, encoded as EF BF BD, is not counted), so a wrongly encoded corpus does not pass unseen."""
+    text = raw.decode("utf-8", errors="replace")
+    replaced = text.count(REPLACEMENT) - raw.count(REPLACEMENT.encode())
+    if replaced:
+        stats["invalid_utf8"] = stats.get("invalid_utf8", 0) + replaced
+        stats.setdefault("invalid_utf8_files", []).append(path)
+    return text.replace("\r\n", "\n")     # as text-mode reading did (universal newlines)
 
 
 def iter_input_docs(paths: list[str], fmt: str, text_key: str, stats: dict):
@@ -134,22 +152,25 @@ def iter_input_docs(paths: list[str], fmt: str, text_key: str, stats: dict):
         kind = fmt
         if kind == "auto":
             kind = "jsonl" if path.removesuffix(".gz").endswith((".jsonl", ".json", ".ndjson")) else "text"
-        with _open_text(path) as f:
+        with _open_binary(path) as f:
             if kind == "text":
-                yield f.read().encode("utf-8")
+                text = _decode(f.read(), path, stats)
+                if text.strip():
+                    yield text.encode("utf-8")
                 continue
             if kind == "jsonl" and _starts_with_bracket(f):  # a JSON array of objects
                 try:
-                    items = json.load(f)
+                    items = json.loads(_decode(f.read(), path, stats))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: not valid JSON ({e})") from e
+                    raise DataError(f"{path}: not valid JSON ({e})") from e
                 for obj in items:
                     if isinstance(obj, dict) and isinstance(obj.get(text_key), str):
                         yield obj[text_key].encode("utf-8")
                     else:
                         stats["missing"] = stats.get("missing", 0) + 1
                 continue
-            for lineno, line in enumerate(f, 1):
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, path, stats)
                 if not line.strip():
                     continue
                 if kind == "lines":
@@ -158,7 +179,7 @@ def iter_input_docs(paths: list[str], fmt: str, text_key: str, stats: dict):
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e}); use --format text for plain text")
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e}); use --format text for plain text") from None
                 if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
                     stats["missing"] = stats.get("missing", 0) + 1
                     continue
@@ -168,7 +189,7 @@ def iter_input_docs(paths: list[str], fmt: str, text_key: str, stats: dict):
 def _starts_with_bracket(f) -> bool:
     head = f.read(4096).lstrip()
     f.seek(0)
-    return head.startswith("[")
+    return head.startswith(b"[")
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -180,17 +201,21 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             found = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
         for p in found:
             if not os.path.isfile(p):
-                raise ValueError(f"input {p!r} not found; give text/JSON-lines files, folders or globs")
+                raise UsageError(f"input {p!r} not found; give text/JSON-lines files, folders or globs")
         if not found:
-            raise ValueError(f"input {item!r} matches no files")
+            raise UsageError(f"input {item!r} matches no files")
         paths += found
     if not paths:
-        raise ValueError(f"no input files in {inputs}")
+        raise UsageError(f"no input files in {inputs}")
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="meshformer prepare", description="Turn text corpora (plain text, JSON "
+def main(argv: list[str] | None = None, debug: bool = False) -> int:
+    return report_errors("meshformer prepare", lambda: _main(argv), debug)
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="meshformer prepare", description="Turn text corpora (plain text, JSON "
                                  "lines, JSON arrays) into tokenized webdataset shards with a manifest.")
     ap.add_argument("inputs", nargs="+", help="text or JSON-lines files (.gz ok), folders, or globs")
     ap.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json (must be "
@@ -205,26 +230,38 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokenizer processes")
     ap.add_argument("--keep-text", action="store_true", help="also store each document's text as .txt")
     args = ap.parse_args(argv)
-    try:
-        paths = expand_inputs(args.inputs)
-        if args.shard_size_mb <= 0 or args.workers < 1:
-            raise ValueError("--shard-size-mb must be > 0 and --workers >= 1")
-        if os.path.isdir(args.out) and os.listdir(args.out):
-            raise ValueError(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
-        tokenizer_from_spec(args.tokenizer, args.eot_token)  # fail early on a bad tokenizer
-    except ValueError as e:
-        print(f"meshformer prepare: error: {e}", file=sys.stderr)
-        return 2
+    paths = expand_inputs(args.inputs)
+    if not args.shard_size_mb > 0:
+        raise UsageError(f"--shard-size-mb: {args.shard_size_mb} must be > 0 (MB per shard)")
+    if args.workers < 1:
+        raise UsageError(f"--workers: {args.workers} must be >= 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; give a new or empty folder")
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise UsageError(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
+    tokenizer_from_spec(args.tokenizer, args.eot_token)  # fail early on a bad tokenizer
     stats: dict = {}
     total = sum(os.path.getsize(p) for p in paths)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="prepare") as bar:
-        manifest = write_shards(iter_input_docs(paths, args.format, args.text_key, stats), args.out,
-                                tokenizer=args.tokenizer, eot_token=args.eot_token, shard_mb=args.shard_size_mb,
-                                workers=args.workers, keep_text=args.keep_text, progress=bar)
+    created = not os.path.exists(args.out)
+    try:
+        # disable=None: a bar on a terminal only, not in logs (nor around a one-line error)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None) as bar:
+            manifest = write_shards(iter_input_docs(paths, args.format, args.text_key, stats), args.out,
+                                    tokenizer=args.tokenizer, eot_token=args.eot_token, shard_mb=args.shard_size_mb,
+                                    workers=args.workers, keep_text=args.keep_text, progress=bar,
+                                    source=" ".join(args.inputs))
+    except MeshformerError:
+        if created and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)     # leave no empty folder that a second try would call "not empty"
+        raise
     print(f"wrote {len(manifest['shards'])} shards, {manifest['docs']} documents, {manifest['tokens']} tokens "
           f"to {args.out}")
     if stats.get("missing"):
         print(f"skipped {stats['missing']} JSON lines without a string field {args.text_key!r}", file=sys.stderr)
+    if stats.get("invalid_utf8"):
+        files = stats["invalid_utf8_files"]
+        print(f"replaced {stats['invalid_utf8']} invalid UTF-8 sequences with U+FFFD in {len(set(files))} "
+              f"input files (first: {files[0]}); check the corpus encoding", file=sys.stderr)
     return 0
 
 

@@ -19,7 +19,7 @@ from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from core.errors import DataError
+from core.errors import DataError, ShardDamageError
 
 log = logging.getLogger("meshformer.data")
 
@@ -94,16 +94,38 @@ def _close(stream, url: str, check: bool):
             raise DataError(f"cannot read data shard {url}: {e}") from e
 
 
-def decode_tokens(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def decode_tokens(data: bytes, vocab_size: int, url: str, key, field: str = "tokens.npy") -> np.ndarray:
+    """A document's token ids, checked: an undecodable array or an id outside the vocabulary (a
+    damaged or foreign shard) would otherwise crash the embedding lookup far from its cause.
+    One max() per document: vectorised, no per-token work in Python."""
+    try:
+        ids = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:           # ValueError, EOFError, ... from a garbled .npy header or body
+        reason = str(e).split(".")[0]     # numpy's advice to load pickles unsafely is not ours to give
+        raise ShardDamageError(f"data shard {url}: sample {key!r} field {field!r} is not a readable token array "
+                               f"({reason}); the shard is damaged: restore it or prepare it again") from e
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise ShardDamageError(f"data shard {url}: sample {key!r} holds a {ids.dtype} array of shape {ids.shape}, "
+                               "not a 1-d array of integer token ids; restore the shard or prepare it again")
+    if ids.size:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (vocab_size is not None and high >= vocab_size):
+            bad = low if low < 0 else high
+            raise ShardDamageError(f"data shard {url}: sample {key!r} has token id {bad}, outside the tokenizer's "
+                                   f"vocabulary of {vocab_size} ids (0..{(vocab_size or 1) - 1}); the shard is "
+                                   "damaged or was prepared with another tokenizer")
+    return ids
 
 
-def iter_documents(url: str, *, mode: str, field: str, tokenizer, on_corrupt: str, stats: dict):
+def iter_documents(url: str, *, mode: str, field: str, tokenizer, on_corrupt: str, stats: dict,
+                   vocab_size: int | None = None):
     """Yield each document's token ids (without end-of-text) in shard order.
 
     mode 'text': tokenize sample[field] (UTF-8 bytes); mode 'tokens': sample[field] is an .npy array.
     Samples without the field are skipped, counted in stats['missing_field'] and logged once per shard.
+    Token ids must lie below `vocab_size` (the shard's manifest's; default the tokenizer's).
     """
+    vocab_size = vocab_size or getattr(tokenizer, "vocab_size", None)
     warned = False
     for sample in iter_samples(url, on_corrupt, stats):
         data = sample.get(field)
@@ -115,7 +137,10 @@ def iter_documents(url: str, *, mode: str, field: str, tokenizer, on_corrupt: st
                             "(set data.text_field / data.token_field)", url, sample.get("__key__"), field, fields)
                 warned = True
             continue
-        yield decode_tokens(data) if mode == "tokens" else tokenizer.encode_bytes(data)
+        if mode == "tokens":
+            yield decode_tokens(data, vocab_size, url, sample.get("__key__"), field)
+        else:
+            yield tokenizer.encode_bytes(data)
 
 
 def scan_shard(url: str, *, mode: str, field: str, tokenizer, on_corrupt: str) -> dict:

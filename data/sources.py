@@ -50,6 +50,7 @@ def expand_urls(entry: str, cfg, split: str, tokenizer, _depth: int = 0) -> list
         found = sorted(p for g in TAR_GLOBS for p in glob.glob(os.path.join(path, g)))
         if not found:
             raise DataError(f"data.urls: folder {entry} holds no *.tar shards")
+        _check_manifest_shards_present(path, found)
         return found
     if is_local(path) and path.endswith(LIST_SUFFIXES):
         if not os.path.isfile(path):
@@ -70,14 +71,33 @@ def expand_urls(entry: str, cfg, split: str, tokenizer, _depth: int = 0) -> list
     return list(braceexpand(entry))
 
 
+def _check_manifest_shards_present(folder: str, found: list[str]) -> None:
+    """A folder read whole must hold every shard its manifest lists: a lost shard would otherwise
+    shrink the corpus without a word (a glob cannot see what is missing)."""
+    manifest = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest):
+        return
+    have = {os.path.basename(p) for p in found}
+    missing = [s.get("name") for s in _load_manifest(manifest)["shards"] if s.get("name") not in have]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"data shard {missing[0]}{more} listed in {manifest} is missing from {folder}; "
+                        "restore it, or rewrite the folder with `meshformer prepare`")
+
+
 def _load_manifest(path: str):
     try:
         with open(path) as f:
             m = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read manifest {path}: {e}") from e
-    if not isinstance(m, dict) or "shards" not in m:
+    if not isinstance(m, dict) or not isinstance(m.get("shards"), list):
         raise DataError(f"{path} is not a meshformer manifest (no 'shards' list); rewrite it with `meshformer prepare`")
+    for entry in m["shards"]:
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and all(isinstance(entry.get(k), int) and entry[k] >= 0 for k in ("docs", "tokens"))):
+            raise DataError(f"manifest {path}: shard entry {entry!r} needs a name and counts docs, tokens >= 0; "
+                            "rewrite it with `meshformer prepare`")
     return m
 
 
@@ -102,6 +122,9 @@ def _manifest_entry(cfg, url: str, cache: dict):
     """(manifest, shard entry) for a shard, or (None, None)."""
     if cfg.manifest:
         key = cfg.manifest
+        if not os.path.isfile(key):
+            raise DataError(f"data.manifest: no file at {key}; give the manifest.json written by `meshformer prepare`, "
+                            "or leave data.manifest empty")
     elif is_local(local_path(url)):
         key = os.path.join(os.path.dirname(os.path.abspath(local_path(url))), MANIFEST)
     else:
@@ -144,8 +167,10 @@ def index_shards(urls: list[str], cfg, tokenizer) -> list[dict]:
                 raise DataError(f"data.urls: shards were tokenized differently ({ua}: {a}, {ub}: {b}); "
                                 "prepare all sources with one tokenizer")
             field = m.get("token_field", cfg.token_field)
+            # ids of a manifest's shards lie below its vocab_size: the loader checks that per document
+            vocab = m.get("vocab_size")
             out.append({"url": url, "docs": int(entry["docs"]), "tokens": int(entry["tokens"]),
-                        "mode": "tokens", "field": field})
+                        "mode": "tokens", "field": field, **({"vocab": vocab} if isinstance(vocab, int) else {})})
         else:
             mode = "tokens" if cfg.tokenizer == "pretokenized" else "text"
             field = cfg.token_field if mode == "tokens" else cfg.text_field
@@ -220,7 +245,7 @@ def build_tokenizer(cfg):
     cfg.validate()  # urls may still be a TOML string
     manifest, where = find_manifest_for(cfg, cfg.urls)
     if manifest is None:
-        raise ValueError("data.tokenizer: 'pretokenized' needs a manifest.json (written by `meshformer prepare`) "
+        raise DataError("data.tokenizer: 'pretokenized' needs a manifest.json (written by `meshformer prepare`) "
                          "next to the shards or in data.manifest; none found for " + ", ".join(cfg.urls))
     try:
         tok = tokenizer_from_spec(manifest["tokenizer"], cfg.eot_token)
@@ -231,4 +256,4 @@ def build_tokenizer(cfg):
     try:  # ids without a tokenizer to decode them: enough to train
         return PretokenizedInfo(manifest["tokenizer_ident"], int(manifest["vocab_size"]), int(manifest["eot_id"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"data.tokenizer: manifest {where} lacks {e}; rewrite it with `meshformer prepare`") from e
+        raise DataError(f"data.tokenizer: manifest {where} lacks {e}; rewrite it with `meshformer prepare`") from e

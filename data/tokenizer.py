@@ -11,6 +11,8 @@ import hashlib
 
 import numpy as np
 
+from core.errors import ConfigError
+
 EOT_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]")
 
 
@@ -38,7 +40,7 @@ class HFTokenizer:
         try:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:  # the library's message names no file
-            raise ValueError(f"data.tokenizer: cannot load Hugging Face tokenizer {path!r}: {e}") from e
+            raise ConfigError(f"data.tokenizer: cannot load Hugging Face tokenizer {path!r}: {e}") from e
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:16]
         self.spec, self.ident = f"hf:{path}", f"hf:{digest}"
@@ -47,7 +49,7 @@ class HFTokenizer:
         ids = [self._tok.token_to_id(n) for n in names]
         found = [i for i in ids if i is not None]
         if not found:
-            raise ValueError(f"data.eot_token: tokenizer {path!r} has none of {list(names)}; set data.eot_token "
+            raise ConfigError(f"data.eot_token: tokenizer {path!r} has none of {list(names)}; set data.eot_token "
                              "to its end-of-text token")
         self.eot_id = found[0]
 
@@ -66,12 +68,12 @@ class TiktokenTokenizer:
         try:
             import tiktoken
         except ImportError as e:
-            raise ValueError(f"data.tokenizer: 'tiktoken:{name}' needs the tiktoken package "
+            raise ConfigError(f"data.tokenizer: 'tiktoken:{name}' needs the tiktoken package "
                              "(pip install tiktoken), or use 'bytes' / 'hf:/path/tokenizer.json'") from e
         try:
             self._enc = tiktoken.get_encoding(name)
         except Exception as e:
-            raise ValueError(f"data.tokenizer: tiktoken encoding {name!r} is not available on this machine "
+            raise ConfigError(f"data.tokenizer: tiktoken encoding {name!r} is not available on this machine "
                              f"({e}); put its file in TIKTOKEN_CACHE_DIR beforehand (no downloads at run time)") from e
         self.spec = self.ident = f"tiktoken:{name}"
         self.vocab_size, self.eot_id = self._enc.n_vocab, self._enc.eot_token
@@ -93,7 +95,7 @@ class PretokenizedInfo:
         self.spec, self.ident, self.vocab_size, self.eot_id = "pretokenized", ident, vocab_size, eot_id
 
     def encode(self, text: str) -> list[int]:
-        raise ValueError("data.tokenizer: 'pretokenized' cannot encode text; set data.tokenizer to the tokenizer "
+        raise ConfigError("data.tokenizer: 'pretokenized' cannot encode text; set data.tokenizer to the tokenizer "
                          f"the shards were prepared with ({self.ident})")
 
     encode_bytes = encode
@@ -110,5 +112,5 @@ def tokenizer_from_spec(spec: str, eot_token: str = ""):
         return HFTokenizer(spec[3:], eot_token)
     if spec.startswith("tiktoken:"):
         return TiktokenTokenizer(spec[len("tiktoken:"):])
-    raise ValueError(f"data.tokenizer: {spec!r} unknown; use 'bytes', 'hf:/path/tokenizer.json', "
+    raise ConfigError(f"data.tokenizer: {spec!r} unknown; use 'bytes', 'hf:/path/tokenizer.json', "
                      "'tiktoken:<encoding>' or 'pretokenized'")

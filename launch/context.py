@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from core.errors import ConfigError
 from core.launch_config import LaunchConfig
 from launch.discovery import LaunchError, ProcessInfo, discover
 from launch.watchdog import FR_BUFFER_SIZE, collective_timeout_s
@@ -43,7 +44,7 @@ class DistContext:
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device: 'cuda' was asked for but torch sees no CUDA device; use 'cpu' or 'auto'")
+            raise ConfigError("train.device: 'cuda' was asked for but torch sees no CUDA device; use 'cpu' or 'auto'")
         if local_rank >= torch.cuda.device_count():
             raise LaunchError(f"local rank {local_rank} has no GPU: this node shows {torch.cuda.device_count()}; "
                               "start at most one process per GPU (--tasks-per-node / --nproc-per-node)")

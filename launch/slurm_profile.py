@@ -57,8 +57,9 @@ class SlurmProfile:
         for name in ("nodes", "tasks_per_node", "cpus_per_task"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"slurm.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.gpus_per_node < 0 or self.signal_seconds < 0 or self.max_requeues < 0:
-            raise ConfigError("slurm.gpus_per_node, signal_seconds and max_requeues must be >= 0")
+        for name in ("gpus_per_node", "signal_seconds", "max_requeues"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"slurm.{name}: must be >= 0, got {getattr(self, name)}")
         if self.gpus_per_node and self.tasks_per_node > self.gpus_per_node:
             raise ConfigError(f"slurm.tasks_per_node: {self.tasks_per_node} processes per node but only "
                               f"{self.gpus_per_node} GPUs per node; use at most one process per GPU")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from core.errors import ConfigError
+from core.cli_args import ArgParser
+from core.errors import ConfigError, UsageError, report_errors
 from core.layout import resolve_sizes
 from core.run_config import keys_help, load_config
 from launch.sbatch import TEMPLATE, render
@@ -24,7 +26,7 @@ from launch.slurm_profile import load_profile
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meshformer slurm", allow_abbrev=False,
+    p = ArgParser(prog="meshformer slurm", allow_abbrev=False,
                                 description="Render or submit an sbatch script that trains --config on a Slurm cluster.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other --section.key value pairs override the run config, e.g. --optim.lr 3e-4.\n\n"
@@ -79,8 +81,23 @@ def check_run_config(config: str | None, overrides: list[str], world: int, mode:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
+# Slurm's --array syntax: indices, ranges with an optional step, commas, an optional %throttle.
+ARRAY_SPEC = re.compile(r"\d+(-\d+(:\d+)?)?(,\d+(-\d+(:\d+)?)?)*(%\d+)?")
+
+
+def _read_template(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"--template {path}: cannot read it ({e.strerror}); give a file with the @@{{...}} "
+                         "slots of the built-in template") from None
+
+
+def main(argv: list[str] | None = None, debug: bool = False) -> int:
+    """Raises MeshformerError (the `meshformer` CLI prints it as one line); see __main__ below."""
     args, overrides = build_parser().parse_known_args(argv)
+    if args.array and not ARRAY_SPEC.fullmatch(args.array):
+        raise UsageError(f"--array: {args.array!r} is not a Slurm array spec; use e.g. 0-7, 1,3,5 or 0-15%4")
     stray = [a for a in overrides if a.startswith("-") and not a.startswith("--")]
     if stray:
         raise ConfigError(f"unknown option {stray[0]!r}; see meshformer slurm --help")
@@ -89,11 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"config file {args.config!r} not found")
     cfg = check_run_config(args.config, overrides, profile.world_size, profile.mode)
     trainer_args = (["--config", os.path.abspath(args.config)] if args.config else []) + list(overrides)
-    template = Path(args.template).read_text() if args.template else TEMPLATE
+    template = _read_template(args.template) if args.template else TEMPLATE
     script = render(profile, trainer_args, job_name=profile.job_name or f"meshformer-{Path(cfg.run.dir).name}",
                     chdir=os.getcwd(), array=args.array, template=template)
     if args.script_out:
-        Path(args.script_out).write_text(script)
+        try:
+            Path(args.script_out).write_text(script)
+        except OSError as e:
+            raise UsageError(f"--script-out {args.script_out}: cannot write it ({e.strerror}); give a path in an "
+                             "existing folder") from None
     if args.dry_run:
         sys.stdout.write(script)
         return 0
@@ -107,8 +128,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:
-        print(f"meshformer slurm: config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(report_errors("meshformer slurm", main))

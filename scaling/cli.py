@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
+
+from core.cli_args import ArgParser, at_least
+from core.errors import MeshformerError, UsageError, report_errors
 
 from .analysis import cooldown_comparison, fit_all, select_points
 from .plan import accounting, plan_sweep
@@ -40,6 +42,7 @@ def cmd_plan(a) -> int:
 
 
 def cmd_run(a, launcher: ArrayLauncher | None) -> int:
+    at_least("--jobs", a.jobs, 1, "runs at a time")
     spec = load_spec(a.spec)
     if a.slurm and launcher is None:
         raise RuntimeError("--slurm needs the launcher layer: run `meshformer sweep run --slurm` "
@@ -85,16 +88,13 @@ def cmd_exec(a, launcher: ArrayLauncher | None) -> int:
     trainer's exit code, so that the job script sees the requeue code of a signal-triggered save."""
     spec = load_spec(a.spec)
     if (a.run_id is None) == (a.run_list is None) or (a.run_list is None) != (a.run_index is None):
-        print("sweep exec: give --run-id ID, or --run-list FILE with --run-index I", file=sys.stderr)
-        return 2
+        raise UsageError("sweep exec: give --run-id ID, or --run-list FILE with --run-index I")
     try:
         run_id = a.run_id or read_run_list(a.run_list, a.run_index)
     except ValueError as e:
-        print(f"sweep exec: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"sweep exec: {e}") from None
     if run_id not in load_plan(spec):
-        print(f"run id {run_id!r} is not in {spec.out_dir / 'plan.json'}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--run-id: run id {run_id!r} is not in {spec.out_dir / 'plan.json'}")
     rank = launcher.rank() if launcher else 0
     # --run.overwrite false is what a requeued job script appends (launch/sbatch.py): resume
     return execute_run(spec, run_id, record=rank == 0, resume=a.overwrite == "false")
@@ -137,21 +137,39 @@ def cmd_collect(a) -> int:
 
 
 def _read_points(path, n_col, d_col, loss_col, budget_col=None) -> list[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise SweepSpecError(f"points file {path} cannot be read ({e.strerror}); give the CSV of (N, D, loss) "
+                             "points, e.g. a sweep's points.csv") from None
     cols = [c for c in (n_col, d_col, loss_col, budget_col) if c]
     if rows and any(c not in rows[0] for c in cols):
         missing = [c for c in cols if c not in rows[0]]
         raise SweepSpecError(f"{path}: no column(s) {missing}; columns are {list(rows[0])}")
     def budget(r):       # a grid design's points have no budget (an empty cell)
         v = r[budget_col] if budget_col else ""
-        return float(v) if v not in ("", "None", "nan") else None
+        if v in ("", "None", "nan"):
+            return None
+        try:
+            return float(v)
+        except ValueError:
+            raise SweepSpecError(f"{path}: column {budget_col!r}: {v!r} is not a number (or empty)") from None
 
-    return [{"N": float(r[n_col]), "D": float(r[d_col]), "loss": float(r[loss_col]), "budget": budget(r)}
-            for r in rows]
+    def number(r, col, line):
+        try:
+            return float(r[col])
+        except (TypeError, ValueError):
+            raise SweepSpecError(f"{path}: line {line}, column {col!r}: {r[col]!r} is not a number") from None
+
+    # line 1 is the header: data row i is line i + 2
+    return [{"N": number(r, n_col, i + 2), "D": number(r, d_col, i + 2), "loss": number(r, loss_col, i + 2),
+             "budget": budget(r)} for i, r in enumerate(rows)]
 
 
 def cmd_fit(a) -> int:
+    at_least("--bootstrap", a.bootstrap, 0, "0 = no confidence intervals")
+    at_least("--top-k", a.top_k, 1, "grid starts refined by L-BFGS")
     top_k = None if a.all_starts else a.top_k
     if a.csv:
         points = _read_points(a.csv, a.n_col, a.d_col, a.loss_col, a.budget_col)
@@ -161,8 +179,7 @@ def cmd_fit(a) -> int:
         _, points = _collect(spec, a.kind, a.loss)
         out = Path(a.out or spec.out_dir / "fit.json")
     else:
-        print("fit: give a sweep spec or --csv FILE", file=sys.stderr)
-        return 2
+        raise UsageError("fit: give a sweep spec or --csv FILE")
     fits = fit_all(points, bootstrap=a.bootstrap, top_k=top_k)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(fits, indent=2))
@@ -190,11 +207,14 @@ def cmd_plot(a) -> int:
         spec = load_spec(a.spec)
         pts_path, fit_path = spec.out_dir / "points.csv", spec.out_dir / "fit.json"
         out_dir = Path(a.out_dir or spec.out_dir / "plots")
+    elif not (a.csv and a.fit):
+        raise UsageError("plot: give a sweep spec, or --csv FILE and --fit FILE")
     else:
         pts_path, fit_path, out_dir = Path(a.csv), Path(a.fit), Path(a.out_dir or ".")
     if not fit_path.exists():
-        print(f"{fit_path} not found: run `sweep fit` first", file=sys.stderr)
-        return 2
+        raise UsageError(f"{fit_path} not found: run `sweep fit` first")
+    if not pts_path.is_file():
+        raise UsageError(f"{pts_path} not found: run `sweep collect` first, or give --csv FILE")
     with open(pts_path, newline="") as f:
         header = next(csv.reader(f), [])
     budget_col = a.budget_col if a.budget_col in header else None    # optional for plots
@@ -205,7 +225,7 @@ def cmd_plot(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meshformer sweep", description="Scaling-law sweeps: plan, run, collect, fit, plot.")
+    p = ArgParser(prog="meshformer sweep", description="Scaling-law sweeps: plan, run, collect, fit, plot.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("plan", help="print every run (N, D, C) without running")
     s.add_argument("spec"); s.add_argument("--json", action="store_true")
@@ -255,13 +275,16 @@ COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "exec": cmd_
             "collect": cmd_collect, "fit": cmd_fit, "plot": cmd_plot}
 
 
-def main(argv: list[str] | None = None, launcher: ArrayLauncher | None = None) -> int:
+def main(argv: list[str] | None = None, launcher: ArrayLauncher | None = None, debug: bool = False) -> int:
     """launcher: how to render and place array tasks (trainer/sweep_slurm.py); needed by run --slurm."""
+    return report_errors("meshformer sweep", lambda: _main(argv, launcher), debug)
+
+
+def _main(argv: list[str] | None, launcher: ArrayLauncher | None) -> int:
     a = build_parser().parse_args(argv)
     try:
         if a.command in ("run", "exec"):
             return COMMANDS[a.command](a, launcher)
         return COMMANDS[a.command](a)
-    except (SweepSpecError, FileNotFoundError, RuntimeError) as e:
-        print(f"sweep {a.command}: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, RuntimeError) as e:   # a results store or a run folder that is not there
+        raise MeshformerError(f"sweep {a.command}: {e}") from e

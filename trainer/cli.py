@@ -6,26 +6,23 @@ import signal
 import sys
 from pathlib import Path
 
-from core.errors import ConfigError, DataError, LaunchError, MeshformerError, SweepSpecError, TrainingDiverged
+from core.cli_args import ArgParser
+from core.errors import ConfigError, report_errors
 from core.run_config import keys_help, load_config
 
 # Each command imports what it runs when it runs (plain imports, no cycle to dodge): `meshformer
 # plan` or `--help` should not wait seconds for torch, which only train/generate/export/slurm need.
 
-# How a one-line error names its kind; the first class that matches wins (CheckpointError is a ConfigError).
-ERROR_KINDS = ((TrainingDiverged, ""), (ConfigError, "config error"), (DataError, "data error"), (LaunchError, "launch error"),
-               (SweepSpecError, "sweep spec error"), (MeshformerError, "error"))
-
 
 def _split_config_args(prog: str, argv: list[str], description: str):
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any --section.key value pair overrides the config, e.g. --optim.lr 3e-4.\n\n"
                                        + keys_help())
     p.add_argument("--config", default=None, help="TOML config file (default: built-in defaults = configs/tiny.toml)")
     return p
 
 
-def train_main(argv: list[str]) -> int:
+def train_main(argv: list[str], debug: bool = False) -> int:
     p = _split_config_args("meshformer train", argv, "Train a Transformer LM.")
     args, overrides = p.parse_known_args(argv)
     from launch.preemption import EXIT_PREEMPTED
@@ -39,55 +36,58 @@ def train_main(argv: list[str]) -> int:
     return EXIT_PREEMPTED if summary.get("preempted") else 0
 
 
-def generate_main(argv: list[str]) -> int:
+def generate_main(argv: list[str], debug: bool = False) -> int:
     p = _split_config_args("meshformer generate", argv, "Sample from the latest checkpoint of run.dir.")
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--prompt", default="def ", help="text to continue (not empty)")
+    p.add_argument("--tokens", type=int, default=200, help="new tokens to sample (>= 1; prompt + tokens <= "
+                   "model.max_seq_len)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens (0 = all)")
     args, overrides = p.parse_known_args(argv)
     import torch
 
     import data as data_pkg
     from trainer.checkpoint import complete_checkpoints, load_model_weights
-    from trainer.generate import generate
+    from trainer.generate import check_request, generate
     from trainer.model import Transformer
     cfg = load_config(args.config, overrides)
     ckpts = complete_checkpoints(Path(cfg.run.dir) / "checkpoints")
     if not ckpts:
         raise ConfigError(f"run.dir: no complete checkpoint under {cfg.run.dir}/checkpoints; train first")
+    tok = data_pkg.build_tokenizer(cfg.data)
+    ids = tok.encode(args.prompt)
+    check_request(len(ids), args.tokens, args.temperature, args.top_k, cfg.model.max_seq_len)
     model = Transformer(cfg.model)
     load_model_weights(model, ckpts[-1])
-    tok = data_pkg.build_tokenizer(cfg.data)
-    prompt = torch.tensor([tok.encode(args.prompt)])
+    prompt = torch.tensor([ids])
     out = generate(model, prompt, args.tokens, args.temperature, args.top_k,
                    torch.Generator().manual_seed(cfg.run.seed), eot_id=tok.eot_id)
     print(tok.decode(out[0].tolist()))
     return 0
 
 
-def prepare_main(argv: list[str]) -> int:
+def prepare_main(argv: list[str], debug: bool = False) -> int:
     from data.prepare import main
-    return main(argv)
+    return main(argv, debug=debug)
 
 
-def plan_main(argv: list[str]) -> int:
+def plan_main(argv: list[str], debug: bool = False) -> int:
     from parallel.planner.cli import main
-    return main(argv)
+    return main(argv, debug=debug)
 
 
-def sweep_main(argv: list[str]) -> int:
+def sweep_main(argv: list[str], debug: bool = False) -> int:
     from scaling.cli import main
     from trainer.sweep_slurm import LAUNCHER      # job arrays through launch/'s sbatch renderer
-    return main(argv, launcher=LAUNCHER)
+    return main(argv, launcher=LAUNCHER, debug=debug)
 
 
-def export_main(argv: list[str]) -> int:
+def export_main(argv: list[str], debug: bool = False) -> int:
     from trainer.export import main
-    return main(argv)
+    return main(argv, debug=debug)
 
 
-def doctor_main(argv: list[str]) -> int:
+def doctor_main(argv: list[str], debug: bool = False) -> int:
     p = _split_config_args("meshformer doctor", argv, "Check the environment a job needs: torch build, devices, "
                            "NCCL/IB variables, free disk and write access in run.dir, and (under a launcher) that "
                            "every node sees the same run.dir. Exit status 1 on a problem.")
@@ -96,9 +96,9 @@ def doctor_main(argv: list[str]) -> int:
     return run_checks(load_config(args.config, overrides))
 
 
-def slurm_main(argv: list[str]) -> int:
+def slurm_main(argv: list[str], debug: bool = False) -> int:
     from launch.slurm_submit import main
-    return main(argv)
+    return main(argv, debug=debug)
 
 
 # subcommand -> (main(argv) -> int, one-line help); each package owns its command's main
@@ -112,11 +112,6 @@ SUBCOMMANDS = {
     "slurm": (slurm_main, "render or submit an sbatch script for a run"),
     "doctor": (doctor_main, "check torch, devices, NCCL/IB variables, disk and a shared run.dir before a job"),
 }
-
-
-def error_line(name: str, e: MeshformerError) -> str:
-    kind = next(k for cls, k in ERROR_KINDS if isinstance(e, cls))
-    return f"meshformer {name}: {kind}: {e}" if kind else f"meshformer {name}: {e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,13 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     command, _ = SUBCOMMANDS[name]
-    try:
-        return int(command(rest) or 0)
-    except MeshformerError as e:
-        if debug:
-            raise
-        print(error_line(name, e), file=sys.stderr)
-        return e.exit_code
+    return report_errors(f"meshformer {name}", lambda: command(rest, debug), debug)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ from it. Shards saved under any layout are gathered by DCP into one process here
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from core.cli_args import ArgParser
+from core.errors import UsageError, report_errors
 from trainer import checkpoint_files as files
 from trainer.checkpoint_state import CheckpointError, dcp_load
 from trainer.model import Transformer
@@ -70,6 +71,8 @@ def export(source: str, out: str, dtype: str = "float32", force: bool = False) -
     mc = model_config_of(ckpt)
     check_llama_shaped(mc)
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out!r} is a file; give a new or empty folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise CheckpointError(f"--out {out!r} exists and is not empty; pick another folder or pass --force")
     tensors = {k: v.to(DTYPES[dtype]) for k, v in to_hf(consolidated_state_dict(ckpt, mc), mc).items()}
@@ -83,17 +86,17 @@ def export(source: str, out: str, dtype: str = "float32", force: bool = False) -
     return out_dir
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="meshformer export", description=__doc__.split("\n\n")[0])
+def main(argv: list[str], debug: bool = False) -> int:
+    return report_errors("meshformer export", lambda: _main(argv), debug)
+
+
+def _main(argv: list[str]) -> int:
+    p = ArgParser(prog="meshformer export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a run folder (its newest checkpoint) or a checkpoint folder")
     p.add_argument("--out", required=True, help="output folder for model.safetensors and config.json")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
     args = p.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out, args.dtype, args.force)
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"meshformer export: {e}", flush=True)
-        return 2
+    out = export(args.checkpoint, args.out, args.dtype, args.force)
     print(f"exported {resolve_checkpoint(args.checkpoint)} to {out}")
     return 0

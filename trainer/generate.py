@@ -3,7 +3,24 @@ from __future__ import annotations
 
 import torch
 
+from core.cli_args import at_least
+from core.errors import UsageError
 from trainer.model import KVCache, Transformer
+
+
+def check_request(prompt_len: int, max_new_tokens: int, temperature: float, top_k: int, limit: int) -> None:
+    """Refuse, naming the option, a request the model cannot serve (before any weight is loaded)."""
+    if prompt_len == 0:
+        raise UsageError("--prompt: empty; give at least one character to continue")
+    at_least("--tokens", max_new_tokens, 1, "new tokens to sample")
+    at_least("--temperature", temperature, 0, "0 = greedy")
+    at_least("--top-k", top_k, 0, "0 = sample among all tokens")
+    if prompt_len >= limit:
+        raise UsageError(f"--prompt: {prompt_len} tokens fill the context of model.max_seq_len={limit}; "
+                         f"give at most {limit - 1}")
+    if prompt_len + max_new_tokens > limit:
+        raise UsageError(f"--tokens: {max_new_tokens} after a {prompt_len}-token prompt exceed model.max_seq_len="
+                         f"{limit}; give at most {limit - prompt_len}")
 
 
 @torch.no_grad()
@@ -12,9 +29,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
     """Extend `prompt` [B, T] by up to `max_new_tokens` tokens. The prompt is run once (prefill),
     then each new token attends to the cached keys and values of all earlier ones."""
     model.eval()
-    limit = model.cfg.max_seq_len
-    if prompt.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len={limit}")
+    check_request(prompt.shape[1], max_new_tokens, temperature, top_k, model.cfg.max_seq_len)
     cache = KVCache()
     logits = model(prompt, start_pos=0, cache=cache)[:, -1]
     out, pos = prompt, prompt.shape[1]

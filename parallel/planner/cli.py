@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from core.cli_args import ArgParser, at_least
+from core.errors import MeshformerError, UsageError, report_errors
 from core.run_config import keys_help
 
 from .cluster import list_clusters, load_cluster
@@ -27,7 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    plan = argparse.ArgumentParser(
+    plan = ArgParser(
         prog="meshformer plan", description="rank parallel layouts by predicted throughput",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="`meshformer plan predict ...` gives one layout's figures as JSON. Further `--section.key value`\n"
@@ -39,7 +41,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                       help="sequences per optimizer step (default: the config's batch at this GPU count)")
     plan.add_argument("--top", type=int, default=10, help="rows of the table")
     plan.add_argument("--json", action="store_true", help="print the ranked predictions as JSON instead")
-    pred = argparse.ArgumentParser(
+    pred = ArgParser(
         prog="meshformer plan predict", description="predict memory and speed of one layout",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="The layout is the config's, changed by `--parallel.* / --train.* / --precision.*` overrides.\n\n"
@@ -50,7 +52,11 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return plan, pred
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, debug: bool = False) -> int:
+    return report_errors("meshformer plan", lambda: _main(argv), debug)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     plan_p, pred_p = _parsers()
     is_predict = bool(argv) and argv[0] == "predict"
@@ -58,15 +64,22 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     parser = pred_p if is_predict else plan_p
     args, overrides = parser.parse_known_args(argv)
+    if is_predict:
+        at_least("--gpus", args.gpus, 0, "0 = the config's layout")
+    else:
+        at_least("--gpus", args.gpus, 1)
+        at_least("--global-batch", args.global_batch, 0, "sequences per step; 0 = the config's")
+        at_least("--top", args.top, 1, "rows of the table")
     try:
         cluster = load_cluster(args.cluster)
         run = read_run_config(args.config, overrides)
         if is_predict:
             return _predict(args, run, cluster)
         return _plan(args, run, cluster)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"meshformer plan: error: {e}", file=sys.stderr)
-        return 2
+    except MeshformerError:
+        raise
+    except (ValueError, FileNotFoundError) as e:     # the planner's own checks (cluster files, fit)
+        raise UsageError(str(e)) from e
 
 
 def _predict(args, run, cluster) -> int:
@@ -90,7 +103,7 @@ def _plan(args, run, cluster) -> int:
         own = None
     result = search(run.model, cluster, args.gpus, batch, run.seq_len, run.dtype, Stack(),
                     extra=[own] if own else [])
-    top = result.ranked[: max(1, args.top)]
+    top = result.ranked[: args.top]
     if args.json:
         print(json.dumps([p.to_dict() for p in top], indent=2))
         return 0

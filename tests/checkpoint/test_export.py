@@ -73,9 +73,9 @@ def test_export_refuses_non_llama_models_and_bad_paths(tmp_path, capsys):
     d = tmp_path / "gelu"
     run(d, "--train.steps", "1", "--model.activation", "gelu")
     assert export_main([str(d), "--out", str(tmp_path / "o")]) == 2
-    assert "model.activation = 'gelu' (Llama needs 'swiglu')" in capsys.readouterr().out
+    assert "model.activation = 'gelu' (Llama needs 'swiglu')" in capsys.readouterr().err
     assert export_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
-    assert "does not exist" in capsys.readouterr().out
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_export_does_not_overwrite(trained, tmp_path, capsys):
@@ -83,4 +83,4 @@ def test_export_does_not_overwrite(trained, tmp_path, capsys):
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     assert export_main([str(trained), "--out", str(out)]) == 2
-    assert "not empty" in capsys.readouterr().out and (out / "mine.txt").read_text() == "keep me"
+    assert "not empty" in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep me"

@@ -1,0 +1,309 @@
+"""The bad-input table: every row is a command a user might type, the exit code it must give and
+a regex its one error line must match (the key or file, and what would be right).
+
+Exit code 2 = the input is wrong (fix the command, the config or the files); 1 = a fault found
+while running (e.g. a damaged shard's token ids). `build_fixtures` writes the files the rows
+name: a few tiny prepared shards, damaged copies of them and a one-step checkpoint.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: tuple          # argv with {placeholders} (see build_fixtures); {id} is the row's id
+    code: int
+    match: str           # regex the one error line must contain (re.search)
+
+    def argv(self, paths: dict) -> list[str]:
+        return [a.format(**paths, id=self.id) for a in self.args]
+
+
+# A model and data small enough that a row that must get past the config to fail costs ~a second.
+SMALL = ("--model.dim", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--model.n_kv_heads", "2",
+         "--model.max_seq_len", "64", "--train.seq_len", "16", "--train.batch_size", "2", "--train.steps", "1",
+         "--train.device", "cpu", "--metrics.progress", "false", "--metrics.tensorboard", "false")
+TRAIN = ("train", "--config", "{tiny}", "--run.dir", "{w}/runs/{id}", "--data.urls", "{shards}", *SMALL)
+GEN = ("generate", "--config", "{tiny}", "--run.dir", "{run}", "--data.urls", "{shards}", *SMALL)
+
+
+def train(id, *extra, code=2, match):
+    return Case(id, (*TRAIN, *extra), code, match)
+
+
+def gen(id, *extra, code=2, match):
+    return Case(id, (*GEN, *extra), code, match)
+
+
+def cmd(id, *args, code=2, match):
+    return Case(id, args, code, match)
+
+
+CASES = [
+    # ---- train: the config file and override syntax
+    cmd("train-config-missing", "train", "--config", "{w}/nope.toml", match=r"config file .*nope.toml.* not found"),
+    cmd("train-config-not-toml", "train", "--config", "{bad_toml}", match=r"bad.toml.* not valid TOML"),
+    train("train-unknown-key", "--optim.lrr", "1", match=r"unknown key optim.lrr, did you mean 'lr'"),
+    train("train-unknown-section", "--optimm.lr", "1", match=r"unknown section 'optimm'.*did you mean 'optim'"),
+    train("train-override-no-value", "--optim.lr", match=r"--optim.lr needs a value"),
+    train("train-not-a-number", "--optim.lr", "fast", match=r"optim.lr: expected a number, got 'fast'"),
+    train("train-not-an-int", "--train.steps", "1.5", match=r"train.steps: expected an integer"),
+    train("train-bad-choice", "--model.activation", "relu", match=r"model.activation: 'relu' is not allowed; expected one of"),
+    # ---- train: values out of range (validate())
+    train("train-steps-0", "--train.steps", "0", match=r"train.steps: must be >= 1"),
+    train("train-threads-negative", "--train.threads", "-2", match=r"train.threads: .*>= 0"),
+    train("train-eps-negative", "--optim.eps", "-1e-8", match=r"optim.eps: .*> 0"),
+    train("train-eps-zero", "--optim.eps", "0", match=r"optim.eps: .*> 0"),
+    # non-finite values (validated by the nansync work, issue 17's divergence part)
+    train("train-lr-nan", "--optim.lr", "nan", match=r"optim.lr: .*(finite|> 0)"),
+    train("train-lr-inf", "--optim.lr", "inf", match=r"optim.lr: .*(finite|> 0)"),
+    train("train-rope-theta-0", "--model.rope_theta", "0", match=r"model.rope_theta: .*> 0"),
+    train("train-beta1-1", "--optim.beta1", "1.0", match=r"optim.beta1.*\[0, 1\)"),
+    train("train-cpu-peak-0", "--metrics.cpu_peak_tflops", "0", match=r"metrics.cpu_peak_tflops: .*> 0"),
+    train("train-peak-negative", "--metrics.peak_tflops", "-5", match=r"metrics.peak_tflops: .*>= 0"),
+    train("train-seed-negative", "--run.seed", "-1", match=r"run.seed: .*>= 0"),
+    train("train-seq-gt-max", "--train.seq_len", "128", match=r"train.seq_len: 128 exceeds model.max_seq_len=64"),
+    train("train-dim-heads", "--model.n_heads", "3", "--model.n_kv_heads", "3",
+          match=r"model.dim: 32 is not divisible by model.n_heads=3"),
+    train("train-vocab-small", "--model.vocab_size", "100", match=r"model.vocab_size: 100 is smaller .*at least 257"),
+    train("train-keep-0", "--checkpoint.keep", "0", match=r"checkpoint.keep: must be >= 1"),
+    train("train-at-steps-beyond", "--checkpoint.at_steps", "[5]", match=r"checkpoint.at_steps: .*5.*train.steps=1"),
+    train("train-decay-beyond", "--optim.schedule", "wsd", "--optim.decay_steps", "10",
+          match=r"optim.decay_steps: 10 .*train.steps=1"),
+    train("train-pp-microbatches-negative", "--parallel.pp_microbatches", "-1", match=r"parallel.pp_microbatches: .*>= 0"),
+    train("train-pp-layers-0", "--parallel.pp_layers", "[1, 0]", match=r"parallel.pp_layers: .*>= 1"),
+    train("train-tp-2-world-1", "--parallel.tp", "2", match=r"parallel"),
+    train("train-every-minutes-negative", "--checkpoint.every_minutes", "-1", match=r"checkpoint.every_minutes.*>= 0"),
+    train("train-eot-token-bytes", "--data.eot_token", "</s>", match=r"data.eot_token: .*hf:"),
+    train("train-device-cuda", "--train.device", "cuda", match=r"train.device: 'cuda' .*no CUDA device.*'cpu'"),
+    train("train-weights-count", "--data.weights", "[1.0, 2.0]", match=r"data.weights: 2 weights for 1 urls"),
+    train("train-hf-tokenizer-missing", "--data.tokenizer", "hf:{w}/no/tokenizer.json",
+          match=r"data.tokenizer: no tokenizer file at .*no/tokenizer.json"),
+    train("train-master-port", "--launch.master_port", "70000", match=r"launch.master_port"),
+    train("train-init-from-missing", "--checkpoint.init_from", "{w}/no-such-ckpt", match=r"no-such-ckpt"),
+    # ---- train: the run folder and the data
+    train("train-run-dir-is-file", "--run.dir", "{a_file}", match=r"run.dir: .*a_file.* not a folder|run.dir.*a_file"),
+    train("train-urls-no-match", "--data.urls", "{w}/nothing/shard-{{000..003}}.tar", match=r"not found: .*shard-000.tar"),
+    train("train-urls-missing-file", "--data.urls", "{w}/none.tar", match=r"data shard not found: .*none.tar"),
+    train("train-urls-empty-folder", "--data.urls", "{empty_dir}", match=r"folder .*empty.* holds no \*.tar shards"),
+    train("train-urls-empty-list", "--data.urls", "{empty_list}", match=r"names no shards"),
+    train("train-manifest-missing-shard", "--data.urls", "{missing_shard_dir}",
+          match=r"shard-000001.tar.* (listed|named) in .*manifest.json.* (missing|not found)"),
+    train("train-manifest-garbled", "--data.urls", "{garbled_manifest_dir}", match=r"manifest .*manifest.json"),
+    train("train-manifest-path-missing", "--data.manifest", "{w}/no/manifest.json", match=r"data.manifest: no file at .*no/manifest.json"),
+    train("train-text-field", "--data.urls", "{tar_no_manifest}", "--data.text_field", "body",
+          match=r"data.text_field"),
+    train("train-oov-ids", "--data.urls", "{oov_dir}", "--data.tokenizer", "pretokenized", "--data.shuffle", "false", code=1,
+          match=r"shard-000000.tar.*token id 6\d{3}.* vocabulary .*257"),
+    train("train-oov-ids-in-worker", "--data.urls", "{oov_dir}", "--data.tokenizer", "pretokenized", "--data.shuffle", "false",
+          "--data.num_workers", "1", code=1, match=r"shard-000000.tar.*token id 6\d{3}.* vocabulary"),
+    train("train-bad-npy", "--data.urls", "{bad_npy_dir}", "--data.tokenizer", "pretokenized", "--data.shuffle", "false", code=1,
+          match=r"shard-000000.tar: sample '\d+' field 'tokens.npy' is not a readable token array"),
+    train("train-pretokenized-no-manifest", "--data.urls", "{tar_no_manifest}", "--data.tokenizer", "pretokenized",
+          match=r"data.tokenizer: 'pretokenized' needs a manifest.json"),
+    # ---- prepare
+    cmd("prepare-no-inputs", "prepare", "--out", "{w}/p/{id}", match=r"inputs"),
+    cmd("prepare-input-missing", "prepare", "{w}/nope.txt", "--out", "{w}/p/{id}", match=r"nope.txt.* not found"),
+    cmd("prepare-glob-no-match", "prepare", "{w}/nope*.jsonl", "--out", "{w}/p/{id}", match=r"matches no files"),
+    cmd("prepare-out-not-empty", "prepare", "{corpus}", "--out", "{shards}", match=r"--out .* is not empty"),
+    cmd("prepare-out-is-file", "prepare", "{corpus}", "--out", "{a_file}", match=r"--out .*a_file.* (is a file|not a folder)"),
+    cmd("prepare-bad-tokenizer", "prepare", "{corpus}", "--out", "{w}/p/{id}", "--tokenizer", "nope",
+        match=r"tokenizer: 'nope' unknown"),
+    cmd("prepare-shard-size-0", "prepare", "{corpus}", "--out", "{w}/p/{id}", "--shard-size-mb", "0",
+        match=r"--shard-size-mb.*> 0"),
+    cmd("prepare-workers-0", "prepare", "{corpus}", "--out", "{w}/p/{id}", "--workers", "0", match=r"--workers.*>= 1"),
+    cmd("prepare-bad-format", "prepare", "{corpus}", "--out", "{w}/p/{id}", "--format", "xml",
+        match=r"--format.*invalid choice: 'xml'"),
+    # --workers 1: a tokenizer Pool forked inside this driver, after torch has trained here, can
+    # deadlock (fork with live threads); a user's `meshformer prepare` is a fresh process.
+    cmd("prepare-empty-corpus", "prepare", "{empty_corpus}", "--out", "{w}/p/{id}", "--workers", "1",
+        match=r"empty_corpus: no documents .*nothing written"),
+    cmd("prepare-bad-jsonl", "prepare", "{bad_jsonl}", "--out", "{w}/p/{id}", "--workers", "1",
+        match=r"bad.jsonl:2: not valid JSON"),
+    # ---- generate
+    gen("generate-empty-prompt", "--prompt", "", match=r"--prompt: empty"),
+    gen("generate-prompt-too-long", "--prompt", "x" * 80, match=r"--prompt: 80 tokens.*model.max_seq_len=64"),
+    gen("generate-tokens-negative", "--tokens", "-5", match=r"--tokens: .*>= 1"),
+    gen("generate-tokens-0", "--tokens", "0", match=r"--tokens: .*>= 1"),
+    gen("generate-tokens-too-many", "--prompt", "ab", "--tokens", "100", match=r"--tokens: .*at most 62"),
+    gen("generate-temperature-negative", "--temperature", "-1", match=r"--temperature: .*>= 0"),
+    gen("generate-top-k-negative", "--top-k", "-3", match=r"--top-k: .*>= 0"),
+    gen("generate-tokens-not-int", "--tokens", "many", match=r"--tokens: invalid int value: 'many'"),
+    gen("generate-no-checkpoint", "--run.dir", "{empty_dir}", match=r"run.dir: no complete checkpoint"),
+    gen("generate-other-model", "--model.dim", "64", match=r"(model|shape|dim)"),
+    # ---- export
+    cmd("export-missing-source", "export", "{w}/nothing", "--out", "{w}/x/{id}", match=r"nothing.* does not exist"),
+    cmd("export-no-checkpoint", "export", "{empty_run}", "--out", "{w}/x/{id}", match=r"no complete checkpoint"),
+    cmd("export-no-out", "export", "{run}", match=r"--out"),
+    cmd("export-bad-dtype", "export", "{run}", "--out", "{w}/x/{id}", "--dtype", "int8", match=r"--dtype.*'int8'"),
+    cmd("export-out-not-empty", "export", "{run}", "--out", "{shards}", match=r"--out .* not empty"),
+    cmd("export-out-is-file", "export", "{run}", "--out", "{a_file}", match=r"--out .*a_file.* (is a file|not a folder)"),
+    # ---- plan
+    cmd("plan-no-cluster", "plan", "--config", "{tiny}", "--gpus", "8", match=r"--cluster"),
+    cmd("plan-unknown-cluster", "plan", "--config", "{tiny}", "--cluster", "nosuch", "--gpus", "8",
+        match=r"cluster profile 'nosuch' not found"),
+    cmd("plan-gpus-0", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "0", match=r"--gpus: .*>= 1"),
+    cmd("plan-gpus-negative", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "-8",
+        match=r"--gpus: .*>= 1"),
+    cmd("plan-global-batch-negative", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "8",
+        "--global-batch", "-4", match=r"--global-batch: -4 must be >= 0"),
+    cmd("plan-top-0", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "8", "--top", "0",
+        match=r"--top: .*>= 1"),
+    cmd("plan-config-missing", "plan", "--config", "{w}/nope.toml", "--cluster", "h100-sxm", "--gpus", "8",
+        match=r"config file .*nope.toml.* not found"),
+    cmd("plan-bad-override", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "8", "--parallel.tpp", "2",
+        match=r"unknown key parallel.tpp"),
+    cmd("plan-predict-layout", "plan", "predict", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "12",
+        "--parallel.tp", "8", match=r"not divisible by parallel.tp"),
+    # ---- slurm
+    cmd("slurm-nodes-0", "slurm", "--config", "{tiny}", "--dry-run", "--nodes", "0", match=r"slurm.nodes: must be >= 1"),
+    cmd("slurm-time", "slurm", "--config", "{tiny}", "--dry-run", "--time", "soon", match=r"slurm.time: 'soon'"),
+    cmd("slurm-profile-missing", "slurm", "--config", "{tiny}", "--dry-run", "--profile", "nowhere",
+        match=r"slurm profile 'nowhere' not found"),
+    cmd("slurm-template-missing", "slurm", "--config", "{tiny}", "--dry-run", "--template", "{w}/no-template.sh",
+        match=r"--template .*no-template.sh: cannot read it \(No such file"),
+    cmd("slurm-signal-negative", "slurm", "--config", "{tiny}", "--dry-run", "--signal-seconds", "-5",
+        match=r"slurm.signal_seconds"),
+    cmd("slurm-array-bad", "slurm", "--config", "{tiny}", "--dry-run", "--array", "zero-seven",
+        match=r"--array: 'zero-seven'"),
+    cmd("slurm-script-out-dir-missing", "slurm", "--config", "{tiny}", "--dry-run", "--script-out", "{w}/no/dir/job.sh",
+        match=r"--script-out .*no/dir/job.sh"),
+    cmd("slurm-layout", "slurm", "--config", "{tiny}", "--dry-run", "--nodes", "3", "--parallel.dp_replicate", "2",
+        match=r"parallel.*3 processes"),
+    cmd("slurm-bad-mode", "slurm", "--config", "{tiny}", "--dry-run", "--mode", "mpi", match=r"--mode.*'mpi'"),
+    cmd("slurm-stray-option", "slurm", "--config", "{tiny}", "--dry-run", "-x", match=r"unknown option '-x'"),
+    # ---- sweep
+    cmd("sweep-spec-missing", "sweep", "plan", "{w}/nope-sweep.toml", match=r"nope-sweep.toml does not exist"),
+    cmd("sweep-spec-not-toml", "sweep", "plan", "{bad_toml}", match=r"bad.toml.* not valid TOML"),
+    cmd("sweep-spec-bad-value", "sweep", "plan", "{sweep_bad_budget}", match=r"budgets must be a non-empty list of positive"),
+    cmd("sweep-no-subcommand", "sweep", match=r"(command|plan|run)"),
+    cmd("sweep-jobs-0", "sweep", "run", "{sweep_spec}", "--jobs", "0", match=r"--jobs: .*>= 1"),
+    cmd("sweep-fit-csv-missing", "sweep", "fit", "--csv", "{w}/nope.csv", match=r"points file .*nope.csv cannot be read \(No such file"),
+    cmd("sweep-fit-csv-not-numbers", "sweep", "fit", "--csv", "{bad_csv}", "--out", "{w}/fit-{id}.json",
+        match=r"bad.csv: line 3, column 'loss': 'lots' is not a number"),
+    cmd("sweep-fit-nothing", "sweep", "fit", match=r"give a sweep spec or --csv"),
+    cmd("sweep-fit-bootstrap-negative", "sweep", "fit", "--csv", "{good_csv}", "--bootstrap", "-1",
+        "--out", "{w}/fit-{id}.json", match=r"--bootstrap: .*>= 0"),
+    cmd("sweep-plot-nothing", "sweep", "plot", match=r"plot: give a sweep spec, or --csv FILE and --fit FILE"),
+    cmd("sweep-exec-before-plan", "sweep", "exec", "{sweep_spec}", "--run-id", "nope",
+        match=r"sweep exec: .*plan.json not found: run `sweep plan` or `sweep run`"),
+    # ---- the top level
+    cmd("unknown-command", "trian", match=r"unknown command 'trian'"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+def _copy(src: Path, dst: Path) -> None:
+    shutil.rmtree(dst, ignore_errors=True)    # fixtures are rebuilt in place when WORKDIR is reused
+    shutil.copytree(src, dst)
+
+
+def _tar_members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(path) as t:
+        return [(m, t.extractfile(m).read()) for m in t.getmembers() if m.isfile()]
+
+
+def _damage_first_shard(src: Path, dst: Path, change) -> None:
+    """Copy a prepared shard folder, replacing each tokens.npy of its first shard by change(bytes):
+    the damage a flipped disk block or a bad copy does, with the manifest's counts left as they were
+    (every document of the shard, so the first step reads one whatever the shuffle)."""
+    _copy(src, dst)
+    shard = dst / "shard-000000.tar"
+    members = _tar_members(shard)
+    with tarfile.open(shard, "w") as t:
+        for m, data in members:
+            if m.name.endswith(".tokens.npy"):
+                data = change(data)
+            m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+
+
+def build_fixtures(w: Path) -> dict:
+    """The files the rows name, under `w`; returns the {placeholder: path} map."""
+    from data.prepare import write_shards
+    w.mkdir(parents=True, exist_ok=True)
+    p = {"w": str(w), "tiny": str(REPO / "configs" / "tiny.toml")}
+    docs = [f"doc {i}: " + "def f(x):\n    return x * %d\n" % i * 8 for i in range(60)]
+    corpus = w / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    p["corpus"] = str(corpus)
+    shards = w / "shards"
+    shutil.rmtree(shards, ignore_errors=True)
+    write_shards((d.encode() for d in docs), str(shards), shard_mb=0.01)   # several shards
+    p["shards"] = str(shards)
+    assert len(list(shards.glob("*.tar"))) >= 3
+    (w / "a_file").write_text("not a folder\n")
+    p["a_file"] = str(w / "a_file")
+    (w / "empty").mkdir(exist_ok=True)
+    p["empty_dir"] = str(w / "empty")
+    (w / "empty.list").write_text("# no shards yet\n")
+    p["empty_list"] = str(w / "empty.list")
+    (w / "bad.toml").write_text("[run\ndir = 'x'\n")
+    p["bad_toml"] = str(w / "bad.toml")
+    miss = w / "missing-shard"
+    _copy(shards, miss)
+    (miss / "shard-000001.tar").unlink()
+    p["missing_shard_dir"] = str(miss)
+    garbled = w / "garbled-manifest"
+    _copy(shards, garbled)
+    (garbled / "manifest.json").write_text('{"format": "meshformer-shards/1", "shards": [')
+    p["garbled_manifest_dir"] = str(garbled)
+    bare = w / "bare"
+    bare.mkdir(exist_ok=True)
+    shutil.copy(shards / "shard-000000.tar", bare / "shard-000000.tar")   # token shards, no manifest, no txt
+    p["tar_no_manifest"] = str(bare / "shard-000000.tar")
+
+    def oov(data: bytes) -> bytes:
+        ids = np.load(io.BytesIO(data))
+        ids = ids.copy()
+        ids[3] = 6000           # far beyond the byte tokenizer's 257 ids
+        f = io.BytesIO()
+        np.save(f, ids)
+        return f.getvalue()
+    _damage_first_shard(shards, w / "oov", oov)
+    p["oov_dir"] = str(w / "oov")
+    _damage_first_shard(shards, w / "bad-npy", lambda data: b"\x00" * len(data))
+    p["bad_npy_dir"] = str(w / "bad-npy")
+    (w / "empty_corpus").mkdir(exist_ok=True)
+    (w / "empty_corpus" / "a.txt").write_text("")
+    (w / "empty_corpus" / "b.jsonl").write_text("\n\n")
+    p["empty_corpus"] = str(w / "empty_corpus")
+    (w / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    p["bad_jsonl"] = str(w / "bad.jsonl")
+    (w / "bad.csv").write_text("N,D,loss\n1e6,2e7,3.1\n2e6,4e7,lots\n")
+    p["bad_csv"] = str(w / "bad.csv")
+    (w / "good.csv").write_text("N,D,loss\n" + "".join(f"{n},{d},{2 + 1e3 / n + 1e4 / d}\n"
+                                                       for n in (1e6, 2e6, 4e6) for d in (1e7, 2e7, 4e7)))
+    p["good_csv"] = str(w / "good.csv")
+    spec = (REPO / "configs" / "sweeps" / "tiny.toml").read_text()
+    spec = spec.replace('out_dir = "runs/sweeps/tiny"', f'out_dir = "{w / "sweep"}"')
+    spec = spec.replace('base_config = "configs/tiny.toml"', f'base_config = "{REPO / "configs" / "tiny.toml"}"')
+    (w / "sweep.toml").write_text(spec)
+    p["sweep_spec"] = str(w / "sweep.toml")
+    (w / "sweep-bad.toml").write_text(spec.replace("budgets = [6e9, 1.2e10, 2.4e10]", "budgets = [6e9, -1]"))
+    p["sweep_bad_budget"] = str(w / "sweep-bad.toml")
+    (w / "empty-run" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    p["empty_run"] = str(w / "empty-run")
+    p["run"] = str(w / "trained")
+    if not (w / "trained" / "summary.json").exists():
+        _train_one_step(p)
+    return p
+
+
+def _train_one_step(p: dict) -> None:
+    """A one-step checkpoint of the SMALL model for the generate and export rows."""
+    from core.run_config import load_config
+    from trainer.train import train
+    args = [a.format(**p, id="fixture") for a in ("--run.dir", "{run}", "--data.urls", "{shards}", *SMALL)]
+    train(load_config(p["tiny"], args))
