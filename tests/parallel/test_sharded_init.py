@@ -27,7 +27,7 @@ TWO_RANKS = {
     "pp2": "--parallel.pp 2",
     "ddp2": "--parallel.dp_replicate 2 --parallel.dp_shard 1",
     "pp2_interleaved_uneven": "--parallel.pp 2 --parallel.pp_schedule interleaved_1f1b --parallel.pp_virtual_stages 2 "
-                              "--parallel.pp_layers 1,2,1,0",
+                              "--model.n_layers 5 --parallel.pp_layers 1,2,1,1",   # every stage >= 1 layer
     "tp2_tied_alibi_gelu_ln": "--parallel.tp 2 --model.tie_embeddings true --model.position alibi "
                               "--model.activation gelu --model.norm layernorm --model.bias true",
     "fsdp2_tied_learned": "--parallel.dp_shard 2 --model.tie_embeddings true --model.position learned",
