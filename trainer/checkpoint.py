@@ -19,15 +19,15 @@ from typing import Callable
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from trainer import checkpoint_files as files
-from trainer.checkpoint_async import AsyncCheckpointWriter
-from trainer.hf_llama import WeightsReader, find_weights_files
-from trainer.checkpoint_files import COMPLETE, complete_checkpoints, step_dir_name  # noqa: F401 (public API)
-from trainer.checkpoint_state import (CheckpointError, CheckpointWriter, single_process_quiet, ModelParts, as_list, check_against_metadata, dcp_load,
-                                      model_config_diff, read_metadata, rng_state, set_rng_state)
 from core.errors import ConfigError
 from launch.preemption import EXIT_PREEMPTED, Preemption
 from parallel.sharded_init import fill_local_shards
+from trainer import checkpoint_files as files
+from trainer.checkpoint_async import AsyncCheckpointWriter
+from trainer.checkpoint_files import COMPLETE, complete_checkpoints, step_dir_name  # noqa: F401 (public API)
+from trainer.checkpoint_state import (CheckpointError, CheckpointWriter, single_process_quiet, ModelParts, as_list, check_against_metadata, dcp_load,
+                                      model_config_diff, read_metadata, rng_state, set_rng_state)
+from trainer.hf_llama import WeightsReader, find_weights_files
 from trainer.run_lock import LOCK_NAME
 
 PREEMPTED_MARKER = "PREEMPTED"

@@ -129,8 +129,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     ckpt.restore()
     if ctx.distributed:   # every rank has looked at the run folder before rank 0 writes into it
         torch.distributed.barrier()
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:                      # the folder exists: hold_run_dir made it to lock it
         (run_dir / "config.toml").write_text(cfg.to_toml())
 
     log = MetricsLogger(run_dir, ctx.is_main, cfg.train.steps, state.step, cfg.metrics.progress, cfg.metrics.tensorboard)
