@@ -179,6 +179,9 @@ CASES = [
         match=r"--array: 'zero-seven'"),
     cmd("slurm-script-out-dir-missing", "slurm", "--config", "{tiny}", "--dry-run", "--script-out", "{w}/no/dir/job.sh",
         match=r"--script-out .*no/dir/job.sh"),
+    # not a dry run: the run folder (where the job log goes) is made before sbatch is called
+    cmd("slurm-run-dir-unwritable", "slurm", "--config", "{tiny}", "--run.dir", "{tiny}/run",
+        match=r"run.dir: cannot create .*tiny.toml/run for the job log"),
     cmd("slurm-layout", "slurm", "--config", "{tiny}", "--dry-run", "--nodes", "3", "--parallel.dp_replicate", "2",
         match=r"parallel.*3 processes"),
     cmd("slurm-bad-mode", "slurm", "--config", "{tiny}", "--dry-run", "--mode", "mpi", match=r"--mode.*'mpi'"),
