@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--signal-seconds", type=int, help="SIGUSR1 this long before the time limit (checkpoint + requeue)")
     g.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--job-name")
-    g.add_argument("--output", help="job log path (%%j = job id)")
+    g.add_argument("--output", help="job log path (%%j = job id; default: <run.dir>/slurm-%%j.out, "
+                                    "the run folder, made at submit time)")
     g.add_argument("--python", help="Python on the nodes (default: python)")
     g.add_argument("--module", help="module each task runs (default: trainer)")
     p.add_argument("--array", default="", help="job array indices, e.g. 0-7 or 0-15%%4; '{array_task}' in an "
