@@ -31,7 +31,7 @@ DEFAULT_BATCH_TOKENS = 4 * 1024 ** 2
 DEFAULT_MAX_MEMORY_FRACTION = 0.9
 
 LEGEND = """\
-layout notation (one row = the overrides printed for the winner):
+layout notation (the winner is spelled out as config overrides below):
   tp8+sp       tensor parallel over 8 GPUs (+sp: sequence parallel on norms and residuals)
   pp4x2        4 pipeline stages, 2 model chunks (virtual stages) per GPU for the interleaved schedule
   dp2x32       data parallel: 2 replicas (DDP; HSDP with FSDP inside) x 32 FSDP shards
@@ -129,8 +129,9 @@ def global_batch(args, seq_len: int) -> tuple[int, str]:
     if args.global_batch_tokens < seq_len:
         raise UsageError(f"--global-batch-tokens: {args.global_batch_tokens} is less than one sequence "
                          f"(train.seq_len = {seq_len})")
-    how = "default" if args.global_batch_tokens == DEFAULT_BATCH_TOKENS else "--global-batch-tokens"
-    return args.global_batch_tokens // seq_len, f"{how} {args.global_batch_tokens:,} tokens"
+    if args.global_batch_tokens == DEFAULT_BATCH_TOKENS:
+        return DEFAULT_BATCH_TOKENS // seq_len, "the default 4M tokens; --global-batch-tokens or --global-batch to change"
+    return args.global_batch_tokens // seq_len, f"--global-batch-tokens {args.global_batch_tokens:,}"
 
 
 def _own_layout(run, gpus: int, batch: int):
@@ -159,7 +160,7 @@ def _plan(args, run, cluster) -> int:
     print(f"model: {m.num_params() / 1e9:.3g}B params ({m.n_layers} layers, dim {m.dim}), seq {run.seq_len}, "
           f"{run.dtype}; {args.gpus} x {cluster.name} ({cluster.gpu_memory_gib:g} GiB each)")
     print(f"global batch: {batch} sequences x {run.seq_len} = {batch * run.seq_len:,} tokens per optimizer step "
-          f"({how}; the same for every GPU count)")
+          f"({how}; the same whatever --gpus)")
     tight = sum(result.tight(p) for p in result.ranked)
     print(f"layouts tried {result.tried}, fit {len(result.ranked)} ({tight} of them above "
           f"{args.max_memory_fraction:.0%} of GPU memory, ranked last); rejected: "
