@@ -27,12 +27,13 @@ from parallel.planner.memory import MemoryBreakdown, memory_per_gpu
 from parallel.planner.run_config import config_layout, run_settings
 from parallel.planner.search import search
 
-# On CPU (glibc malloc, no caching allocator) the measured peak RSS growth of a training step was
-# 1.4-2.3x the planner's activations + logits + transients over nine shapes (2-8 layers, fp32 and
-# bf16 autocast, with and without checkpointing): the backward holds one layer's activation
-# gradients beside what is saved, and freed blocks are not all reused. So the margin adds those
-# terms once more, plus a fixed reserve for the first step's one-off buffers (autograd threads,
-# loader, evaluation batch). tests/planner/test_memory_check.py measures it again.
+# On CPU (glibc malloc, no caching allocator) the measured peak RSS growth of a training step, less
+# the model state, was 1.1-2.3x the planner's activations + logits + transients over nine shapes
+# (0.9M-50M parameters, 2-8 layers, fp32 and bf16 autocast, with and without checkpointing; the
+# ratio falls with depth: 1.4 at 8 layers): the backward holds activation gradients beside what is
+# saved, and freed blocks are not all reused. So the margin adds those terms once more (covers 2x),
+# plus a fixed reserve for the first step's one-off buffers (autograd threads, loader, evaluation
+# batch; covers the 2.3x case). tests/planner/test_memory_check.py measures it again.
 CPU_ACTIVATION_SLACK = 1.0
 CPU_FRAGMENTATION = 0.0
 CPU_RESERVED_GIB = 0.25
@@ -130,7 +131,8 @@ def _describe(best, world: int, scale: int, batch: int, shorter: bool) -> str:
 
 def local_profile(device: torch.device, avail: Available, cpu_peak_tflops: float) -> ClusterProfile:
     """The planner's view of this machine, with the memory each process has now. On a GPU the
-    named profile (its efficiencies rank the suggestions); on CPU a flat one (memory is what counts)."""
+    profile of its name (H100's for a GPU without one: only the ranking of suggestions uses its
+    speeds); on CPU a flat one (memory is what counts)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         profile = load_cluster(next((p for key, p in GPU_PROFILES if key in name), "h100-sxm"))
