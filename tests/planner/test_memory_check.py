@@ -101,3 +101,15 @@ def test_cpu_estimate_brackets_measured_peak_rss(tmp_path):
         print(f"{r['shape']}: terms {used / 2**20:.0f} MiB <= measured {r['grew'] / 2**20:.0f} MiB <= "
               f"estimate {r['total'] / 2**20:.0f} MiB")
         assert used <= r["grew"] <= r["total"], r
+
+
+def test_gpu_profile_takes_the_free_memory_and_the_named_speeds(monkeypatch):
+    """No GPU here: the name lookup is what can go wrong. An H200 gets h200's speeds with the free
+    memory read at start-up; an unknown GPU gets H100's speeds; the reserve is the 1 GiB of
+    buffers allocated after the check (the CUDA context is already out of the free figure)."""
+    avail = memory_check.Available(100 * GIB, "", 8)
+    for name, profile in (("NVIDIA H200", "h200"), ("NVIDIA L40S", "h100-sxm")):
+        monkeypatch.setattr(memory_check.torch.cuda, "get_device_name", lambda device, name=name: name)
+        p = memory_check.local_profile(memory_check.torch.device("cuda", 0), avail, 1.0)
+        assert p.name == profile and p.memory_bytes == 100 * GIB and p.gpus_per_node == 8
+        assert p.reserved_gib == memory_check.GPU_RESERVED_GIB and p.activation_slack == 0
