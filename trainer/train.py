@@ -24,6 +24,7 @@ from parallel.mesh import build_mesh
 from parallel.sharded_init import ParamInit
 from trainer.checkpoint import CheckpointManager
 from trainer.divergence import Divergence, DivergenceGuard
+from trainer.memory_check import check_memory
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib, strict
 from trainer.model import Transformer
 from trainer.model_plan import parallel_plan
@@ -108,6 +109,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     run_dir = Path(cfg.run.dir)
     dims = build_mesh(cfg.parallel, ctx)
     validate_layout(cfg.parallel, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
+    check_memory(cfg, ctx)              # before anything large is allocated: refuse a run that cannot fit
     if loader_factory is None:          # a custom loader brings its own token ids
         check_vocab(cfg)
 
