@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from core.cli_args import ArgParser, at_least, split_overrides
-from core.errors import UsageError
+from core.errors import ConfigError, UsageError
 from core.run_config import keys_help, load_config
 from trainer.checkpoint import load_model_weights
 from trainer.model import KVCache, Transformer
-from trainer.run_folder import describe, load_run_config, pick_checkpoint, run_tokenizer
+from trainer.run_folder import TOKENIZER_FILE, describe, load_run_config, pick_checkpoint, run_tokenizer
 
 
 def check_request(prompt_len: int, max_new_tokens: int, temperature: float, top_k: int, limit: int) -> None:
@@ -91,6 +91,10 @@ def main(argv: list[str]) -> int:
     cfg = load_run_config(args.run_dir, overrides) if args.run_dir else load_config(args.config, overrides)
     ckpt = pick_checkpoint(Path(cfg.run.dir), args.checkpoint)
     tok = run_tokenizer(cfg)
+    if tok.spec == "pretokenized":      # ids only: their tokenizer is not on this machine (a run from before copies)
+        raise ConfigError(f"data.tokenizer: 'pretokenized' shards of tokenizer {tok.ident}, which is neither in "
+                          f"{Path(cfg.run.dir) / TOKENIZER_FILE} nor where the shards' manifest.json says; give "
+                          "--data.tokenizer hf:/path/tokenizer.json (the one `meshformer prepare` used)")
     ids = tok.encode(args.prompt)
     check_request(len(ids), args.tokens, args.temperature, args.top_k, cfg.model.max_seq_len)
     model = Transformer(cfg.model)

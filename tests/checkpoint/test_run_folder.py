@@ -104,7 +104,7 @@ def test_generate_and_export_from_the_run_folder_agree_with_transformers(moved_r
     assert len(set(want[prompt.shape[1]:])) > 1          # not one token repeated: the weights say something
 
 
-def test_generate_picks_a_checkpoint_and_a_config_still_works(moved_run, capsys):
+def test_generate_picks_a_checkpoint_and_a_config_still_works(moved_run, tmp_path, capsys):
     run, spec = moved_run
     assert main(["generate", str(run), "--checkpoint", "step-100", "--tokens", "4", "--temperature", "0",
                  "--prompt", "x"]) == 0
@@ -117,6 +117,22 @@ def test_generate_picks_a_checkpoint_and_a_config_still_works(moved_run, capsys)
         args += ["--data.tokenizer", f"hf:{run / TOKENIZER_FILE}"]
     assert main(args) == 0
     assert capsys.readouterr().out == by_step.out
+    if spec == "pretokenized":
+        a_run_without_its_tokenizer_is_named_not_crashed(run, tmp_path, capsys)
+
+
+def a_run_without_its_tokenizer_is_named_not_crashed(run, tmp_path, capsys):
+    """A pre-tokenized run from before the copy, whose tokenizer file is gone: generate says what
+    to give, export writes the weights and says it wrote no tokenizer."""
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare)
+    (bare / TOKENIZER_FILE).unlink()
+    assert main(["generate", str(bare)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data.tokenizer hf:/path/tokenizer.json" in err and str(bare) in err
+    assert main(["export", str(bare), str(tmp_path / "out")]) == 0
+    assert "no tokenizer files" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
 
 
 def test_generate_help_describes_every_option_with_its_default():
