@@ -151,7 +151,7 @@ CASES = [
         match=r"--checkpoint step-99: no complete checkpoint .*step-00000099; this run has: step-00000001"),
     cmd("generate-checkpoint-not-one", "generate", "{run}", "--checkpoint", "{empty_dir}",
         match=r"--checkpoint .*empty.* is not a complete checkpoint folder"),
-    gen("generate-other-model", "--model.dim", "64", match=r"(model|shape|dim)"),
+    gen("generate-other-model", "--model.dim", "64", "--tokens", "5", match=r"(model|shape|dim)"),
     # ---- export
     cmd("export-missing-source", "export", "{w}/nothing", "--out", "{w}/x/{id}", match=r"nothing.* does not exist"),
     cmd("export-no-checkpoint", "export", "{empty_run}", "--out", "{w}/x/{id}", match=r"no complete checkpoint"),
