@@ -14,6 +14,7 @@ it. Shards saved under any layout are gathered by DCP into one process here.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -121,7 +122,10 @@ def main(argv: list[str], debug: bool = False) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    p = ArgParser(prog="meshformer export", description=__doc__.split("\n\n")[0],
+    p = ArgParser(prog="meshformer export", formatter_class=argparse.RawDescriptionHelpFormatter,
+                  usage="meshformer export RUN_DIR OUT [--checkpoint step-N|PATH] [--dtype DTYPE] [--force]\n"
+                        "       meshformer export --config FILE OUT [--section.key value ...]",
+                  description="\n\n".join(__doc__.split("\n\n")[:2]),
                   epilog="Any --section.key value pair overrides the run's config (e.g. --data.tokenizer).")
     p.add_argument("paths", nargs="*", metavar="RUN_DIR OUT",
                    help="a run folder (or one of its checkpoint folders) and the output folder; "

@@ -64,7 +64,11 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
 
 def parser() -> ArgParser:
     p = ArgParser(prog="meshformer generate", formatter_class=argparse.RawDescriptionHelpFormatter,
-                  description="Sample text from a run's checkpoint (the newest complete one unless --checkpoint says).",
+                  usage="meshformer generate RUN_DIR [--prompt TEXT] [--checkpoint step-N|PATH] [--tokens N] "
+                        "[--temperature T] [--top-k K]\n"
+                        "       meshformer generate --config FILE [options] [--section.key value ...]",
+                  description="Sample text from a run's checkpoint (the newest complete one unless --checkpoint\n"
+                              "says); the checkpoint used is printed on stderr.\n\n" + __doc__.split("\n\n")[1],
                   epilog="Any --section.key value pair overrides the run's config, e.g. --run.seed 1.\n\n" + keys_help())
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR",
                    help="a run folder: its config.toml, tokenizer and checkpoints are used (default: run.dir of --config)")
