@@ -51,6 +51,7 @@ def test_ib_profile_and_torchrun_mode(capsys):
     assert ('python -u -m torch.distributed.run --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d '
             '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT" "--rdzv-id=$SLURM_JOB_ID" -m trainer') in s
     assert 'kill -s TERM "$step_pid"' in s     # torchrun passes TERM on to its workers
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in s     # ... and waits signal_seconds (the profile's), not 30 s
 
 
 @pytest.mark.parametrize("args, match", [
