@@ -140,7 +140,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     ckpt.restore()
     if ctx.distributed:   # every rank has looked at the run folder before rank 0 writes into it
         torch.distributed.barrier()
-    if state.step >= cfg.train.steps and state.step > 0:      # a finished run, started again
+    if state.step >= cfg.train.steps and complete_checkpoints(ckpt.root):   # a finished run, started again
         return _already_complete(cfg, ctx, ckpt, state)
     if ctx.is_main:                      # the folder exists: hold_run_dir made it to lock it
         (run_dir / "config.toml").write_text(cfg.to_toml())

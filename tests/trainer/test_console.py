@@ -36,7 +36,7 @@ def usr1_restored():
     signal.signal(signal.SIGUSR1, old)
 
 
-def test_ctrl_c_saves_and_resume_continues_with_human_lines(tmp_path, capsys):
+def test_ctrl_c_saves_and_resume_continues_with_human_lines(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     args = ["train", *TINY, "--run.dir", str(run), "--train.eval_every", "0"]
     # A real process with its output piped, as under Slurm or `| tee`: long enough (2000 steps)
@@ -67,9 +67,15 @@ def test_ctrl_c_saves_and_resume_continues_with_human_lines(tmp_path, capsys):
                         r"command again to resume", closing), closing
     assert (ckpt / "COMPLETE").exists()
 
-    # Resume (in this process: stdout captured, not a terminal) and finish 2 steps later.
-    assert main([*args, "--train.steps", str(stopped + 2)]) == 0
+    # Resume (in this process: stdout captured, not a terminal) and finish 2 steps later, with an
+    # offline W&B run on (the trainer's wiring of trackers; their own test is test_trackers.py).
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert main([*args, "--train.steps", str(stopped + 2), "--metrics.wandb", "true"]) == 0
     out = capsys.readouterr().out
+    from tests.trainer.wandb_reader import wandb_records
+    logged = [{i.key or ".".join(i.nested_key): i.value_json for i in r.history.item} for r in wandb_records(run)
+              if r.WhichOneof("record_type") == "history"]
+    assert [int(h["_step"]) for h in logged if "loss" in h] == [stopped + 1, stopped + 2]
     assert f"resumed from {ckpt} at step {stopped}" in out
     lines = out.strip().splitlines()
     assert [int(m.group(1)) for m in map(STEP_LINE.fullmatch, lines) if m] == [stopped + 1, stopped + 2]
