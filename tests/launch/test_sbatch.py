@@ -135,8 +135,8 @@ def test_array_slot_expands_per_task():
 
 
 FAKE_SRUN = """#!/bin/bash
-echo "srun $*" >> "$LOG"
 trap 'echo "step got USR1" >> "$LOG"; exit ${STEP_EXIT_ON_SIGNAL:-42}' USR1
+echo "srun $*" >> "$LOG"
 for _ in $(seq 600); do sleep 0.1; done
 """
 FAKE_SCONTROL = """#!/bin/bash
