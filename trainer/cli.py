@@ -50,11 +50,13 @@ def generate_main(argv: list[str], debug: bool = False) -> int:
     from trainer.checkpoint import complete_checkpoints, load_model_weights
     from trainer.generate import check_request, generate
     from trainer.model import Transformer
+    from trainer.vocab import resolve_vocab
     cfg = load_config(args.config, overrides)
     ckpts = complete_checkpoints(Path(cfg.run.dir) / "checkpoints")
     if not ckpts:
         raise ConfigError(f"run.dir: no complete checkpoint under {cfg.run.dir}/checkpoints; train first")
     tok = data_pkg.build_tokenizer(cfg.data)
+    resolve_vocab(cfg.model, tok, cfg.data.tokenizer)      # model.vocab_size 0 (auto): as training resolved it
     ids = tok.encode(args.prompt)
     check_request(len(ids), args.tokens, args.temperature, args.top_k, cfg.model.max_seq_len)
     model = Transformer(cfg.model)
