@@ -13,6 +13,8 @@ def resolve_vocab(model: ModelConfig, tokenizer, tokenizer_name: str) -> str:
     """Set model.vocab_size when it is 0 (auto), check it holds every id; returns the phrase the
     startup line gives for where the value came from."""
     ids = tokenizer.vocab_size
+    if tokenizer_name == "pretokenized" and tokenizer.spec != "pretokenized":
+        tokenizer_name = f"pretokenized with {tokenizer.spec}"     # the shards' manifest names it
     if not model.vocab_size:
         model.vocab_size = padded_vocab(ids)
     elif ids > model.vocab_size:
@@ -20,5 +22,5 @@ def resolve_vocab(model: ModelConfig, tokenizer, tokenizer_name: str) -> str:
                           f"({ids} for data.tokenizer={tokenizer_name!r}); use at least {ids}, or 0 to follow "
                           "the tokenizer")
     if model.vocab_size == padded_vocab(ids):   # auto, or set to what auto gives: the same words hold
-        return f"data.tokenizer {tokenizer_name!r}'s {ids} ids rounded up to a multiple of {VOCAB_MULTIPLE}"
+        return f"the {ids} ids of data.tokenizer {tokenizer_name!r} rounded up to a multiple of {VOCAB_MULTIPLE}"
     return f"model.vocab_size; data.tokenizer {tokenizer_name!r} has {ids} ids"
