@@ -13,7 +13,6 @@ import gzip
 import io
 import json
 import os
-import shutil
 import sys
 from collections import deque
 from multiprocessing import get_all_start_methods, get_context
@@ -120,7 +119,8 @@ class ShardWriter:
 
 def is_val_doc(index: int, val_fraction: float) -> bool:
     """Document `index` (input order, from 0) goes to the validation split: every round(1/f)-th,
-    starting with the first, so a corpus of two or more documents always holds one out."""
+    starting with the first, so a corpus of two or more documents always holds one out (a corpus of
+    one keeps it for training: write_shards)."""
     return val_fraction > 0 and index % max(1, round(1 / val_fraction)) == 0
 
 
@@ -145,13 +145,22 @@ def write_shards(docs, out_dir: str, *, tokenizer: str = "bytes", eot_token: str
         tokenized = _tokenize_in_pool(pool, _chunks(docs), ahead=4 * workers)
     else:
         tokenized = ((c, [tok.encode_bytes(d) for d in c]) for c in _chunks(docs))
+    pending = None     # the first document (validation's) waits for a second: a corpus of one trains on it
     try:
         for chunk, ids_list in tokenized:
             for text, ids in zip(chunk, ids_list):
-                (val if is_val_doc(index, val_fraction) else train).add(text, ids)
+                if index == 0 and is_val_doc(0, val_fraction):
+                    pending = (text, ids)
+                else:
+                    if pending is not None:
+                        val.add(*pending)
+                        pending = None
+                    (val if is_val_doc(index, val_fraction) else train).add(text, ids)
                 index += 1
                 if progress is not None:
                     progress.update(len(text))
+        if pending is not None:
+            train.add(*pending)
     finally:
         train.close()
         val.close()
@@ -160,10 +169,6 @@ def write_shards(docs, out_dir: str, *, tokenizer: str = "bytes", eot_token: str
     if index == 0:      # no shard was opened: out_dir holds nothing of ours
         raise DataError(f"{source}: no documents (empty files, blank lines, or JSON objects without the "
                         "--text-key field); nothing written")
-    if train.docs == 0:
-        shutil.rmtree(val.out_dir, ignore_errors=True)
-        raise DataError(f"{source}: only {index} document: too few to hold one out for validation; "
-                        "give --val-fraction 0 (or more documents)")
     manifest = train.write_manifest(tok)
     if val.docs:
         manifest["val"] = val.write_manifest(tok)
@@ -338,10 +343,12 @@ def _main(argv: list[str] | None) -> int:
           f"to {args.out}")
     val = manifest.get("val")
     if val:
-        print(f"held out {val['docs']} documents, {val['tokens']} tokens for validation in "
+        docs = f"{val['docs']} document" + ("s" if val["docs"] > 1 else "")
+        print(f"held out {docs}, {val['tokens']} tokens for validation in "
               f"{os.path.join(args.out, VAL_DIR)} (--val-fraction {args.val_fraction}; training finds it there)")
     else:
-        print("no validation split (--val-fraction 0): give the run data.val_urls, or it trains without evaluation")
+        why = "--val-fraction 0" if args.val_fraction == 0 else "one document is too few to hold one out"
+        print(f"no validation split ({why}): give the run data.val_urls, or it trains without evaluation")
     missing = stats.get("missing", 0) + stats.get("missing_field", 0)
     if missing:
         print(f"skipped {missing} JSON lines / Parquet rows without a string field {args.text_key!r}", file=sys.stderr)
