@@ -265,6 +265,10 @@ def build_sources(entries: list[str], weights: list[float], cfg, split: str, tok
             raise DataError(f"data.urls: {group} names no shards (an empty shard-list file?)")
         sources.append(Source(index_shards(urls, cfg, tokenizer), float(w), " ".join(group)))
     if sum(s.tokens for s in sources if s.weight > 0) == 0:
+        if all(x.get("format", "tar") != "tar" for src in sources for x in src.shards):
+            raise DataError(f"data.urls: {entries} hold no documents: no JSON line or Parquet row has a string "
+                            f"field {cfg.text_key!r} (and the text files are empty); set data.text_key to the "
+                            "field holding the text")
         raise DataError(f"data.urls: {entries} hold no documents with field {cfg.text_field!r} "
                         f"(or {cfg.token_field!r}; in JSON lines / Parquet {cfg.text_key!r}); check data.text_field "
                         "(tar samples) or data.text_key (JSON lines, Parquet)")
