@@ -113,7 +113,7 @@ CASES = [
     train("train-urls-unknown-file", "--data.urls", "{bad_csv}",
           match=r"cannot read .*bad.csv: unknown file type; accepted: .*\.jsonl.*\.parquet"),
     train("train-jsonl-no-text-field", "--data.urls", "{jsonl_no_text}",
-          match=r"no documents .*'text'.*data.text_key"),
+          match=r"no documents: no JSON line .*string field 'text'.*data.text_key"),
     train("train-jsonl-bad-line", "--data.urls", "{bad_jsonl}", match=r"bad.jsonl:2: not a JSON line"),
     train("train-pretokenized-no-manifest", "--data.urls", "{tar_no_manifest}", "--data.tokenizer", "pretokenized",
           match=r"data.tokenizer: 'pretokenized' needs a manifest.json"),

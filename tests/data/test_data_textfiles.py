@@ -122,7 +122,7 @@ def test_bad_raw_sources_are_named_in_one_line(tmp_path):
     (tmp_path / "table.csv").write_text("text\nhello\n")
     fails(tmp_path / "table.csv", r"cannot read .*table.csv: unknown file type; accepted: .*\.jsonl")
     (tmp_path / "nokey.jsonl").write_text('{"body": "hello"}\n')
-    fails(tmp_path / "nokey.jsonl", r"no documents .*'text'.*data.text_key")
+    fails(tmp_path / "nokey.jsonl", r"no documents: no JSON line or Parquet row has a string field 'text'.*text_key")
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\nnot json\n')
     fails(tmp_path / "broken.jsonl", r"broken.jsonl:2: not a JSON line")
     write_corpus(tmp_path / "pq", "parquet", ["a", "b"], files=1, key="content")
