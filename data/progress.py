@@ -38,9 +38,10 @@ class PlainProgress:
 
     def _line(self, now: float) -> None:
         self.last_line, self.shown = now, self.n
-        done = _amount(self.n, self.unit, self.scale)
-        where = (f"{100 * self.n / self.total:.0f}% ({done} of {_amount(self.total, self.unit, self.scale)})"
-                 if self.total else done)
+        done, total = _amount(self.n, self.unit, self.scale), _amount(self.total, self.unit, self.scale)
+        if not self.scale:      # "3 of 12 files"
+            done = done.split()[0]
+        where = f"{100 * self.n / self.total:.0f}% ({done} of {total})" if self.total else done
         print(f"{self.desc}: {where}, {now - self.start:.0f} s", file=self.file, flush=True)
 
     def close(self) -> None:
