@@ -156,7 +156,8 @@ def test_builtin_corpus_prepared_once_split_by_path_hash(tmp_path):
 def test_prepare_reads_json_arrays_and_rejects_bad_input(tmp_path, capsys):
     docs = text_docs(5, seed=2)
     (tmp_path / "a.json").write_text(json.dumps([{"text": d} for d in docs] + [{"title": "no text"}]))
-    assert prepare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "o"), "--workers", "1", "--val-fraction", "0"]) == 0
+    assert prepare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "o"), "--workers", "1",
+                         "--val-fraction", "0"]) == 0
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["docs"] == 5
     assert prepare_main([str(tmp_path / "missing*.jsonl"), "--out", str(tmp_path / "o2")]) == 2
     assert "matches no files" in capsys.readouterr().err

@@ -129,7 +129,10 @@ def test_bad_raw_sources_are_named_in_one_line(tmp_path):
     fails(tmp_path / "pq", r"part0.parquet: Parquet file has no column 'text' \(it has \['id', 'content'\]\)")
     (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
     fails(tmp_path / "fake.parquet", r"cannot read .*fake.parquet as Parquet")
-    (tmp_path / "cut.jsonl.zst").write_bytes(__import__("zstandard").ZstdCompressor().compress(b'{"text": "x"}\n' * 50)[:-9])
+    import zstandard
+
+    whole = zstandard.ZstdCompressor().compress(b'{"text": "x"}\n' * 50)
+    (tmp_path / "cut.jsonl.zst").write_bytes(whole[:-9])        # a download cut inside the frame
     fails(tmp_path / "cut.jsonl.zst", r"corrupt or truncated data file .*cut.jsonl.zst", on_corrupt="error")
     write_corpus(tmp_path / "raw", "jsonl", ["a", "b"], files=1)
     fails(tmp_path / "raw", r"'pretokenized' reads shards written by `meshformer prepare`, but .*part0.jsonl is raw",
