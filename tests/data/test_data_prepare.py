@@ -50,7 +50,10 @@ def test_prepare_writes_shards_and_manifest_the_loader_reads(tmp_path, capsys):
     docs = write_inputs(tmp_path)
     out = tmp_path / "out"
     assert prepare_main([str(tmp_path / "in"), "--out", str(out), "--shard-size-mb", "0.004", "--workers", "1"]) == 0
-    assert "skipped 1 JSON lines" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "skipped 1 JSON lines" in err
+    # stderr is no terminal here: plain progress lines (quarters), no bar redrawn with carriage returns
+    assert "\r" not in err and "prepare: 100% (" in err and err.count("prepare: ") <= 5
     manifest = json.loads((out / "manifest.json").read_text())
     val = json.loads((out / "val" / "manifest.json").read_text())
     # the default --val-fraction 0.01 holds out every 100th document: of 40, the first
@@ -162,3 +165,25 @@ def test_prepare_reads_json_arrays_and_rejects_bad_input(tmp_path, capsys):
     assert prepare_main([str(tmp_path / "missing*.jsonl"), "--out", str(tmp_path / "o2")]) == 2
     assert "matches no files" in capsys.readouterr().err
     assert prepare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "o3"), "--tokenizer", "nope"]) == 2
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
+    import io
+
+    from tqdm import tqdm
+
+    from data.progress import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    bar = progress(10, "prepare", "B", file=Terminal())
+    assert isinstance(bar, tqdm)
+    bar.close()
+    log = io.StringIO()
+    with progress(8, "scan", "files", file=log) as p:
+        for _ in range(8):
+            p.update(1)
+    assert [line.split(",")[0] for line in log.getvalue().splitlines()] == [
+        "scan: 25% (2 of 8 files)", "scan: 50% (4 of 8 files)", "scan: 75% (6 of 8 files)", "scan: 100% (8 of 8 files)"]
