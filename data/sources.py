@@ -186,7 +186,7 @@ def index_shards(urls: list[str], cfg, tokenizer) -> list[dict]:
     manifests: dict = {}
     idents: dict = {}
     out: list[dict | None] = []
-    to_scan: list[tuple[int, str, str]] = []
+    to_scan: list[tuple[int, str, str, str, str]] = []   # (index, url, mode, field, format)
     for url in urls:
         fmt = file_format(url) or "tar"
         if fmt != "tar":       # raw text: tokenized while training, counted by one cached scan
