@@ -1,4 +1,5 @@
-"""Streamed data: webdataset shards -> tokens -> packed (inputs, labels) batches, exactly resumable.
+"""Streamed data: webdataset shards or raw text (.txt, JSON lines, Parquet) -> tokens -> packed
+(inputs, labels) batches, exactly resumable.
 
     tok = build_tokenizer(cfg)
     train = build_loader(cfg, split="train", seq_len=128, batch_size=16, dp_rank=r, dp_size=d, seed=0,

@@ -47,7 +47,8 @@ def test_prepared_split_is_evaluated_and_a_run_without_one_says_so(tmp_path, cap
                          "--workers", "1"]) == 0
     capsys.readouterr()
 
-    cfg = load_config("configs/tiny.toml", SMALL + ["--run.dir", str(tmp_path / "run"), "--data.urls",
+    small = SMALL + ["--data.cache_dir", str(tmp_path / "cache")]    # the scan index: not in the user's cache
+    cfg = load_config("configs/tiny.toml", small + ["--run.dir", str(tmp_path / "run"), "--data.urls",
                                                     str(tmp_path / "shards"), "--data.tokenizer", "pretokenized"])
     summary = train(cfg)
     err = capsys.readouterr().err
@@ -59,7 +60,7 @@ def test_prepared_split_is_evaluated_and_a_run_without_one_says_so(tmp_path, cap
     assert load_config(tmp_path / "run" / "config.toml").model.vocab_size == 320   # the run folder holds the number
 
     # raw JSON lines, tokenized while training: no split beside them, and the run says so once
-    cfg = load_config("configs/tiny.toml", SMALL + ["--run.dir", str(tmp_path / "raw"), "--data.urls", str(corpus),
+    cfg = load_config("configs/tiny.toml", small + ["--run.dir", str(tmp_path / "raw"), "--data.urls", str(corpus),
                                                     "--data.tokenizer", f"hf:{tj}"])
     summary = train(cfg)
     assert capsys.readouterr().err.count("no validation data") == 1
