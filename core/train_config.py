@@ -40,6 +40,11 @@ class TrainConfig:
         "the newest checkpoint, skip the data read since, and stop after train.max_rollbacks", "stop")
     max_skips: int = option("on_nonfinite = skip: steps in a row whose update may be dropped; one more stops the run", 5)
     max_rollbacks: int = option("on_nonfinite = rollback: rollbacks in one run; one more divergence stops it", 3)
+    memory_check: Literal["error", "warn", "off"] = option(
+        "before allocating the model, estimate each process's memory for this layout (the planner's model: "
+        "parameters, gradients, optimizer, activations, logits, transients, margin) against the free GPU memory or "
+        "the node's available RAM per process: error = refuse a run that cannot fit, naming a layout that would; "
+        "warn = say so and start anyway; off = no check", "error")
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "max_skips", "max_rollbacks"):

@@ -67,9 +67,14 @@ while :; do
 done
 echo "meshformer: training step ended with exit code $rc"
 
-# Requeue when the step stopped after our signal, or a trainer reports it saved on a signal
+@@{requeue_lines}
+exit "$rc"
+"""
+
+
+REQUEUE_LINES = r"""# Requeue when the step stopped after our signal, or a trainer reports it saved on a signal
 # (exit code @@{exit_preempted}, launch/preemption.py) that reached it some other way.
-if [ "@@{requeue}" = yes ] && { { [ "$signalled" = 1 ] && [ "$rc" -ne 0 ]; } || [ "$rc" = @@{exit_preempted} ]; }; then
+if { [ "$signalled" = 1 ] && [ "$rc" -ne 0 ]; } || [ "$rc" = @@{exit_preempted} ]; then
   if [ "$restarts" -lt @@{max_requeues} ]; then
     echo "meshformer: requeueing job $SLURM_JOB_ID to resume from the newest checkpoint" >&2
     scontrol requeue "$SLURM_JOB_ID" && exit 0
@@ -77,9 +82,9 @@ if [ "@@{requeue}" = yes ] && { { [ "$signalled" = 1 ] && [ "$rc" -ne 0 ]; } || 
   else
     echo "meshformer: not requeueing: $restarts restarts reached slurm.max_requeues" >&2
   fi
-fi
-exit "$rc"
-"""
+fi"""
+NO_REQUEUE_LINES = """# No requeue (slurm.requeue = false): a run stopped by the signal keeps its checkpoint;
+# submit it again to resume."""
 
 
 def _q(arg: str) -> str:
@@ -88,10 +93,25 @@ def _q(arg: str) -> str:
     return '"${SLURM_ARRAY_TASK_ID:-0}"'.join(shlex.quote(p) if p else "" for p in parts) or "''"
 
 
-def sbatch_lines(p: SlurmProfile, *, job_name: str, chdir: str, array: str = "") -> list[str]:
+def log_dir_pattern(run_dir: str) -> str:
+    """A run folder as a Slurm filename pattern: '%' escaped, the array slot as %a (each array
+    task's log goes to its own run folder)."""
+    return run_dir.replace("%", "%%").replace(ARRAY_SLOT, "%a")
+
+
+def output_path(p: SlurmProfile, log_dir: str = "", array: str = "") -> str:
+    """The job log: the profile's `output`, else <log_dir>/slurm-%j.out (the run folder), else
+    slurm-%j.out in the submit folder; in an array, %j becomes %A_%a (one log per task)."""
+    if p.output:
+        return p.output.replace("%j", "%A_%a") if array and "%a" not in p.output else p.output
+    name = "slurm-%A_%a.out" if array else "slurm-%j.out"
+    return f"{log_dir.rstrip('/')}/{name}" if log_dir else name
+
+
+def sbatch_lines(p: SlurmProfile, *, job_name: str, chdir: str, array: str = "", log_dir: str = "") -> list[str]:
     lines = [f"--job-name={job_name}", f"--nodes={p.nodes}", f"--ntasks-per-node={p.tasks_per_node}",
              f"--cpus-per-task={p.cpus_per_task}", f"--time={p.time}", f"--chdir={chdir}",
-             f"--output={p.output.replace('%j', '%A_%a') if array and '%a' not in p.output else p.output}",
+             f"--output={output_path(p, log_dir, array)}",
              "--open-mode=append"]                     # a requeued job appends to the same log
     if p.gpus_per_node:
         lines.append(f"--gpus-per-node={p.gpus_per_node}")
@@ -125,16 +145,21 @@ def launch_lines(p: SlurmProfile, trainer_args: list[str]) -> str:
 
 
 def render(p: SlurmProfile, trainer_args: list[str], *, job_name: str, chdir: str, array: str = "",
-           template: str = TEMPLATE) -> str:
+           template: str = TEMPLATE, log_dir: str = "") -> str:
+    """log_dir: where the job log goes when the profile sets no `output` (a Slurm filename
+    pattern: see log_dir_pattern); Slurm does not create it, the submitter must."""
     env = {"OMP_NUM_THREADS": str(p.cpus_per_task), **{k: str(v) for k, v in p.env.items()}}
     if p.gpus_per_node:
         env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")   # a failed NCCL op raises instead of hanging
     return _Template(template).substitute(
         rendered_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        sbatch_lines="\n".join(sbatch_lines(p, job_name=job_name, chdir=chdir, array=array)),
+        sbatch_lines="\n".join(sbatch_lines(p, job_name=job_name, chdir=chdir, array=array, log_dir=log_dir)),
         setup_lines="\n".join(p.setup) or "# (no setup lines)",
         env_lines="\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
         master_port=str(p.master_port) if p.master_port else "$((20000 + SLURM_JOB_ID % 10000))",
         forward_signal="TERM" if p.mode == "torchrun" else "USR1",
+        # requeue, exit_preempted, max_requeues: slots of templates written for older versions
+        requeue_lines=_Template(REQUEUE_LINES if p.requeue else NO_REQUEUE_LINES).substitute(
+            exit_preempted=str(EXIT_PREEMPTED), max_requeues=str(p.max_requeues)),
         requeue="yes" if p.requeue else "no", exit_preempted=str(EXIT_PREEMPTED), max_requeues=str(p.max_requeues),
         launch_lines=launch_lines(p, trainer_args))

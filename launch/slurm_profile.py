@@ -32,7 +32,8 @@ class SlurmProfile:
     qos: str = option("quality of service (empty = default)", "")
     time: str = option("time limit: MM, HH:MM:SS or D-HH:MM:SS", "01:00:00")
     job_name: str = option("job name (empty = meshformer-<run folder name>)", "")
-    output: str = option("job log file (%j = job id; %A_%a in arrays)", "slurm-%j.out")
+    output: str = option("job log file (%j = job id; %A_%a in arrays); empty = <run.dir>/slurm-%j.out, "
+                         "the run folder (made at submit time)", "")
     mode: Literal["tasks", "torchrun"] = option(
         "'tasks': srun starts one trainer per GPU (SLURM_* variables); 'torchrun': srun starts one torchrun "
         "per node (c10d rendezvous on the first node)", "tasks")
@@ -50,8 +51,8 @@ class SlurmProfile:
                               factory=list)
     srun_args: list[str] = option("more srun options", factory=list)
     sbatch_args: list[str] = option("more #SBATCH options, e.g. ['--exclusive', '--constraint=h100']", factory=list)
-    env: dict[str, str] = option("environment of the job: NCCL_IB_HCA, NCCL_SOCKET_IFNAME, NCCL_IB_GID_INDEX, "
-                             "TORCH_NCCL_ASYNC_ERROR_HANDLING, ...", factory=dict)
+    env: dict[str, str] = option("environment of the job: NCCL_IB_HCA, NCCL_SOCKET_IFNAME, NCCL_IB_GID_INDEX "
+                             "(RoCE only), TORCH_NCCL_ASYNC_ERROR_HANDLING, ...", factory=dict)
 
     def validate(self) -> None:
         for name in ("nodes", "tasks_per_node", "cpus_per_task"):

@@ -21,7 +21,7 @@ from core.cli_args import ArgParser
 from core.errors import ConfigError, UsageError, report_errors
 from core.layout import resolve_sizes
 from core.run_config import keys_help, load_config
-from launch.sbatch import TEMPLATE, render
+from launch.sbatch import ARRAY_SLOT, TEMPLATE, log_dir_pattern, render
 from launch.slurm_profile import load_profile
 
 
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--signal-seconds", type=int, help="SIGUSR1 this long before the time limit (checkpoint + requeue)")
     g.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--job-name")
-    g.add_argument("--output", help="job log path (%%j = job id)")
+    g.add_argument("--output", help="job log path (%%j = job id; default: <run.dir>/slurm-%%j.out, "
+                                    "the run folder, made at submit time)")
     g.add_argument("--python", help="Python on the nodes (default: python)")
     g.add_argument("--module", help="module each task runs (default: trainer)")
     p.add_argument("--array", default="", help="job array indices, e.g. 0-7 or 0-15%%4; '{array_task}' in an "
@@ -85,6 +86,29 @@ def check_run_config(config: str | None, overrides: list[str], world: int, mode:
 ARRAY_SPEC = re.compile(r"\d+(-\d+(:\d+)?)?(,\d+(-\d+(:\d+)?)?)*(%\d+)?")
 
 
+def array_indices(spec: str) -> list[int]:
+    """The task indices of a Slurm --array spec (ARRAY_SPEC-checked): '0-6:2,9%2' -> [0, 2, 4, 6, 9]."""
+    out: list[int] = []
+    for part in spec.split("%")[0].split(","):
+        rng, _, step = part.partition(":")
+        lo, _, hi = rng.partition("-")
+        out += range(int(lo), int(hi or lo) + 1, int(step or 1))
+    return out
+
+
+def make_log_dirs(run_dir: str, array: str) -> None:
+    """Slurm opens the job log before the job starts and does not create folders: make the run
+    folder (one per array task when run.dir holds the task slot) now, at submit time."""
+    dirs = ([run_dir.replace(ARRAY_SLOT, str(i)) for i in array_indices(array)]
+            if array and ARRAY_SLOT in run_dir else [run_dir.replace(ARRAY_SLOT, "0")])
+    for d in dirs:
+        try:
+            Path(d).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"run.dir: cannot create {d} for the job log ({e.strerror}); pick a writable "
+                              "run.dir, or set --output to a log file elsewhere") from None
+
+
 def _read_template(path: str) -> str:
     try:
         return Path(path).read_text()
@@ -107,8 +131,9 @@ def main(argv: list[str] | None = None, debug: bool = False) -> int:
     cfg = check_run_config(args.config, overrides, profile.world_size, profile.mode)
     trainer_args = (["--config", os.path.abspath(args.config)] if args.config else []) + list(overrides)
     template = _read_template(args.template) if args.template else TEMPLATE
+    run_dir = os.path.abspath(cfg.run.dir)        # the job's log goes there unless --output says otherwise
     script = render(profile, trainer_args, job_name=profile.job_name or f"meshformer-{Path(cfg.run.dir).name}",
-                    chdir=os.getcwd(), array=args.array, template=template)
+                    chdir=os.getcwd(), array=args.array, template=template, log_dir=log_dir_pattern(run_dir))
     if args.script_out:
         try:
             Path(args.script_out).write_text(script)
@@ -118,6 +143,8 @@ def main(argv: list[str] | None = None, debug: bool = False) -> int:
     if args.dry_run:
         sys.stdout.write(script)
         return 0
+    if not profile.output:
+        make_log_dirs(run_dir, args.array)
     if not shutil.which("sbatch"):
         raise ConfigError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run to print the script")
     cmd = ["sbatch", *(["--wait"] if args.wait else [])]

@@ -41,15 +41,16 @@ def select_points(rows: list[dict], kind: str = "auto", loss: str = "val",
 
 
 def fit_all(points: list[dict], *, bootstrap: int = 0, top_k: int | None = 64,
-            budgets: list[float] | None = None) -> dict:
+            budgets: list[float] | None = None, progress=None) -> dict:
     """Every law the points allow: Chinchilla (>= 5 points), IsoFLOP (points carry a budget and
-    each budget has >= 3 sizes), Kaplan L(N), L(D), L(C). Skipped fits say why."""
+    each budget has >= 3 sizes), Kaplan L(N), L(D), L(C). Skipped fits say why. progress: see
+    parametric.fit_chinchilla."""
     n = np.array([p["N"] for p in points], float)
     d = np.array([p["D"] for p in points], float)
     loss = np.array([p["loss"] for p in points], float)
     out: dict = {"n_points": len(points)}
     try:
-        fit = fit_chinchilla(n, d, loss, bootstrap=bootstrap, top_k=top_k)
+        fit = fit_chinchilla(n, d, loss, bootstrap=bootstrap, top_k=top_k, progress=progress)
         out["chinchilla"] = fit.to_dict()
         cs = budgets or sorted({p["budget"] for p in points if p.get("budget")}) or \
             list(np.logspace(np.log10(6 * n.min() * d.min()), np.log10(6 * n.max() * d.max()), 5))

@@ -11,6 +11,7 @@ from core.cli_args import ArgParser, at_least
 from core.errors import MeshformerError, UsageError, report_errors
 
 from .analysis import cooldown_comparison, fit_all, select_points
+from .fit_progress import FitProgress
 from .plan import accounting, plan_sweep
 from .runner import effective_status, execute_run, load_plan, run_local, select_runs, write_plan
 from .slurm_arrays import ArrayLauncher, read_run_list, submit_arrays
@@ -180,7 +181,7 @@ def cmd_fit(a) -> int:
         out = Path(a.out or spec.out_dir / "fit.json")
     else:
         raise UsageError("fit: give a sweep spec or --csv FILE")
-    fits = fit_all(points, bootstrap=a.bootstrap, top_k=top_k)
+    fits = fit_all(points, bootstrap=a.bootstrap, top_k=top_k, progress=FitProgress())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(fits, indent=2))
     c = fits.get("chinchilla")
@@ -224,13 +225,16 @@ def cmd_plot(a) -> int:
     return 0
 
 
+SPEC_HELP = "the sweep spec: a TOML file with [sweep], [family], [design], ... (e.g. configs/sweeps/tiny.toml; see scaling/README.md)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(prog="meshformer sweep", description="Scaling-law sweeps: plan, run, collect, fit, plot.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("plan", help="print every run (N, D, C) without running")
-    s.add_argument("spec"); s.add_argument("--json", action="store_true")
+    s.add_argument("spec", help=SPEC_HELP); s.add_argument("--json", action="store_true", help="the runs as JSON")
     s = sub.add_parser("run", help="run what is left locally, or submit Slurm job arrays")
-    s.add_argument("spec")
+    s.add_argument("spec", help=SPEC_HELP)
     s.add_argument("--jobs", "-k", type=int, default=1, help="runs at a time (Slurm: the %%k array throttle)")
     s.add_argument("--slurm", action="store_true", help="submit as Slurm job arrays instead of running here")
     s.add_argument("--wait", action="store_true", help="with --slurm: block until the arrays end")
@@ -239,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sbatch-arg", action="append", help="extra #SBATCH line, e.g. --sbatch-arg=--partition=cpu")
     s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     s = sub.add_parser("status", help="done / running / failed counts; failed runs with their error")
-    s.add_argument("spec"); s.add_argument("--verbose", "-v", action="store_true")
+    s.add_argument("spec", help=SPEC_HELP)
+    s.add_argument("--verbose", "-v", action="store_true", help="every run, not only failed / running ones")
     s = sub.add_parser("exec", help="run ONE planned run (what each local worker / array task does)")
-    s.add_argument("spec"); s.add_argument("--run-id")
+    s.add_argument("spec", help=SPEC_HELP); s.add_argument("--run-id", help="the planned run to run (see `sweep plan`)")
     s.add_argument("--run-list", help="a stage's run ids, one a line (an array task: with --run-index)")
     s.add_argument("--run-index", type=int, help="which line of --run-list (the array task's index)")
     s.add_argument("--run.overwrite", dest="overwrite", choices=["true", "false"],
@@ -250,19 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
                       ("fit", "fit the laws to a sweep, or to any CSV with --csv"),
                       ("plot", "PNG plots from points.csv and fit.json")):
         s = sub.add_parser(name, help=hlp)
-        s.add_argument("spec", nargs="?")
+        s.add_argument("spec", nargs="?", help=SPEC_HELP + ("" if name == "collect" else
+                                                           "; or leave it out and give --csv"))
         s.add_argument("--kind", default="auto", choices=["auto", "branch", "scratch"],
                        help="which runs are points (auto: branches if the sweep has them)")
-        s.add_argument("--loss", default="val", choices=["val", "train"])
+        s.add_argument("--loss", default="val", choices=["val", "train"],
+                       help="final validation loss (the train loss for runs without one), or final train loss")
         if name in ("fit", "plot"):
             s.add_argument("--csv", help="points from this CSV instead of a sweep")
-            s.add_argument("--n-col", default="N"); s.add_argument("--d-col", default="D")
-            s.add_argument("--loss-col", default="loss")
+            s.add_argument("--n-col", default="N", help="--csv column of parameters N")
+            s.add_argument("--d-col", default="D", help="--csv column of tokens D")
+            s.add_argument("--loss-col", default="loss", help="--csv column of the loss")
             s.add_argument("--budget-col", default=None if name == "fit" else "budget",
                            help="compute budget column: adds the IsoFLOP analysis")
         if name == "fit":
             s.add_argument("--out", help="fit JSON (default: the sweep folder's fit.json)")
-            s.add_argument("--bootstrap", type=int, default=0, help="resamples for confidence intervals")
+            s.add_argument("--bootstrap", type=int, default=0, help="resamples for 95%% intervals (each a refit: "
+                           "about 0.2-0.5 s on a few hundred points; progress goes to stderr)")
             s.add_argument("--top-k", type=int, default=64, help="L-BFGS from the best K grid starts")
             s.add_argument("--all-starts", action="store_true", help="L-BFGS from all 4500 starts (slow)")
         if name == "plot":

@@ -36,6 +36,8 @@ class PowerLaw:
 class IsoFlopFit:
     minima: list = field(default_factory=list)
     skipped: list = field(default_factory=list)     # budgets without a usable parabola, and why
+    # the same budgets as {"budget": C, "reason": short why}: the plots list them on the figure
+    dropped: list = field(default_factory=list)
     n_opt: PowerLaw | None = None
     d_opt: PowerLaw | None = None
 
@@ -55,15 +57,25 @@ def fit_power_law(x, y) -> PowerLaw:
     return PowerLaw(coef=math.exp(intercept), exponent=float(slope), r2=r2)
 
 
+class BudgetDropped(ValueError):
+    """A budget whose points give no minimum; .reason is the short why (for a figure's note)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def fit_budget(budget, n, loss, flops_per_param_token: float = 6.0) -> BudgetMinimum:
     n, loss = np.asarray(n, float), np.asarray(loss, float)
     if len(np.unique(n)) < 3:
-        raise ValueError(f"budget {budget:.3g}: a parabola needs >= 3 distinct N, got {len(np.unique(n))}")
+        raise BudgetDropped(f"budget {budget:.3g}: a parabola needs >= 3 distinct N, got {len(np.unique(n))}",
+                            f"{len(np.unique(n))} model size(s); a parabola needs 3")
     x = np.log(n)
     c2, c1, c0 = np.polyfit(x, loss, 2)
     if c2 <= 0:
-        raise ValueError(f"budget {budget:.3g}: loss vs log N is not convex (curvature {c2:.3g}); "
-                         "widen the range of model sizes around the optimum")
+        raise BudgetDropped(f"budget {budget:.3g}: loss vs log N is not convex (curvature {c2:.3g}); "
+                            "widen the range of model sizes around the optimum",
+                            "loss vs log N not convex: no minimum")
     x_opt = -c1 / (2 * c2)
     n_opt = math.exp(x_opt)
     return BudgetMinimum(budget=float(budget), n_opt=n_opt,
@@ -83,8 +95,9 @@ def fit_isoflop(budget, n, loss, flops_per_param_token: float = 6.0) -> IsoFlopF
         pts = np.array(groups[c])
         try:
             out.minima.append(fit_budget(c, pts[:, 0], pts[:, 1], flops_per_param_token))
-        except ValueError as e:
+        except BudgetDropped as e:
             out.skipped.append(str(e))
+            out.dropped.append({"budget": c, "reason": e.reason})
     # a minimum outside the sampled sizes is an extrapolation of the parabola: not used for the laws
     inside = [m for m in out.minima if m.interior]
     if len(inside) >= 2:

@@ -144,18 +144,21 @@ def _lbfgs(theta0, args, maxiter):
 
 def fit_chinchilla(n, d, loss, *, delta: float = 1e-3, grid: dict | None = None,
                    top_k: int | None = 64, maxiter: int = 1000, bootstrap: int = 0,
-                   confidence: float = 0.95, seed: int = 0) -> ChinchillaFit:
+                   confidence: float = 0.95, seed: int = 0, progress=None) -> ChinchillaFit:
     """Fit E, A, B, alpha, beta. Every grid point is scored; L-BFGS then runs from the top_k best
     (default 64). top_k=None runs it from every grid point, as Hoffmann et al. do: on the 245
     Chinchilla points all 4500 starts reached the same optimum as the best 20 (122 s vs 0.5 s
-    here), so the default trades nothing measurable for speed. bootstrap=R adds percentile intervals from R resamples of the points."""
+    here), so the default trades nothing measurable for speed. bootstrap=R adds percentile intervals from R resamples of the points.
+    progress(stage, done, total), if given, is called with done = 0 before and after each L-BFGS start
+    ("starts") and each bootstrap resample ("bootstrap"): those loops are what takes minutes."""
     n, d, loss = _check_points(n, d, loss)
     # L-BFGS works on 5-vectors, where multi-threaded BLAS only spins: one thread is 7x faster here
     with threadpool_limits(1) if threadpool_limits else nullcontext():
-        return _fit(n, d, loss, delta, grid, top_k, maxiter, bootstrap, confidence, seed)
+        return _fit(n, d, loss, delta, grid, top_k, maxiter, bootstrap, confidence, seed,
+                    progress or (lambda stage, done, total: None))
 
 
-def _fit(n, d, loss, delta, grid, top_k, maxiter, bootstrap, confidence, seed) -> ChinchillaFit:
+def _fit(n, d, loss, delta, grid, top_k, maxiter, bootstrap, confidence, seed, progress) -> ChinchillaFit:
     args = (np.log(n), np.log(d), np.log(loss), delta)
     thetas = make_grid(grid)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -163,24 +166,27 @@ def _fit(n, d, loss, delta, grid, top_k, maxiter, bootstrap, confidence, seed) -
     order = np.argsort(scores)
     starts = thetas[order if top_k is None else order[:top_k]]
     best_x, best_f = None, np.inf
-    for t0 in starts:
+    progress("starts", 0, len(starts))
+    for i, t0 in enumerate(starts):
         x, f = _lbfgs(t0, args, maxiter)
         if f < best_f:
             best_x, best_f = x, f
+        progress("starts", i + 1, len(starts))
     fit = _theta_to_fit(best_x, best_f, len(n), len(starts))
     if bootstrap:
         fit.intervals = _bootstrap(n, d, loss, best_x, thetas, delta, maxiter, bootstrap,
-                                   confidence, seed)
+                                   confidence, seed, progress)
         fit.n_bootstrap = bootstrap
     return fit
 
 
-def _bootstrap(n, d, loss, theta_hat, thetas, delta, maxiter, reps, confidence, seed):
+def _bootstrap(n, d, loss, theta_hat, thetas, delta, maxiter, reps, confidence, seed, progress):
     """Percentile intervals: refit on resampled points, starting L-BFGS from the full-data optimum
     and the resample's 4 best grid points (a full grid per resample would multiply the cost)."""
     rng = np.random.default_rng(seed)
     samples = []
-    for _ in range(reps):
+    progress("bootstrap", 0, reps)
+    for rep in range(reps):
         idx = rng.integers(0, len(n), len(n))
         args = (np.log(n[idx]), np.log(d[idx]), np.log(loss[idx]), delta)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -193,6 +199,7 @@ def _bootstrap(n, d, loss, theta_hat, thetas, delta, maxiter, reps, confidence, 
         a, b, e, alpha, beta = best_x
         with np.errstate(over="ignore"):       # a degenerate resample may run off to A = inf
             samples.append([np.exp(e), np.exp(a), np.exp(b), alpha, beta])
+        progress("bootstrap", rep + 1, reps)
     s = np.array(samples)
     lo, hi = 50 * (1 - confidence), 50 * (1 + confidence)      # inf samples sort last: fine for percentiles
     return {name: [float(np.percentile(s[:, i], lo)), float(np.percentile(s[:, i], hi))]

@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
 
 from core.cli_args import ArgParser
-from core.errors import ConfigError, report_errors
+from core.errors import report_errors
 from core.run_config import keys_help, load_config
 
 # Each command imports what it runs when it runs (plain imports, no cycle to dodge): `meshformer
@@ -37,35 +36,8 @@ def train_main(argv: list[str], debug: bool = False) -> int:
 
 
 def generate_main(argv: list[str], debug: bool = False) -> int:
-    p = _split_config_args("meshformer generate", argv, "Sample from the latest checkpoint of run.dir.")
-    p.add_argument("--prompt", default="def ", help="text to continue (not empty)")
-    p.add_argument("--tokens", type=int, default=200, help="new tokens to sample (>= 1; prompt + tokens <= "
-                   "model.max_seq_len)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens (0 = all)")
-    args, overrides = p.parse_known_args(argv)
-    import torch
-
-    import data as data_pkg
-    from trainer.checkpoint import complete_checkpoints, load_model_weights
-    from trainer.generate import check_request, generate
-    from trainer.model import Transformer
-    from trainer.vocab import resolve_vocab
-    cfg = load_config(args.config, overrides)
-    ckpts = complete_checkpoints(Path(cfg.run.dir) / "checkpoints")
-    if not ckpts:
-        raise ConfigError(f"run.dir: no complete checkpoint under {cfg.run.dir}/checkpoints; train first")
-    tok = data_pkg.build_tokenizer(cfg.data)
-    resolve_vocab(cfg.model, tok, cfg.data.tokenizer)      # model.vocab_size 0 (auto): as training resolved it
-    ids = tok.encode(args.prompt)
-    check_request(len(ids), args.tokens, args.temperature, args.top_k, cfg.model.max_seq_len)
-    model = Transformer(cfg.model)
-    load_model_weights(model, ckpts[-1])
-    prompt = torch.tensor([ids])
-    out = generate(model, prompt, args.tokens, args.temperature, args.top_k,
-                   torch.Generator().manual_seed(cfg.run.seed), eot_id=tok.eot_id)
-    print(tok.decode(out[0].tolist()))
-    return 0
+    from trainer.generate import main
+    return main(argv)
 
 
 def prepare_main(argv: list[str], debug: bool = False) -> int:
@@ -106,11 +78,11 @@ def slurm_main(argv: list[str], debug: bool = False) -> int:
 # subcommand -> (main(argv) -> int, one-line help); each package owns its command's main
 SUBCOMMANDS = {
     "train": (train_main, "train a model: --config FILE [--section.key value ...]"),
-    "generate": (generate_main, "sample text from a run's latest checkpoint"),
+    "generate": (generate_main, "sample text from a run: RUN_DIR [--prompt TEXT] [--checkpoint step-N]"),
     "prepare": (prepare_main, "tokenize text corpora into webdataset shards"),
     "plan": (plan_main, "predict memory and speed of parallel layouts on a cluster"),
     "sweep": (sweep_main, "scaling-law sweeps: plan, run, collect, fit, plot"),
-    "export": (export_main, "write a checkpoint as Hugging Face safetensors"),
+    "export": (export_main, "a run as a Hugging Face model folder (weights + tokenizer): RUN_DIR OUT"),
     "slurm": (slurm_main, "render or submit an sbatch script for a run"),
     "doctor": (doctor_main, "check torch, devices, NCCL/IB variables, disk and a shared run.dir before a job"),
 }

@@ -24,10 +24,12 @@ from parallel.mesh import build_mesh
 from parallel.sharded_init import ParamInit
 from trainer.checkpoint import CheckpointManager
 from trainer.divergence import Divergence, DivergenceGuard
+from trainer.memory_check import check_memory
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib, strict
 from trainer.model import Transformer
 from trainer.model_plan import parallel_plan
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.run_folder import carry_tokenizer, read_tokenizer_file
 from trainer.run_lock import hold_run_dir
 from trainer.vocab import resolve_vocab
 
@@ -105,6 +107,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     if loader_factory is None or not cfg.model.vocab_size:   # a custom loader brings its own token ids
         vocab_from = resolve_vocab(cfg.model, data_pkg.build_tokenizer(cfg.data), cfg.data.tokenizer)
     validate_layout(cfg.parallel, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
+    check_memory(cfg, ctx)              # before anything large is allocated: refuse a run that cannot fit
+    tokenizer_file = read_tokenizer_file(cfg) if loader_factory is None and ctx.is_main else None
 
     seed_everything(cfg.run.seed)
     par, whole = build_model(cfg, dims, ctx.device)
@@ -125,7 +129,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     if ctx.distributed:   # every rank has looked at the run folder before rank 0 writes into it
         torch.distributed.barrier()
     if ctx.is_main:                      # the folder exists: hold_run_dir made it to lock it
-        (run_dir / "config.toml").write_text(cfg.to_toml())
+        (run_dir / "config.toml").write_text(carry_tokenizer(cfg, run_dir, tokenizer_file).to_toml())
 
     log = MetricsLogger(run_dir, ctx.is_main, cfg.train.steps, state.step, cfg.metrics.progress, cfg.metrics.tensorboard)
     log.message(f"model: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings), "

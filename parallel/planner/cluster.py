@@ -38,6 +38,10 @@ class ClusterProfile:
     efficiency: Efficiency
     reserved_gib: float                 # memory the job can never use (context, workspaces)
     fragmentation: float                # allocator slack as a fraction of the predicted peak
+    # extra fraction of activations + logits + transients: the backward's working set (one layer's
+    # activation gradients) and allocator slack where `fragmentation` does not cover them. 0 for the
+    # GPU profiles (validated without it); the trainer's CPU check sets 1 (trainer/memory_check.py).
+    activation_slack: float = 0.0
 
     @property
     def memory_bytes(self) -> int:
@@ -102,7 +106,8 @@ def load_cluster(name_or_path: str) -> ClusterProfile:
             nvlink_latency_us=float(net.get("nvlink_latency_us", 3.0)),
             ib_latency_us=float(net.get("ib_latency_us", 6.0)),
             efficiency=efficiency,
-            reserved_gib=float(mem.get("reserved_gib", 2.0)), fragmentation=float(mem.get("fragmentation", 0.1)))
+            reserved_gib=float(mem.get("reserved_gib", 2.0)), fragmentation=float(mem.get("fragmentation", 0.1)),
+            activation_slack=float(mem.get("activation_slack", 0.0)))
     except KeyError as e:
         raise ValueError(f"{path}: [network] needs {e.args[0]} (GB/s per GPU per direction)") from None
     if profile.gpus_per_node < 1 or profile.gpu_memory_gib <= 0:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from core.model_config import ModelConfig
 
-from .cluster import ClusterProfile
+from .cluster import GIB, ClusterProfile
 from .layout import Layout, Stack
 from .shapes import local_numel, stage_layer_count, stage_param_groups
 
@@ -124,10 +124,18 @@ class MemoryBreakdown:
     def fits(self) -> bool:
         return self.total <= self.capacity
 
+    TERMS = ("params", "grads", "optimizer", "activations", "logits", "transient", "margin")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fits"] = self.fits
         return d
+
+    def describe(self) -> str:
+        """Every term, in GiB, and the total they add up to (rounding aside) against the capacity:
+        'params 1.9 + grads 1.9 + ... + margin 9.5 = 79.7 of 80 GiB'."""
+        terms = " + ".join(f"{t} {getattr(self, t) / GIB:.1f}" for t in self.TERMS)
+        return f"{terms} = {self.total / GIB:.1f} of {self.capacity / GIB:.1f} GiB"
 
 
 def stage_memory(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterProfile, stage: int) -> MemoryBreakdown:
@@ -159,7 +167,8 @@ def stage_memory(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: Cluste
     if stage == layout.pp - 1:
         logits = int(tokens * cfg.vocab_size / layout.tp * (2 * e + 8))
     used = state.total + int(acts) + transient + logits
-    margin = int(cluster.fragmentation * used + cluster.reserved_gib * 1024 ** 3)
+    margin = int(cluster.fragmentation * used + cluster.activation_slack * (acts + transient + logits)
+                 + cluster.reserved_gib * 1024 ** 3)
     return MemoryBreakdown(stage=stage, params=state.param_bytes, grads=state.grad_bytes,
                            optimizer=state.optimizer_bytes, activations=int(acts), transient=transient,
                            logits=logits, margin=margin, total=used + margin, capacity=cluster.memory_bytes)

@@ -45,6 +45,7 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return {"layout": self.layout.to_dict(), "gpus": self.layout.gpus, "global_batch": self.layout.global_batch,
+                "global_batch_tokens": self.layout.global_batch * self.layout.seq_len,
                 "fits": self.fits, "step_s": self.time.step, "tokens_per_s": self.tokens_per_s,
                 "model_tflops_per_gpu": self.model_tflops_per_gpu,
                 "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu, "mfu": self.mfu,

@@ -9,7 +9,7 @@ from core.errors import ConfigError
 from core.layout import microbatches, resolve_sizes
 from core.model_config import ModelConfig
 from core.parallel_config import ParallelConfig
-from core.run_config import load_config
+from core.run_config import Config, load_config
 
 from .layout import Layout
 
@@ -25,7 +25,11 @@ class RunSettings:
 
 
 def read_run_config(path: str, overrides: list[str] = ()) -> RunSettings:
-    cfg = load_config(path, list(overrides))
+    return run_settings(load_config(path, list(overrides)))
+
+
+def run_settings(cfg: Config) -> RunSettings:
+    """What the planner needs of an already loaded run config (the trainer's start-up check)."""
     if not cfg.model.vocab_size:     # auto, and the tokenizer's size is in a file only training reads
         raise ConfigError(f"model.vocab_size: 0 (auto) follows data.tokenizer={cfg.data.tokenizer!r} at training "
                           "time; the planner needs a number: --model.vocab_size N")

@@ -25,9 +25,19 @@ def divisors(n: int) -> list[int]:
 
 @dataclass
 class SearchResult:
-    ranked: list[Prediction]                      # fitting layouts, fastest first
+    ranked: list[Prediction]                      # fitting layouts, roomy ones first, each group fastest first
     rejected: Counter = field(default_factory=Counter)   # reason -> count
     tried: int = 0
+    headroom: float = 1.0                         # a layout above this fraction of GPU memory is "tight"
+
+    def tight(self, pred: Prediction) -> bool:
+        return is_tight(pred, self.headroom)
+
+
+def is_tight(pred: Prediction, headroom: float) -> bool:
+    """Predicted to fit, but above `headroom` x GPU memory: the estimate's error (activations and
+    transients are estimates; the allocator margin is one fixed fraction) could make it not fit."""
+    return pred.memory.total > headroom * pred.memory.capacity
 
 
 def _dp_splits(dp: int, tp: int, gpus_per_node: int) -> list[tuple[int, int]]:
@@ -71,13 +81,16 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int, seq_len: i
 
 
 def search(cfg: ModelConfig, cluster: ClusterProfile, gpus: int, global_batch: int, seq_len: int,
-           dtype: str = "bf16", stack: Stack | None = None, extra: list[Layout] = ()) -> SearchResult:
-    """All layouts (and `extra` ones, e.g. the config's own), fitting ones ranked by tokens/s."""
+           dtype: str = "bf16", stack: Stack | None = None, extra: list[Layout] = (),
+           headroom: float = 1.0) -> SearchResult:
+    """All layouts (and `extra` ones, e.g. the config's own), fitting ones ranked by tokens/s;
+    with headroom < 1 those predicted above that fraction of GPU memory rank after all the others
+    (`meshformer plan` uses 0.9; 1.0, the default here, ranks by speed alone)."""
     if gpus < 1 or global_batch < 1:
         raise ValueError(f"--gpus ({gpus}) and --global-batch ({global_batch}) must be positive")
     stack = stack or Stack()
     cluster.peak_flops(dtype)                 # a dtype this GPU lacks is the user's error, not the layouts'
-    result = SearchResult(ranked=[])
+    result = SearchResult(ranked=[], headroom=headroom)
     seen = set()
     for layout in [*extra, *candidate_layouts(cfg, gpus, global_batch, seq_len, dtype, cluster)]:
         if layout in seen:
@@ -93,7 +106,7 @@ def search(cfg: ModelConfig, cluster: ClusterProfile, gpus: int, global_batch: i
             result.rejected["does not fit in memory"] += 1
             continue
         result.ranked.append(predict(cfg, layout, cluster, stack))
-    result.ranked.sort(key=lambda p: -p.tokens_per_s)
+    result.ranked.sort(key=lambda p: (result.tight(p), -p.tokens_per_s))
     if not result.ranked:
         reasons = ", ".join(f"{n} {r}" for r, n in result.rejected.most_common())
         raise ValueError(f"no layout of this model fits {gpus} x {cluster.name} with global batch {global_batch} "
@@ -113,7 +126,4 @@ def explain(pred: Prediction) -> str:
     if t.dp_comm:
         parts.append(f"DP comm {t.dp_comm / s:.0%} ({t.dp_exposed / s:.0%} exposed)")
     parts.append(f"optimizer {t.optimizer / s:.0%}")
-    gib = 1024 ** 3
-    parts.append(f"memory {m.total / gib:.1f}/{m.capacity / gib:.0f} GiB (state {(m.params + m.grads + m.optimizer) / gib:.1f}, "
-                 f"activations {m.activations / gib:.1f})")
-    return "; ".join(parts)
+    return "; ".join(parts) + f"\n    memory (GiB per GPU, pipeline stage {m.stage}): {m.describe()}"

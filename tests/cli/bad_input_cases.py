@@ -87,6 +87,10 @@ CASES = [
     train("train-every-minutes-negative", "--checkpoint.every_minutes", "-1", match=r"checkpoint.every_minutes.*>= 0"),
     train("train-eot-token-bytes", "--data.eot_token", "</s>", match=r"data.eot_token: .*hf:"),
     train("train-device-cuda", "--train.device", "cuda", match=r"train.device: 'cuda' .*no CUDA device.*'cpu'"),
+    train("train-memory-check-choice", "--train.memory_check", "maybe",
+          match=r"train.memory_check: 'maybe' is not allowed; expected one of"),
+    train("train-does-not-fit", "--model.dim", "16384", "--model.n_heads", "16", "--model.n_kv_heads", "16",
+          "--model.n_layers", "64", match=r"train.memory_check: this run needs about .* GiB is available"),
     train("train-weights-count", "--data.weights", "[1.0, 2.0]", match=r"data.weights: 2 weights for 1 urls"),
     train("train-hf-tokenizer-missing", "--data.tokenizer", "hf:{w}/no/tokenizer.json",
           match=r"data.tokenizer: no tokenizer file at .*no/tokenizer.json"),
@@ -145,12 +149,27 @@ CASES = [
     gen("generate-temperature-negative", "--temperature", "-1", match=r"--temperature: .*>= 0"),
     gen("generate-top-k-negative", "--top-k", "-3", match=r"--top-k: .*>= 0"),
     gen("generate-tokens-not-int", "--tokens", "many", match=r"--tokens: invalid int value: 'many'"),
-    gen("generate-no-checkpoint", "--run.dir", "{empty_dir}", match=r"run.dir: no complete checkpoint"),
-    gen("generate-other-model", "--model.dim", "64", match=r"(model|shape|dim)"),
+    gen("generate-no-checkpoint", "--run.dir", "{empty_dir}", match=r"run folder .*empty.* no complete checkpoint"),
+    # generate RUN_DIR: the run folder is enough, and a folder that is not one is named
+    cmd("generate-not-a-run-folder", "generate", "{empty_dir}", match=r"empty.* is not a run folder \(no config.toml\)"),
+    cmd("generate-run-folder-missing", "generate", "{w}/nope-run", match=r"nope-run.* is not a folder; give a run folder"),
+    cmd("generate-run-folder-no-checkpoint", "generate", "{empty_run_with_config}",
+        match=r"run folder .*no complete checkpoint under checkpoints/; train it first"),
+    cmd("generate-run-and-config", "generate", "{run}", "--config", "{tiny}", match=r"run folder .* or --config .* not both"),
+    cmd("generate-no-such-step", "generate", "{run}", "--checkpoint", "step-99",
+        match=r"--checkpoint step-99: no complete checkpoint .*step-00000099; this run has: step-00000001"),
+    cmd("generate-checkpoint-not-one", "generate", "{run}", "--checkpoint", "{empty_dir}",
+        match=r"--checkpoint .*empty.* is not a complete checkpoint folder"),
+    gen("generate-other-model", "--model.dim", "64", "--tokens", "5", match=r"(model|shape|dim)"),
     # ---- export
     cmd("export-missing-source", "export", "{w}/nothing", "--out", "{w}/x/{id}", match=r"nothing.* does not exist"),
     cmd("export-no-checkpoint", "export", "{empty_run}", "--out", "{w}/x/{id}", match=r"no complete checkpoint"),
-    cmd("export-no-out", "export", "{run}", match=r"--out"),
+    cmd("export-no-out", "export", "{run}", match=r"give a run folder and the output folder.*--out"),
+    cmd("export-no-such-step", "export", "{run}", "{w}/x/{id}", "--checkpoint", "7",
+        match=r"--checkpoint 7: no complete checkpoint .*step-00000007; this run has: step-00000001"),
+    cmd("export-overrides-no-config", "export", "{empty_run}", "{w}/x/{id}", "--data.tokenizer", "bytes",
+        match=r"--data.tokenizer bytes: .*empty-run.* has no config.toml to override"),
+    cmd("export-three-paths", "export", "{run}", "{w}/x/{id}", "{w}/y", match=r"got 3 path\(s\)"),
     cmd("export-bad-dtype", "export", "{run}", "--out", "{w}/x/{id}", "--dtype", "int8", match=r"--dtype.*'int8'"),
     cmd("export-out-not-empty", "export", "{run}", "--out", "{shards}", match=r"--out .* not empty"),
     cmd("export-out-is-file", "export", "{run}", "--out", "{a_file}", match=r"--out .*a_file.* (is a file|not a folder)"),
@@ -165,6 +184,14 @@ CASES = [
         "--global-batch", "-4", match=r"--global-batch: -4 must be >= 0"),
     cmd("plan-top-0", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "8", "--top", "0",
         match=r"--top: .*>= 1"),
+    cmd("plan-memory-fraction-above-1", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "8",
+        "--max-memory-fraction", "1.5", match=r"--max-memory-fraction: 1.5 must be in \(0, 1\]"),
+    cmd("plan-memory-fraction-0", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "8",
+        "--max-memory-fraction", "0", match=r"--max-memory-fraction: 0.0 must be in \(0, 1\]"),
+    cmd("plan-batch-tokens-0", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "8",
+        "--global-batch-tokens", "0", match=r"--global-batch-tokens: 0 must be >= 1"),
+    cmd("plan-batch-tokens-below-seq", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "8",
+        "--global-batch-tokens", "100", match=r"--global-batch-tokens: 100 is less than one sequence"),
     cmd("plan-config-missing", "plan", "--config", "{w}/nope.toml", "--cluster", "h100-sxm", "--gpus", "8",
         match=r"config file .*nope.toml.* not found"),
     cmd("plan-bad-override", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "8", "--parallel.tpp", "2",
@@ -184,6 +211,9 @@ CASES = [
         match=r"--array: 'zero-seven'"),
     cmd("slurm-script-out-dir-missing", "slurm", "--config", "{tiny}", "--dry-run", "--script-out", "{w}/no/dir/job.sh",
         match=r"--script-out .*no/dir/job.sh"),
+    # not a dry run: the run folder (where the job log goes) is made before sbatch is called
+    cmd("slurm-run-dir-unwritable", "slurm", "--config", "{tiny}", "--run.dir", "{tiny}/run",
+        match=r"run.dir: cannot create .*tiny.toml/run for the job log"),
     cmd("slurm-layout", "slurm", "--config", "{tiny}", "--dry-run", "--nodes", "3", "--parallel.dp_replicate", "2",
         match=r"parallel.*3 processes"),
     cmd("slurm-bad-mode", "slurm", "--config", "{tiny}", "--dry-run", "--mode", "mpi", match=r"--mode.*'mpi'"),
@@ -302,6 +332,9 @@ def build_fixtures(w: Path) -> dict:
     p["sweep_bad_budget"] = str(w / "sweep-bad.toml")
     (w / "empty-run" / "checkpoints").mkdir(parents=True, exist_ok=True)
     p["empty_run"] = str(w / "empty-run")
+    (w / "empty-run-config" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "configs" / "tiny.toml", w / "empty-run-config" / "config.toml")
+    p["empty_run_with_config"] = str(w / "empty-run-config")
     p["run"] = str(w / "trained")
     if not (w / "trained" / "summary.json").exists():
         _train_one_step(p)

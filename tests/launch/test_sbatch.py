@@ -29,12 +29,43 @@ def test_dry_run_prints_the_job():
     s = done.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --time=00:10:00",
                  "#SBATCH --signal=B:USR1@60", "#SBATCH --requeue", "#SBATCH --open-mode=append",
-                 f"#SBATCH --chdir={REPO}", "#SBATCH --job-name=meshformer-tiny"):
+                 f"#SBATCH --chdir={REPO}", "#SBATCH --job-name=meshformer-tiny",
+                 f"#SBATCH --output={REPO}/runs/tiny/slurm-%j.out"):     # the log: in the run folder
         assert line in s
     assert "srun --kill-on-bad-exit=1 --nodes=2 --ntasks=4 --ntasks-per-node=2 --cpus-per-task=1" in s
     assert f"python -u -m trainer \\\n  --config {REPO}/configs/tiny.toml --train.steps 7 --optim.lr 1e-3" in s
-    assert "scontrol requeue" in s
+    assert "scontrol requeue" in s and '"yes"' not in s      # the requeue block is rendered, not a runtime test
     assert subprocess.run(["bash", "-n"], input=s, text=True).returncode == 0
+
+
+def test_requeue_off_renders_no_requeue_and_a_valid_script():
+    p = SlurmProfile(requeue=False, signal_seconds=60, time="10")
+    s = render(p, ["--config", "c.toml"], job_name="j", chdir="/tmp", log_dir="/runs/r")
+    assert "#SBATCH --no-requeue" in s and "scontrol requeue" not in s and "slurm.requeue = false" in s
+    assert "#SBATCH --output=/runs/r/slurm-%j.out" in s
+    assert subprocess.run(["bash", "-n"], input=s, text=True).returncode == 0
+    # a profile's own output wins over the run folder
+    assert "#SBATCH --output=/logs/%j.log" in render(SlurmProfile(output="/logs/%j.log"), [], job_name="j",
+                                                      chdir="/tmp", log_dir="/runs/r")
+
+
+def test_submit_makes_the_run_folder_for_the_log_first(tmp_path, monkeypatch, capsys):
+    """Slurm opens --output before the job starts and makes no folder: the submit makes it (one per
+    array task when run.dir holds the task slot). A stand-in sbatch records the script it got."""
+    from launch.slurm_submit import array_indices, main
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text(f"#!/bin/bash\ncat > {tmp_path}/got.sh\n")
+    (bin_ / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    run = tmp_path / "runs" / "a"
+    assert main(["--config", str(REPO / "configs/tiny.toml"), "--run.dir", str(run)]) == 0
+    assert run.is_dir() and f"#SBATCH --output={run}/slurm-%j.out" in (tmp_path / "got.sh").read_text()
+    assert main(["--config", str(REPO / "configs/tiny.toml"), "--array", "1-5:2%2",
+                 "--run.dir", str(tmp_path / "s-{array_task}")]) == 0
+    assert sorted(p.name for p in tmp_path.glob("s-*")) == ["s-1", "s-3", "s-5"]
+    assert f"#SBATCH --output={tmp_path}/s-%a/slurm-%A_%a.out" in (tmp_path / "got.sh").read_text()
+    assert array_indices("0-6:2,9%2") == [0, 2, 4, 6, 9] and array_indices("3") == [3]
 
 
 def test_ib_profile_and_torchrun_mode(capsys):
@@ -44,13 +75,14 @@ def test_ib_profile_and_torchrun_mode(capsys):
     s = capsys.readouterr().out
     for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --partition=big", "#SBATCH --account=proj1",
                  "#SBATCH --exclusive", "#SBATCH --mem=0", "export NCCL_IB_HCA=mlx5_0,mlx5_1",
-                 "export NCCL_SOCKET_IFNAME='^lo,docker'", "export NCCL_IB_GID_INDEX=3",
+                 "export NCCL_SOCKET_IFNAME='^lo,docker'",
                  "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "module load cuda/12.4 nccl"):
         assert line in s
     assert "--ntasks=2 --ntasks-per-node=1 --cpus-per-task=96" in s
     assert ('python -u -m torch.distributed.run --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d '
             '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT" "--rdzv-id=$SLURM_JOB_ID" -m trainer') in s
     assert 'kill -s TERM "$step_pid"' in s     # torchrun passes TERM on to its workers
+    assert "NCCL_IB_GID_INDEX" not in s         # RoCE-only: wrong on the example's InfiniBand
 
 
 @pytest.mark.parametrize("args, match", [

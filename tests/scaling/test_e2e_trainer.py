@@ -11,21 +11,13 @@ from scaling.store import ResultsStore
 from .helpers import write_spec
 
 
-def _has_init_from() -> bool:
-    from trainer.checkpoint import CheckpointManager
-    return hasattr(CheckpointManager, "init_from")
-
-
 @pytest.mark.slow
 def test_tiny_sweep_with_the_real_trainer(tmp_path, capsys):
     pytest.importorskip("data").build_loader      # the trainer's data stream
     trainer = [sys.executable, "-m", "trainer", "train"]
-    if _has_init_from():       # cooldown branches from one constant-LR run per size
-        replace = {"compare_from_scratch = true": "compare_from_scratch = false"}
-        n_runs, kind = 16, "branch"
-    else:                      # the checkpoint seam has no init_from yet: train every point from scratch
-        replace = {"enabled = true": "enabled = false"}
-        n_runs, kind = 12, "scratch"
+    # cooldown branches (checkpoint.init_from) from one constant-LR run per size
+    replace = {"compare_from_scratch = true": "compare_from_scratch = false"}
+    n_runs, kind = 16, "branch"
     replace["budgets = [6e9, 1.2e10, 2.4e10]"] = "budgets = [3e9, 6e9, 1.2e10]"   # half the README's
     spec_path = write_spec(tmp_path, trainer=trainer, replace=replace)
     spec = load_spec(spec_path)
@@ -46,6 +38,7 @@ def test_tiny_sweep_with_the_real_trainer(tmp_path, capsys):
     assert fit["n_points"] == 12
     iso = fit["isoflop"]        # each budget: a parabola minimum, or skipped with the reason
     assert len(iso["minima"]) + sum(r.startswith("budget ") for r in iso["skipped"]) == 3
+    assert len(iso["dropped"]) == sum(r.startswith("budget ") for r in iso["skipped"])    # named on isoflop.png
     # 12 tiny points barely constrain the law (E can go to 0): check it is a law, not its values
     c = fit["chinchilla"]
     assert c["E"] >= 0 and c["A"] > 0 and c["B"] > 0 and c["alpha"] > 0 and c["beta"] > 0

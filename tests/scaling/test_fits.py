@@ -135,6 +135,7 @@ def test_isoflop_skips_a_concave_budget_and_keeps_the_rest():
     fit = fit_isoflop([1e19] * 3 + [1e20] * 3 + [1e21] * 3, n, loss)
     assert [m.budget for m in fit.minima] == [1e19, 1e20]
     assert len(fit.skipped) == 1 and "1e+21" in fit.skipped[0] and "not convex" in fit.skipped[0]
+    assert fit.dropped == [{"budget": 1e21, "reason": "loss vs log N not convex: no minimum"}]   # for the plots
     assert fit.n_opt is not None
 
 

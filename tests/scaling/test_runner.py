@@ -87,6 +87,7 @@ def test_fit_csv_from_elsewhere(tmp_path, capsys):
     assert set(fit) >= {"E", "A", "B", "alpha", "beta", "intervals"}
     assert fit["alpha"] == pytest.approx(0.34, abs=0.03) and fit["E"] == pytest.approx(1.7, rel=0.05)
     assert set(fit["intervals"]) == {"E", "A", "B", "alpha", "beta"} and fit["n_bootstrap"] == 8
+    assert "fit: bootstrap resamples: 8 done in" in capsys.readouterr().err      # a long fit says how long
     assert main(["fit", "--csv", str(path), "--n-col", "nope", "--out", str(out)]) == 2
     assert "no column(s) ['nope', 'D', 'loss']" in capsys.readouterr().err
 
