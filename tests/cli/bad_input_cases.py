@@ -73,6 +73,13 @@ CASES = [
     train("train-cpu-peak-0", "--metrics.cpu_peak_tflops", "0", match=r"metrics.cpu_peak_tflops: .*> 0"),
     train("train-peak-negative", "--metrics.peak_tflops", "-5", match=r"metrics.peak_tflops: .*>= 0"),
     train("train-seed-negative", "--run.seed", "-1", match=r"run.seed: .*>= 0"),
+    # experiment trackers (metrics.wandb / metrics.mlflow; trainer/trackers.py)
+    train("train-wandb-mode", "--metrics.wandb_mode", "cloud",
+          match=r"metrics.wandb_mode: 'cloud' is not allowed; expected one of 'auto', 'offline', 'online'"),
+    train("train-wandb-no-project", "--metrics.wandb", "true", "--metrics.wandb_project", "",
+          match=r"metrics.wandb_project: must name a W&B project"),
+    train("train-mlflow-no-experiment", "--metrics.mlflow", "true", "--metrics.mlflow_experiment", " ",
+          match=r"metrics.mlflow_experiment: must name an MLflow experiment"),
     train("train-seq-gt-max", "--train.seq_len", "128", match=r"train.seq_len: 128 exceeds model.max_seq_len=64"),
     train("train-dim-heads", "--model.n_heads", "3", "--model.n_kv_heads", "3",
           match=r"model.dim: 32 is not divisible by model.n_heads=3"),

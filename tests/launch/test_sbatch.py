@@ -83,6 +83,7 @@ def test_ib_profile_and_torchrun_mode(capsys):
             '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT" "--rdzv-id=$SLURM_JOB_ID" -m trainer') in s
     assert 'kill -s TERM "$step_pid"' in s     # torchrun passes TERM on to its workers
     assert "NCCL_IB_GID_INDEX" not in s         # RoCE-only: wrong on the example's InfiniBand
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in s     # ... and waits signal_seconds (the profile's), not 30 s
 
 
 @pytest.mark.parametrize("args, match", [
