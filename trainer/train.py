@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 import data as data_pkg
-from core.errors import ConfigError, TrainingDiverged
+from core.errors import TrainingDiverged
 from core.layout import validate_layout
 from core.run_config import Config
 from launch.context import DistContext, init_distributed, shutdown
@@ -34,6 +34,7 @@ from trainer.optim import build_optimizer, build_scheduler
 from trainer.run_folder import carry_tokenizer, read_tokenizer_file
 from trainer.run_lock import hold_run_dir
 from trainer.trackers import check_trackers, open_trackers
+from trainer.vocab import resolve_vocab
 
 LoaderFactory = Callable[..., object]
 
@@ -61,13 +62,6 @@ def build_loaders(cfg: Config, dims: ParallelDims, factory: LoaderFactory | None
     train = factory(cfg.data, split="train", **common)
     val = factory(cfg.data, split="val", **common) if cfg.train.eval_batches else None
     return train, val
-
-
-def check_vocab(cfg: Config) -> None:
-    tok = data_pkg.build_tokenizer(cfg.data)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({tok.vocab_size} for data.tokenizer={cfg.data.tokenizer!r}); use at least {tok.vocab_size}")
 
 
 def take(it: Iterator, n: int) -> list:
@@ -118,10 +112,11 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
         torch.use_deterministic_algorithms(True)
     run_dir = Path(cfg.run.dir)
     dims = build_mesh(cfg.parallel, ctx)
+    vocab_from = "model.vocab_size"
+    if loader_factory is None or not cfg.model.vocab_size:   # a custom loader brings its own token ids
+        vocab_from = resolve_vocab(cfg.model, data_pkg.build_tokenizer(cfg.data), cfg.data.tokenizer)
     validate_layout(cfg.parallel, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
     check_memory(cfg, ctx)              # before anything large is allocated: refuse a run that cannot fit
-    if loader_factory is None:          # a custom loader brings its own token ids
-        check_vocab(cfg)
     tokenizer_file = read_tokenizer_file(cfg) if loader_factory is None and ctx.is_main else None
 
     seed_everything(cfg.run.seed)
@@ -152,8 +147,12 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     log = MetricsLogger(run_dir, ctx.is_main, cfg.train.steps, state.step, cfg.metrics.progress, cfg.metrics.tensorboard,
                         sinks=open_trackers(cfg, run_dir) if ctx.is_main else ())
     log.message(f"model: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings), "
-                f"{flops_per_token / 1e6:.1f} MFLOP/token; world {ctx.world_size} on {ctx.device.type}; "
+                f"{flops_per_token / 1e6:.1f} MFLOP/token; vocabulary {cfg.model.vocab_size} ({vocab_from}); "
+                f"world {ctx.world_size} on {ctx.device.type}; "
                 f"run folder {run_dir}" + (f"; resumed at step {state.step}" if state.step else ""))
+    if val_loader is None and cfg.train.eval_batches:
+        log.message("no validation data (data.val_urls is empty and data.urls has no val/ split from `meshformer "
+                    "prepare`): training without evaluation")
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len * dims.dp_size
     peak = peak_flops(ctx.device, cfg.precision.dtype, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops) * ctx.world_size
 
