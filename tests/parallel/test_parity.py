@@ -79,7 +79,8 @@ def corpus(tmp_path_factory) -> str:
     return json.dumps([str(path)]).replace(" ", "")
 
 
-def launch(nproc: int, layouts: dict[str, str], tmp: Path, timeout: float, corpus: str) -> dict:
+def launch(nproc: int, layouts: dict[str, str], tmp: Path, timeout: float, corpus: str = "CORPUS") -> dict:
+    """One torchrun launch running `layouts`; CORPUS in their arguments becomes `corpus`."""
     out = tmp / f"results-{nproc}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -133,13 +134,13 @@ def two_rank_results(tmp_path_factory, corpus):
 
 
 @pytest.fixture(scope="module")
-def four_rank_results(tmp_path_factory, corpus):
-    return launch(4, FOUR_RANKS, tmp_path_factory.mktemp("four"), timeout=600, corpus=corpus)
+def four_rank_results(tmp_path_factory):
+    return launch(4, FOUR_RANKS, tmp_path_factory.mktemp("four"), timeout=600)
 
 
 @pytest.fixture(scope="module")
-def eight_rank_results(tmp_path_factory, corpus):
-    return launch(8, EIGHT_RANKS, tmp_path_factory.mktemp("eight"), timeout=800, corpus=corpus)
+def eight_rank_results(tmp_path_factory):
+    return launch(8, EIGHT_RANKS, tmp_path_factory.mktemp("eight"), timeout=800)
 
 
 def test_reference_trains(reference):
