@@ -75,16 +75,15 @@ class ParallelConfig:
 
 
 def check_deepspeed_run(cfg) -> None:
-    """What the DeepSpeed engine does not do yet, named before any work (`cfg` is a run Config).
-    Checkpoints: ZeRO keeps the optimizer state in flat per-rank partitions that our DCP
-    checkpoints cannot describe; saving them through DeepSpeed is not built yet."""
+    """What the DeepSpeed engine does not do yet, named before any work (`cfg` is a run Config)."""
     ck = cfg.checkpoint
-    if ck.every or ck.every_minutes or ck.at_steps or ck.final or ck.init_from:
-        raise ConfigError("checkpoint: checkpoints are not built yet for parallel.engine = deepspeed; set "
-                         "checkpoint.every 0, checkpoint.every_minutes 0, checkpoint.at_steps [], checkpoint.final "
-                         "false and no checkpoint.init_from")
+    if ck.async_save:
+        raise ConfigError("checkpoint.async: not built yet for parallel.engine = deepspeed; use false")
+    if ck.init_from:
+        raise ConfigError("checkpoint.init_from: not built yet for parallel.engine = deepspeed; resume a run folder "
+                          "instead (its checkpoints load under any engine)")
     if cfg.train.on_nonfinite != "stop":
         raise ConfigError(f"train.on_nonfinite: {cfg.train.on_nonfinite!r} is not supported with parallel.engine = "
-                         "deepspeed yet; use stop")
+                          "deepspeed yet; use stop")
     if cfg.precision.dtype == "fp8":
         raise ConfigError("precision.dtype: fp8 is not supported with parallel.engine = deepspeed; use fp32 or bf16")

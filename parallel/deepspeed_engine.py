@@ -22,6 +22,7 @@ import torch.distributed as dist
 from core.errors import ConfigError
 from parallel.dims import ParallelDims
 from parallel.dist_engine import DistEngine
+from parallel.deepspeed_state import DeepSpeedParts
 from parallel.local_engine import StepOutput, labelled_on_host, token_loss_sum
 
 
@@ -61,6 +62,8 @@ class DeepSpeedEngine(DistEngine):
         self.ds, self.wrapped = ds, model
         self.model_parts = [model]      # what eval mode, checks and hooks look at: the wrapped model
         self.ds_config = ds_config
+        # checkpoints in our DCP format (parallel/deepspeed_state.py), used by trainer/checkpoint.py
+        self.checkpoint_parts = DeepSpeedParts(ds, model, deepspeed)
 
     def autocast(self):
         """No autocast: under bf16 DeepSpeed holds the weights in bf16 itself (fp32 master copy)."""

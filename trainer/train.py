@@ -135,7 +135,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     state = TrainState()
     guard = DivergenceGuard(cfg.train, ctx, model, optimizer)
     ckpt = CheckpointManager(cfg, ctx, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                             loader=train_loader, state=state, dims=dims, before_save=guard.before_save)
+                             loader=train_loader, state=state, dims=dims, before_save=guard.before_save,
+                             parts=getattr(engine, "checkpoint_parts", None))
     ckpt.prepare_run_dir()
     ckpt.restore()
     if ctx.distributed:   # every rank has looked at the run folder before rank 0 writes into it

@@ -57,6 +57,18 @@ TWO_RANKS = {
                         "--parallel.offload_param cpu",
     "ds_zero2_epoch_end": "--parallel.engine deepspeed --parallel.zero_stage 2 " + EPOCH_END,
 }
+# Checkpoint and resume (layouts.py's RESUME: half the steps, save, resume in the same folder):
+# DeepSpeed saves our DCP format (parallel/deepspeed_state.py), so ZeRO resumes itself exactly and
+# a checkpoint moves between engines both ways. A constant LR: the first half's train.steps is shorter.
+DS = "--parallel.engine deepspeed --parallel.zero_stage"
+CONST = " --optim.schedule constant"
+RESUMES = {
+    "ds_zero2_resume": f"{DS} 2{CONST} RESUME {DS} 2{CONST}",
+    "ds_zero3_to_fsdp": f"{DS} 3{CONST} RESUME --parallel.dp_shard 2{CONST}",
+    "fsdp_to_ds_zero3_offload": f"--parallel.dp_shard 2{CONST} RESUME {DS} 3 --parallel.offload_optimizer cpu "
+                                f"--parallel.offload_param cpu{CONST}",
+}
+TWO_RANKS.update(RESUMES)
 FOUR_RANKS = {
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
     "tp2_fsdp2": "--parallel.tp 2 --parallel.dp_shard 2",
@@ -103,6 +115,7 @@ def launch(nproc: int, layouts: dict[str, str], tmp: Path, timeout: float, corpu
 def model_args(layout: str) -> list[str]:
     """The non-parallel overrides of a layout: its single-process reference uses the same ones."""
     words = layout.split()
+    words = words[words.index("RESUME") + 1:] if "RESUME" in words else words
     pairs = zip(words[::2], words[1::2])
     return [w for k, v in pairs if not k.startswith("--parallel.") for w in (k, v)]
 
@@ -158,6 +171,18 @@ def test_reference_trains(reference):
 @pytest.mark.parametrize("name", list(TWO_RANKS))
 def test_two_rank_parity(name, two_rank_results, references):
     check(name, two_rank_results[name], references(TWO_RANKS[name]))
+
+
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_resume_across_engines(name, two_rank_results, references):
+    """Steps 1-5 in one layout, a checkpoint, steps 6-10 resumed in another: the uninterrupted
+    single-process run's losses and gradient norms at every step (the optimizer state, step count
+    and data position all came through), and its final validation loss."""
+    got, ref = two_rank_results[name], references(RESUMES[name])
+    assert "error" not in got, f"{name} failed:\n{got.get('error')}"
+    assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), name
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), name
+    assert got["val_loss"][-1] == pytest.approx(ref["val_loss"][-1], rel=RTOL), name
 
 
 def test_zero3_offload_matches_zero3(two_rank_results):
