@@ -21,15 +21,19 @@ QUANTIZE = ("none", "int8", "fp8")
 def _torchao_quantizer(kind: str):
     """(torchao's quantize_, its weight-only config for `kind`); torchao is optional (the fp8
     extra), so it is imported when asked for, as parallel/precision.py does."""
-    quiet = logging.getLogger("torchao")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)     # at import it lists its CUDA kernels it cannot load on a CPU host
+    # at import torchao lists the CUDA kernels it cannot load on a CPU host, and torch warns about
+    # one of its enums: noise for weight-only quantization, silenced for the import only
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError as e:
         raise UsageError(f"--quantize {kind} needs torchao (pip install 'torchao>=0.18,<0.19'): {e}") from None
     finally:
-        quiet.setLevel(level)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     return quantize_, Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
 
 
