@@ -25,6 +25,7 @@ from trainer.inference_weights import DTYPES, QUANTIZE, prepare_weights
 from trainer.model import KVCache, Transformer
 from trainer.run_folder import TOKENIZER_FILE, describe, load_run_config, pick_checkpoint, run_tokenizer
 from trainer.speculative import check_same_vocab, speculative_generate
+from trainer.vocab import resolve_vocab
 
 
 def check_request(prompt_len: int, max_new_tokens: int, temperature: float, top_k: int, limit: int) -> None:
@@ -121,6 +122,7 @@ def load_model(run_dir: str | None, config: str | None, checkpoint: str | None, 
         raise ConfigError(f"data.tokenizer: 'pretokenized' shards of tokenizer {tok.ident}, which is neither in "
                           f"{Path(cfg.run.dir) / TOKENIZER_FILE} nor where the shards' manifest.json says; give "
                           "--data.tokenizer hf:/path/tokenizer.json (the one `meshformer prepare` used)")
+    resolve_vocab(cfg.model, tok, cfg.data.tokenizer)     # model.vocab_size 0 (auto): as training resolved it
     if cfg.train.threads:         # the run's CPU threads (--train.threads N overrides), as training uses
         torch.set_num_threads(cfg.train.threads)
     model = Transformer(cfg.model)
