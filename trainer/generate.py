@@ -110,9 +110,9 @@ def parser() -> ArgParser:
     return p
 
 
-def load_model(run_dir: str | None, config: str | None, checkpoint: str | None, overrides: list[str],
-               prog: str = "meshformer generate"):
-    """(config, tokenizer, fp32 model with the checkpoint's weights) of a run folder or a --config."""
+def open_run(run_dir: str | None, config: str | None, checkpoint: str | None, overrides: list[str]):
+    """(config, tokenizer, checkpoint folder) of a run folder or a --config; no weights read yet,
+    so a bad request is refused before seconds of loading."""
     if run_dir and config:
         raise UsageError(f"give a run folder ({run_dir}) or --config ({config}), not both")
     cfg = load_run_config(run_dir, overrides) if run_dir else load_config(config, overrides)
@@ -123,12 +123,24 @@ def load_model(run_dir: str | None, config: str | None, checkpoint: str | None, 
                           f"{Path(cfg.run.dir) / TOKENIZER_FILE} nor where the shards' manifest.json says; give "
                           "--data.tokenizer hf:/path/tokenizer.json (the one `meshformer prepare` used)")
     resolve_vocab(cfg.model, tok, cfg.data.tokenizer)     # model.vocab_size 0 (auto): as training resolved it
+    return cfg, tok, ckpt
+
+
+def load_weights(cfg, ckpt: Path, prog: str = "meshformer generate") -> Transformer:
+    """The fp32 model with the checkpoint's weights; the checkpoint used is printed on stderr."""
     if cfg.train.threads:         # the run's CPU threads (--train.threads N overrides), as training uses
         torch.set_num_threads(cfg.train.threads)
     model = Transformer(cfg.model)
     load_model_weights(model, ckpt)
     print(f"{prog}: {describe(ckpt)}", file=sys.stderr, flush=True)
-    return cfg, tok, model
+    return model
+
+
+def load_model(run_dir: str | None, config: str | None = None, checkpoint: str | None = None,
+               overrides: list[str] = (), prog: str = "meshformer generate"):
+    """(config, tokenizer, fp32 model) of a run folder or a --config."""
+    cfg, tok, ckpt = open_run(run_dir, config, checkpoint, list(overrides))
+    return cfg, tok, load_weights(cfg, ckpt, prog)
 
 
 def batch_sizes(text: str) -> list[int]:
@@ -170,16 +182,18 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(own)
     at_least("--draft-tokens", args.draft_tokens, 1, "tokens the draft proposes per round")
     sizes = batch_sizes(args.batch_sizes)
-    cfg, tok, model = load_model(args.run_dir, args.config, args.checkpoint, overrides)
+    cfg, tok, ckpt = open_run(args.run_dir, args.config, args.checkpoint, overrides)
     ids = tok.encode(args.prompt)
     check_request(len(ids), args.tokens, args.temperature, args.top_k, cfg.model.max_seq_len)
-    draft = None
     if args.draft:
-        dcfg, dtok, draft = load_model(args.draft, None, None, [])
-        check_same_vocab(model, draft, tok.ident, dtok.ident)
-        if len(ids) + args.tokens > dcfg.model.max_seq_len:
+        dcfg, dtok, dckpt = open_run(args.draft, None, None, [])
+        check_same_vocab(cfg.model.vocab_size, dcfg.model.vocab_size, tok.ident, dtok.ident)
+        limit = dcfg.model.max_seq_len
+        if len(ids) + args.tokens > limit:
             raise UsageError(f"--tokens: {args.tokens} after a {len(ids)}-token prompt exceed the draft's "
-                             f"model.max_seq_len={dcfg.model.max_seq_len}; give at most {dcfg.model.max_seq_len - len(ids)}")
+                             f"model.max_seq_len={limit}; give at most {limit - len(ids)}")
+    model = load_weights(cfg, ckpt)
+    draft = load_weights(dcfg, dckpt) if args.draft else None
     if args.bench:    # each variant quantizes its own copy of the fp32 weights
         result = run_bench(model, ids, args.tokens, sizes, draft, args.draft_tokens)
         print(json.dumps(result, indent=1) if args.json else format_bench(result))

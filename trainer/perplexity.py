@@ -23,7 +23,7 @@ import data as data_pkg
 from core.cli_args import ArgParser, at_least, split_overrides
 from core.errors import DataError
 from core.run_config import keys_help
-from trainer.generate import load_model
+from trainer.generate import load_weights, open_run
 from trainer.inference_weights import DTYPES, QUANTIZE, prepare_weights
 
 
@@ -88,14 +88,14 @@ def main(argv: list[str]) -> int:
     at_least("--batches", args.batches, 0, "0 = the whole validation split")
     if args.split == "train" and args.batches == 0:
         at_least("--batches", args.batches, 1, "--split train never ends: say how many batches")
-    cfg, tok, model = load_model(args.run_dir, args.config, args.checkpoint, overrides, prog="meshformer eval")
-    prepare_weights(model, args.dtype, args.quantize)
+    cfg, tok, ckpt = open_run(args.run_dir, args.config, args.checkpoint, overrides)
     loader = data_pkg.build_loader(cfg.data, split=args.split, seq_len=cfg.train.seq_len,
                                    batch_size=cfg.train.batch_size, dp_rank=0, dp_size=1, seed=cfg.run.seed,
                                    tokenizer=tok)
     if loader is None:
         raise DataError("no validation data: the run reads no built-in corpus; give --data.val_urls PATH "
                         "or --split train --batches N")
+    model = prepare_weights(load_weights(cfg, ckpt, prog="meshformer eval"), args.dtype, args.quantize)
     batches = itertools.islice(iter(loader), args.batches) if args.batches else iter(loader)
     result = {**evaluate(model, batches, tok), "split": args.split, "dtype": args.dtype, "quantize": args.quantize}
     if args.json:

@@ -75,12 +75,12 @@ class SpecStats:
         return self.emitted / self.target_passes if self.target_passes else float("nan")
 
 
-def check_same_vocab(target: Transformer, draft: Transformer, target_tok: str, draft_tok: str) -> None:
+def check_same_vocab(target_vocab: int, draft_vocab: int, target_tok: str, draft_tok: str) -> None:
     """A draft proposes ids the target must read the same way: same vocabulary, same tokenizer."""
-    if target_tok != draft_tok or target.cfg.vocab_size != draft.cfg.vocab_size:
-        raise UsageError(f"--draft: its tokenizer {draft_tok!r} with model.vocab_size={draft.cfg.vocab_size} "
-                         f"differs from the target's {target_tok!r} with {target.cfg.vocab_size}; give a draft "
-                         "run trained with the same tokenizer and vocabulary")
+    if target_tok != draft_tok or target_vocab != draft_vocab:
+        raise UsageError(f"--draft: its tokenizer {draft_tok!r} with model.vocab_size={draft_vocab} differs from "
+                         f"the target's {target_tok!r} with {target_vocab}; give a draft run trained with the same "
+                         "tokenizer and vocabulary")
 
 
 def _feed(model: Transformer, cache: KVCache, seq: torch.Tensor) -> torch.Tensor:

@@ -112,4 +112,6 @@ def test_sampled_speculative_first_token_follows_the_target():
 
 def test_draft_with_another_vocabulary_is_refused():
     with pytest.raises(UsageError, match="--draft: .*vocab_size=32.*differs"):
-        check_same_vocab(model(0), model(0, vocab=32), "bytes", "bytes")
+        check_same_vocab(64, 32, "bytes", "bytes")
+    with pytest.raises(UsageError, match="--draft: its tokenizer 'hf:a.json'"):
+        check_same_vocab(64, 64, "bytes", "hf:a.json")
