@@ -103,10 +103,10 @@ def parser() -> ArgParser:
     p.add_argument("--bench", action="store_true",
                    help="instead of text: decode tokens/s and the share of the memory bandwidth read, for fp32, "
                         "bf16 and int8 weights at each --batch-sizes (and speculative with --draft); --dtype and --quantize "
-                        "are not used: every variant is measured")
+                        "are not used: every variant is measured (default: off)")
     p.add_argument("--batch-sizes", default="1,8", metavar="B,B",
                    help="--bench: rows decoded at once (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="--bench: print the rows as JSON")
+    p.add_argument("--json", action="store_true", help="--bench: print the rows as JSON (default: off)")
     return p
 
 

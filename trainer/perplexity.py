@@ -78,7 +78,7 @@ def parser() -> ArgParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations (default: %(default)s)")
     p.add_argument("--quantize", choices=list(QUANTIZE), default="none",
                    help="weight-only quantization through torchao (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object (default: off)")
     return p
 
 
