@@ -19,19 +19,22 @@ def default_cache_dir() -> str:
 
 @dataclass
 class DataConfig:
-    urls: list[str] = option("training shards: paths, brace patterns (shard-{000000..000127}.tar), shard-list files "
-        "(*.list/*.txt, one URL a line), folders of *.tar, 'pipe:CMD' (a TRUSTED shell command that "
-        "writes a tar to stdout), or 'builtin:stdlib'", factory=lambda: ["builtin:stdlib"])
+    urls: list[str] = option("training data: tar shards, raw text (.txt, .jsonl/.jsonl.gz/.jsonl.zst, .parquet; "
+        "tokenized while training), brace patterns (shard-{000000..000127}.tar), globs (corpus/*.jsonl.zst), "
+        "shard-list files (*.list, or a *.txt of URLs, one a line), folders (their *.tar, else their raw text "
+        "files), 'pipe:CMD' (a TRUSTED shell command that writes a file to stdout), or 'builtin:stdlib'",
+        factory=lambda: ["builtin:stdlib"])
     weights: list[float] = option("mixing weights, one per urls entry (each entry is then its own source); "
         "empty = all urls form one source", factory=list)
-    val_urls: list[str] = option("validation shards (same forms as urls); empty = the built-in corpus' validation split "
-        "when urls is builtin, else no validation", factory=list)
+    val_urls: list[str] = option("validation data (same forms as urls); empty = the val/ split `meshformer prepare` "
+        "wrote beside a urls folder, or the built-in corpus' validation split, else no validation", factory=list)
     manifest: str = option("manifest.json written by `meshformer prepare` for shards that are not local files "
         "(pipe:); empty = look next to local shards, else scan the shards once", "")
     tokenizer: str = option("'bytes' (257 ids, no files), 'hf:/path/tokenizer.json', 'tiktoken:<encoding>' "
         "(must already be on this machine) or 'pretokenized' (use the tokens in the shards)", "bytes")
     eot_token: str = option("end-of-text token string for hf: tokenizers; empty = find <|endoftext|>, </s>, <eos>", "")
-    text_field: str = option("sample field holding UTF-8 text", "txt")
+    text_field: str = option("tar sample field holding UTF-8 text", "txt")
+    text_key: str = option("field holding the text in JSON lines records and the Parquet column read", "text")
     token_field: str = option("sample field holding pre-tokenized ids", "tokens.npy")
     num_workers: int = option("loader worker processes per rank (0 = in process)", 0)
     prefetch: int = option("batches each worker prepares ahead", 2)
@@ -82,7 +85,7 @@ class DataConfig:
         if tok == "pretokenized" and any(u.startswith(BUILTIN_PREFIX) for u in self.urls):
             raise ValueError("data.tokenizer: 'pretokenized' needs shards written by `meshformer prepare`; "
                              "the built-in corpus is tokenized on first use, use 'bytes' or 'hf:...'")
-        for name in ("text_field", "token_field"):
+        for name in ("text_field", "token_field", "text_key"):
             if not getattr(self, name):
                 raise ValueError(f"data.{name}: empty; give the sample field name, e.g. 'txt' or 'tokens.npy'")
         if self.num_workers < 0:

@@ -9,7 +9,7 @@ stack traces.
 """
 from __future__ import annotations
 
-
+import os
 import sys
 from typing import Callable
 
@@ -55,6 +55,13 @@ class SweepSpecError(MeshformerError, ValueError):
     """A scaling sweep spec with a bad value."""
 
 
+def same_on_every_rank(e: MeshformerError) -> bool:
+    """Errors of the command line and config, which every rank of a job meets alike: rank 0 alone
+    prints them (torchrun would show each rank's copy of the line). Data, checkpoint and launch
+    errors can be one rank's own, so every rank prints those."""
+    return isinstance(e, (ConfigError, UsageError)) and not isinstance(e, CheckpointError)
+
+
 # How a one-line error names its kind; the first class that matches wins (CheckpointError is a ConfigError).
 # TrainingDiverged's line says what happened itself (no kind).
 ERROR_KINDS = ((TrainingDiverged, ""), (ConfigError, "config error"), (DataError, "data error"), (LaunchError, "launch error"),
@@ -77,5 +84,15 @@ def report_errors(prog: str, body: Callable[[], int], debug: bool = False) -> in
     except MeshformerError as e:
         if debug:
             raise
-        print(error_line(prog, e), file=sys.stderr)
+        if not (same_on_every_rank(e) and launcher_rank() > 0):
+            print(error_line(prog, e), file=sys.stderr)
         return e.exit_code
+
+
+def launcher_rank() -> int:
+    """This process' global rank as its launcher set it (torchrun, srun, mpiexec); 0 alone."""
+    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0

@@ -12,9 +12,26 @@ from typing import Literal
 from core.config_parse import option
 
 
+# An automatic vocabulary is padded to a multiple of 64: matmul-friendly widths (GPT-2's 50257 -> 50304),
+# and divisible by the usual tensor-parallel sizes for the vocab-parallel head.
+VOCAB_MULTIPLE = 64
+BYTE_TOKENIZER_IDS = 257    # data.tokenizer = 'bytes': ids 0..255 are the bytes, 256 is end-of-text
+
+
+def padded_vocab(tokenizer_ids: int) -> int:
+    """The automatic model.vocab_size for a tokenizer of `tokenizer_ids` ids."""
+    return -(-tokenizer_ids // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def known_tokenizer_ids(tokenizer: str) -> int | None:
+    """A tokenizer's id count when its name alone tells it (no file to read): 'bytes' only."""
+    return BYTE_TOKENIZER_IDS if tokenizer == "bytes" else None
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = option("vocabulary size (>= the tokenizer's)", 320)
+    vocab_size: int = option("vocabulary size (>= the tokenizer's); 0 = auto: the tokenizer's vocabulary rounded up "
+                             f"to a multiple of {VOCAB_MULTIPLE} (the byte tokenizer's 257 ids: 320)", 0)
     dim: int = option("model width (hidden size)", 128)
     n_layers: int = option("number of Transformer blocks", 4)
     n_heads: int = option("attention (query) heads", 4)
@@ -89,7 +106,9 @@ class ModelConfig:
         return base ** 0.5 / self.head_dim
 
     def validate(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+        if self.vocab_size < 0:
+            raise ValueError(f"model.vocab_size: must be >= 0 (0 = follow the tokenizer), got {self.vocab_size}")
+        for name in ("dim", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}: must be a positive integer, got {getattr(self, name)}")
         if self.dim % self.n_heads:

@@ -19,7 +19,7 @@ from core.launch_config import LaunchConfig
 from core.parallel_config import ParallelConfig
 from core.checkpoint_config import CheckpointConfig
 from core.config_parse import ConfigError, apply_overrides, build_section, describe_keys, did_you_mean, section_to_dict
-from core.model_config import ModelConfig
+from core.model_config import ModelConfig, known_tokenizer_ids, padded_vocab
 from core.precision_config import PrecisionConfig
 from core.train_config import MetricsConfig, OptimConfig, RunConfig, TrainConfig
 
@@ -54,6 +54,10 @@ class Config:
                     raise
                 except ValueError as e:
                     raise ConfigError(str(e)) from None
+        if self.model.vocab_size == 0:     # auto: the byte tokenizer's size is known here; others' when training starts
+            ids = known_tokenizer_ids(self.data.tokenizer)
+            if ids is not None:
+                self.model.vocab_size = padded_vocab(ids)
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         steps = self.train.steps

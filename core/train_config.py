@@ -92,6 +92,16 @@ class MetricsConfig:
     tensorboard: bool = option("write TensorBoard event files to run.dir/tb", True)
     peak_tflops: float = option("peak FLOP/s of one device in TFLOP/s for MFU (0 = look up the device in the table)", 0.0)
     cpu_peak_tflops: float = option("peak TFLOP/s assumed for a CPU process (MFU on CPU is only indicative)", 1.0)
+    wandb: bool = option("also log the metrics rows to Weights & Biases (rank 0; needs the `track` extra)", False)
+    wandb_project: str = option("W&B project", "meshformer")
+    wandb_name: str = option("W&B run name (default: run.name, else the run folder's name)", "")
+    wandb_mode: Literal["auto", "offline", "online"] = option(
+        "W&B mode; auto = $WANDB_MODE if set, else offline (files in run.dir/wandb; upload later with `wandb sync`)",
+        "auto")
+    mlflow: bool = option("also log the metrics rows to MLflow (rank 0; needs the `track` extra)", False)
+    mlflow_tracking_uri: str = option("MLflow tracking URI (default: a SQLite store run.dir/mlflow.db, artifacts in "
+                                      "run.dir/mlartifacts)", "")
+    mlflow_experiment: str = option("MLflow experiment name", "meshformer")
 
     def validate(self) -> None:
         if self.log_every < 1:
@@ -101,3 +111,8 @@ class MetricsConfig:
             raise ValueError(f"metrics.peak_tflops: must be >= 0 (0 = look the device up), got {self.peak_tflops}")
         if not 0 < self.cpu_peak_tflops < float("inf"):
             raise ValueError(f"metrics.cpu_peak_tflops: must be > 0 (e.g. 1.0), got {self.cpu_peak_tflops}")
+        if self.wandb and not self.wandb_project.strip():
+            raise ValueError("metrics.wandb_project: must name a W&B project when metrics.wandb = true, e.g. meshformer")
+        if self.mlflow and not self.mlflow_experiment.strip():
+            raise ValueError("metrics.mlflow_experiment: must name an MLflow experiment when metrics.mlflow = true, "
+                             "e.g. meshformer")

@@ -1,4 +1,5 @@
-"""Streamed data: webdataset shards -> tokens -> packed (inputs, labels) batches, exactly resumable.
+"""Streamed data: webdataset shards or raw text (.txt, JSON lines, Parquet) -> tokens -> packed
+(inputs, labels) batches, exactly resumable.
 
     tok = build_tokenizer(cfg)
     train = build_loader(cfg, split="train", seq_len=128, batch_size=16, dp_rank=r, dp_size=d, seed=0,
@@ -11,20 +12,28 @@ See data/README.md for URLs, resume semantics and `meshformer prepare`.
 
 from __future__ import annotations
 
+import os
+
 from core.data_config import BUILTIN_PREFIX, DataConfig
 from .loader import TokenLoader, ValLoader
 from .plan import IGNORE, data_fingerprint
-from .shards import DataError
+from .prepare import VAL_DIR
+from .shards import DataError, is_local, local_path
 from .sources import build_sources, build_tokenizer, source_stats
 
 __all__ = ["DataConfig", "DataError", "IGNORE", "build_loader", "build_tokenizer", "val_entries"]
 
 
 def val_entries(cfg: DataConfig) -> list[str]:
-    """The validation URL entries: data.val_urls, else the built-in corpus' validation split."""
+    """The validation URL entries: data.val_urls, else the built-in corpus' validation split, else the
+    val/ split `meshformer prepare` wrote inside the urls folders."""
     if cfg.val_urls:
         return list(cfg.val_urls)
-    return [u for u in cfg.urls if u.startswith(BUILTIN_PREFIX)][:1]
+    builtin = [u for u in cfg.urls if u.startswith(BUILTIN_PREFIX)][:1]
+    if builtin:
+        return builtin
+    folders = [local_path(u) for u in cfg.urls if is_local(local_path(u)) and os.path.isdir(local_path(u))]
+    return [os.path.join(f, VAL_DIR) for f in folders if os.path.isfile(os.path.join(f, VAL_DIR, "manifest.json"))]
 
 
 def build_loader(cfg: DataConfig, *, split: str, seq_len: int, batch_size: int, dp_rank: int, dp_size: int,

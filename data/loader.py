@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from core.errors import MeshformerError
 
 from . import plan as P
-from .shards import iter_documents
+from .documents import iter_documents
 
 log = logging.getLogger("meshformer.data")
 STATE_VERSION = 2  # 1: per-rank slots (loaded by re-cutting what it left, see plan.unconsumed_v1)
@@ -35,8 +35,8 @@ def shard_tokens(entry: dict, *, cfg, tokenizer, seed: int, epoch: int, shuffle:
     """The stream of one planned shard: each document followed by end-of-text, windows shuffled."""
     eot = np.array([tokenizer.eot_id], dtype=np.int64)
     window = cfg.shuffle_buffer if shuffle else 0
-    docs = iter_documents(entry["url"], mode=entry["mode"], field=entry["field"], tokenizer=tokenizer,
-                          on_corrupt=cfg.on_corrupt, stats=stats, vocab_size=entry.get("vocab"))
+    docs = iter_documents(entry["url"], fmt=entry.get("format", "tar"), mode=entry["mode"], field=entry["field"],
+                          tokenizer=tokenizer, on_corrupt=cfg.on_corrupt, stats=stats, vocab_size=entry.get("vocab"))
     if window <= 1:
         for ids in docs:
             yield ids

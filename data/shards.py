@@ -143,18 +143,6 @@ def iter_documents(url: str, *, mode: str, field: str, tokenizer, on_corrupt: st
             yield tokenizer.encode_bytes(data)
 
 
-def scan_shard(url: str, *, mode: str, field: str, tokenizer, on_corrupt: str) -> dict:
-    """Count documents and tokens of one shard (for shards without a manifest)."""
-    stats: dict = {}
-    docs = tokens = 0
-    for ids in iter_documents(url, mode=mode, field=field, tokenizer=tokenizer, on_corrupt=on_corrupt,
-                              stats=stats):
-        docs += 1
-        tokens += len(ids)
-    return {"url": url, "docs": docs, "tokens": tokens, "missing_field": stats.get("missing_field", 0),
-            "corrupt": stats.get("corrupt_shards", 0)}
-
-
 def shard_name(url: str) -> str:
     """The shard's file name, also inside a command: 'pipe:aws s3 cp s3://b/x/shard-000001.tar -'."""
     found = re.findall(r"[^\s/'\"]+\.(?:tar\.gz|tgz|tar)\b", url)

@@ -12,20 +12,24 @@ import hashlib
 import json
 import logging
 import os
+import tarfile
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
 from filelock import FileLock
-from tqdm import tqdm
 
 from core.data_config import BUILTIN_PREFIX
 
 from .builtin import builtin_shards
-from .shards import DataError, is_local, local_path, scan_shard, shard_name
+from .documents import scan_source
+from .progress import progress
+from .shards import DataError, is_local, local_path, shard_name
+from .textfiles import ACCEPTED, file_format, looks_like_shard_list, unknown_file
 from .tokenizer import PretokenizedInfo, tokenizer_from_spec
 
 log = logging.getLogger("meshformer.data")
-LIST_SUFFIXES = (".list", ".txt", ".shards")
+LIST_SUFFIXES = (".list", ".shards")   # and a .txt whose lines all name data files (looks_like_shard_list)
+RAW_FORMATS = ("text", "jsonl", "parquet")
 TAR_GLOBS = ("*.tar", "*.tar.gz", "*.tgz")
 MANIFEST = "manifest.json"
 
@@ -42,17 +46,19 @@ class Source:
 
 
 def expand_urls(entry: str, cfg, split: str, tokenizer, _depth: int = 0) -> list[str]:
-    """One urls entry -> shard URLs (brace patterns, shard-list files, folders, builtin corpora)."""
+    """One urls entry -> file URLs (brace patterns, globs, shard-list files, folders, builtin corpora)."""
     if entry.startswith(BUILTIN_PREFIX):
         return builtin_shards(entry, cfg, split, tokenizer)
     path = local_path(entry)
     if is_local(path) and os.path.isdir(path):
-        found = sorted(p for g in TAR_GLOBS for p in glob.glob(os.path.join(path, g)))
+        return _folder_files(entry, path)
+    if is_local(path) and any(c in path for c in "*?[") and not os.path.exists(path):
+        found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         if not found:
-            raise DataError(f"data.urls: folder {entry} holds no *.tar shards")
-        _check_manifest_shards_present(path, found)
-        return found
-    if is_local(path) and path.endswith(LIST_SUFFIXES):
+            raise DataError(f"data.urls: {entry} matches no files")
+        return [_checked_file(p) for p in found]
+    if is_local(path) and (path.endswith(LIST_SUFFIXES) or path.endswith(".txt") and os.path.isfile(path)
+                           and looks_like_shard_list(path)):
         if not os.path.isfile(path):
             raise DataError(f"data.urls: shard-list file not found: {entry}")
         if _depth > 4:
@@ -68,7 +74,28 @@ def expand_urls(entry: str, cfg, split: str, tokenizer, _depth: int = 0) -> list
                     line = os.path.join(base, line)
                 out += expand_urls(line, cfg, split, tokenizer, _depth + 1)
         return out
-    return list(braceexpand(entry))
+    return [_checked_file(u) for u in braceexpand(entry)]
+
+
+def _checked_file(url: str) -> str:
+    """A local file must be of a format we read (a tar without the usual suffix is still a tar)."""
+    path = local_path(url)
+    if is_local(path) and os.path.isfile(path) and file_format(url) is None and not tarfile.is_tarfile(path):
+        raise unknown_file(url)
+    return url
+
+
+def _folder_files(entry: str, path: str) -> list[str]:
+    """A folder's *.tar shards (a prepared folder); without any, its raw text files, recursively."""
+    found = sorted(p for g in TAR_GLOBS for p in glob.glob(os.path.join(path, g)))
+    if found:
+        _check_manifest_shards_present(path, found)
+        return found
+    raw = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                 if os.path.isfile(p) and file_format(p) in RAW_FORMATS)
+    if not raw:
+        raise DataError(f"data.urls: folder {entry} holds no *.tar shards nor data files; accepted: {ACCEPTED}")
+    return raw
 
 
 def _check_manifest_shards_present(folder: str, found: list[str]) -> None:
@@ -109,6 +136,10 @@ def find_manifest_for(cfg, entries: list[str]):
         if entry.startswith(BUILTIN_PREFIX):
             continue
         for url in expand_urls(entry, cfg, "train", None):
+            if file_format(url) in RAW_FORMATS:
+                raise DataError(f"data.tokenizer: 'pretokenized' reads shards written by `meshformer prepare`, but "
+                                f"{url} is raw text; set data.tokenizer to 'bytes', 'hf:/path/tokenizer.json' or "
+                                "'tiktoken:<encoding>' to tokenize it while training")
             path = local_path(url)
             if is_local(path):
                 candidate = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
@@ -155,8 +186,13 @@ def index_shards(urls: list[str], cfg, tokenizer) -> list[dict]:
     manifests: dict = {}
     idents: dict = {}
     out: list[dict | None] = []
-    to_scan: list[tuple[int, str, str]] = []
+    to_scan: list[tuple[int, str, str, str, str]] = []   # (index, url, mode, field, format)
     for url in urls:
+        fmt = file_format(url) or "tar"
+        if fmt != "tar":       # raw text: tokenized while training, counted by one cached scan
+            out.append(None)
+            to_scan.append((len(out) - 1, url, "text", cfg.text_key, fmt))
+            continue
         m, entry = _manifest_entry(cfg, url, manifests)
         same_ids = m is not None and (cfg.tokenizer == "pretokenized"
                                       or m.get("tokenizer_ident") == getattr(tokenizer, "ident", None))
@@ -175,7 +211,7 @@ def index_shards(urls: list[str], cfg, tokenizer) -> list[dict]:
             mode = "tokens" if cfg.tokenizer == "pretokenized" else "text"
             field = cfg.token_field if mode == "tokens" else cfg.text_field
             out.append(None)
-            to_scan.append((len(out) - 1, url, mode, field))
+            to_scan.append((len(out) - 1, url, mode, field, fmt))
     if to_scan:
         for i, entry in zip([t[0] for t in to_scan], _scan_cached(to_scan, cfg, tokenizer)):
             out[i] = entry
@@ -184,8 +220,8 @@ def index_shards(urls: list[str], cfg, tokenizer) -> list[dict]:
 
 def _scan_cached(to_scan, cfg, tokenizer) -> list[dict]:
     ident = "pretokenized" if cfg.tokenizer == "pretokenized" else tokenizer.ident
-    key_text = json.dumps([ident, cfg.on_corrupt] + [[_shard_fingerprint(u), mode, field]
-                                                     for _, u, mode, field in to_scan])
+    key_text = json.dumps([ident, cfg.on_corrupt] + [[_shard_fingerprint(u), mode, field, fmt]
+                                                     for _, u, mode, field, fmt in to_scan])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     folder = os.path.join(cfg.resolved_cache_dir(), "index")
     os.makedirs(folder, exist_ok=True)
@@ -195,12 +231,16 @@ def _scan_cached(to_scan, cfg, tokenizer) -> list[dict]:
             with open(path) as f:
                 entries = json.load(f)
         else:
-            log.info("scanning %d shards without a manifest (run `meshformer prepare` to skip this)", len(to_scan))
+            log.info("scanning %d files without a manifest, once (run `meshformer prepare` to skip this)",
+                     len(to_scan))
             entries = []
-            for _, url, mode, field in tqdm(to_scan, desc="scan shards", unit="shard", disable=len(to_scan) < 8):
-                e = scan_shard(url, mode=mode, field=field, tokenizer=tokenizer, on_corrupt=cfg.on_corrupt)
-                e.update(mode=mode, field=field)
-                entries.append(e)
+            with progress(len(to_scan), "scan", "files", enabled=len(to_scan) >= 8) as bar:
+                for _, url, mode, field, fmt in to_scan:
+                    e = scan_source(url, fmt=fmt, mode=mode, field=field, tokenizer=tokenizer,
+                                    on_corrupt=cfg.on_corrupt)
+                    e.update(mode=mode, field=field, format=fmt)
+                    entries.append(e)
+                    bar.update(1)
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
                 json.dump(entries, f)
@@ -225,8 +265,13 @@ def build_sources(entries: list[str], weights: list[float], cfg, split: str, tok
             raise DataError(f"data.urls: {group} names no shards (an empty shard-list file?)")
         sources.append(Source(index_shards(urls, cfg, tokenizer), float(w), " ".join(group)))
     if sum(s.tokens for s in sources if s.weight > 0) == 0:
+        if all(x.get("format", "tar") != "tar" for src in sources for x in src.shards):
+            raise DataError(f"data.urls: {entries} hold no documents: no JSON line or Parquet row has a string "
+                            f"field {cfg.text_key!r} (and the text files are empty); set data.text_key to the "
+                            "field holding the text")
         raise DataError(f"data.urls: {entries} hold no documents with field {cfg.text_field!r} "
-                        f"(or {cfg.token_field!r}); check data.text_field")
+                        f"(or {cfg.token_field!r}; in JSON lines / Parquet {cfg.text_key!r}); check data.text_field "
+                        "(tar samples) or data.text_key (JSON lines, Parquet)")
     return sources
 
 

@@ -10,6 +10,11 @@ all_reduce costs ~0.1 ms on gloo and a few microseconds on NCCL, negligible next
 with a larger value the reaction is up to that many steps later, and time-based saves
 (`checkpoint.every_minutes`) are also decided only on those steps.
 
+Ctrl-C (SIGINT) is the same request from a person: the first one saves at the end of the step
+and exits with EXIT_PREEMPTED; a second one raises KeyboardInterrupt at once (no save). Under
+torchrun a Ctrl-C reaches every worker twice, from the terminal and forwarded by torchrun a few
+milliseconds later: a SIGINT within REPEAT_GAP_S of the first is that same Ctrl-C, not a second.
+
 Exit code: EXIT_PREEMPTED = 75 (EX_TEMPFAIL in sysexits.h: "temporary failure, retry later").
 The trainer returns it only after a complete checkpoint was written because of a signal;
 launch/ requeues the job on it. A `PREEMPTED` JSON file in the run folder says the same for a
@@ -18,14 +23,19 @@ the run starts again.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 from launch.exit_codes import EXIT_PREEMPTED  # noqa: F401 (public here too: the trainer imports it from this module)
-SIGNALS = ("SIGTERM", "SIGUSR1")
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+REPEAT_GAP_S = 1.0      # a person's second Ctrl-C comes later than torchrun's copy of the first
+CTRL_C_NOTE = (b"\nCtrl-C: saving a checkpoint at the end of this step, then exiting "
+               b"(Ctrl-C again to stop at once without saving)\n")
 
 
 class Preemption:
@@ -35,6 +45,7 @@ class Preemption:
         self.signal_name = ""
         self.signals = signals
         self._previous: dict = {}
+        self._ctrl_c_at: float | None = None
 
     def install(self) -> None:
         """Catch the signals from now on (called once the run has restored its state: before
@@ -46,6 +57,15 @@ class Preemption:
                     self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._ctrl_c_at is not None:
+                if now - self._ctrl_c_at >= REPEAT_GAP_S:
+                    raise KeyboardInterrupt          # a second Ctrl-C: stop now, nothing saved
+                return                               # the first one again (forwarded by torchrun)
+            self._ctrl_c_at = now
+            if self.ctx.is_main:                     # os.write: safe whatever the main thread was printing
+                os.write(2, CTRL_C_NOTE)
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 

@@ -151,6 +151,11 @@ def render(p: SlurmProfile, trainer_args: list[str], *, job_name: str, chdir: st
     env = {"OMP_NUM_THREADS": str(p.cpus_per_task), **{k: str(v) for k, v in p.env.items()}}
     if p.gpus_per_node:
         env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")   # a failed NCCL op raises instead of hanging
+    if p.mode == "torchrun" and p.signal_seconds:
+        # torchrun gives its workers 30 s after forwarding TERM, then SIGKILL: too short for a large
+        # checkpoint (launch/README.md). The job has signal_seconds left: let the save use them.
+        # (An environment variable, not --shutdown-timeout: torchrun without it ignores the variable.)
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(p.signal_seconds))
     return _Template(template).substitute(
         rendered_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         sbatch_lines="\n".join(sbatch_lines(p, job_name=job_name, chdir=chdir, array=array, log_dir=log_dir)),

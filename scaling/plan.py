@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.model_config import known_tokenizer_ids, padded_vocab
+
 from .model_size import model_numbers
 from .spec import Spec, SweepSpecError
 
@@ -90,6 +92,12 @@ def plan_sweep(spec: Spec) -> list[Run]:
                  "n_heads": size.n_heads, "n_kv_heads": size.n_kv_heads}
         if "vocab_size" not in model:
             raise SweepSpecError(f"model.vocab_size not found in {spec.base_config} or [base]")
+        if model["vocab_size"] == 0:     # auto: N is counted before training, so the tokenizer must tell it by name
+            ids = known_tokenizer_ids(cfg.get("data", {}).get("tokenizer", "bytes"))
+            if ids is None:
+                raise SweepSpecError(f"model.vocab_size is 0 (auto) in {spec.base_config}; a sweep counts parameters "
+                                     "before training: set 'model.vocab_size' in [base]")
+            model["vocab_size"] = padded_vocab(ids)
         n_tot, n_ne, _ = model_numbers(model, seq_len)
         n = n_tot if spec.param_count == "total" else n_ne
         tps = spec.batch_size[size.dim] * spec.grad_accum * seq_len

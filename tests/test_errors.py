@@ -12,3 +12,19 @@ def test_every_input_error_has_the_one_root_and_its_old_base():
     for cls, old_base in ((ConfigError, ValueError), (DataError, ValueError), (CheckpointError, ConfigError),
                           (LaunchError, RuntimeError), (SweepSpecError, ValueError)):
         assert issubclass(cls, MeshformerError) and issubclass(cls, old_base), cls
+
+
+def test_a_config_error_is_printed_by_rank_0_alone(monkeypatch, capsys):
+    """Under torchrun every rank meets the same config error: one line, not one per rank. A data
+    error may be one rank's own, so every rank prints it. All ranks exit 2."""
+    from core.errors import ConfigError, DataError, report_errors
+
+    def fail(error):
+        def body():
+            raise error
+        return body
+    for rank, error, printed in (("0", ConfigError("model.x: bad"), True), ("1", ConfigError("model.x: bad"), False),
+                                 ("1", DataError("shard y: bad"), True)):
+        monkeypatch.setenv("RANK", rank)
+        assert report_errors("meshformer train", fail(error)) == 2
+        assert bool(capsys.readouterr().err) == printed, (rank, error)

@@ -5,6 +5,6 @@ import sys
 from trainer.cli import main
 
 argv = sys.argv[1:]
-if argv and argv[0].startswith("--") and argv[0] not in ("--help",):
+if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version"):
     argv = ["train", *argv]
 sys.exit(main(argv))

@@ -12,6 +12,7 @@ parallel layout (trainer/checkpoint_state.py). See trainer/CHECKPOINTS.md.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -44,6 +45,16 @@ def find_damage(path: Path, ctx=None) -> str | None:
     return next((p for p in found if p), None)
 
 
+def live_slurm_logs() -> set[str]:
+    """The names this Slurm job's own log may have in the run folder (`slurm-%j.out`, or
+    `slurm-%A_%a.out` in an array): run.overwrite leaves them in place, as the job is still writing."""
+    env = os.environ
+    names = {f"slurm-{env['SLURM_JOB_ID']}.out"} if env.get("SLURM_JOB_ID") else set()
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        names.add(f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}.out")
+    return names
+
+
 class CheckpointManager:
     def __init__(self, cfg, ctx, run_dir: Path, *, model, optimizer, scheduler, loader, state, dims=None,
                  before_save: Callable[[int], None] | None = None):
@@ -71,8 +82,9 @@ class CheckpointManager:
             if self.ctx.is_main:
                 aside = self.run_dir.with_name(f"{self.run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
                 aside.mkdir()
-                for entry in self.run_dir.iterdir():     # all but the lock this run holds
-                    if entry.name != LOCK_NAME:
+                keep = {LOCK_NAME, *live_slurm_logs()}    # the lock this run holds, the log it writes
+                for entry in self.run_dir.iterdir():
+                    if entry.name not in keep:
                         entry.rename(aside / entry.name)
                 print(f"run.overwrite: moved the previous run to {aside}", flush=True)
             self._barrier()

@@ -22,16 +22,30 @@ def _split_config_args(prog: str, argv: list[str], description: str):
 
 
 def train_main(argv: list[str], debug: bool = False) -> int:
-    p = _split_config_args("meshformer train", argv, "Train a Transformer LM.")
+    p = _split_config_args("meshformer train", argv, "Train a Transformer LM. Ctrl-C saves at the end of the step "
+                           "and exits (75, like SIGTERM); a second Ctrl-C stops at once without saving.")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (TOML) and exit")
+    p.add_argument("--dry-run", action="store_true", help="build the layout, model, optimizer and data loaders, "
+                   "read one batch, and stop before the first step (run.dir is not touched)")
     args, overrides = p.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    if args.print_config:            # before torch is imported: instant
+        print(cfg.to_toml(), end="")
+        return 0
     from launch.preemption import EXIT_PREEMPTED
     from trainer.train import train
-    cfg = load_config(args.config, overrides)
     # A Slurm warning signal (USR1) that arrives before the loop catches it or after the final
     # save must not kill the process with 138 (the batch script would requeue a finished run).
     # The loop installs its own handler in between; SIGTERM keeps its default (scancel works).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    summary = train(cfg)
+    try:
+        summary = train(cfg, dry_run=args.dry_run)
+    except KeyboardInterrupt:        # Ctrl-C before the loop catches it, or a second one: no save
+        if debug:
+            raise
+        print(f"meshformer train: interrupted by Ctrl-C; nothing saved since the newest checkpoint in "
+              f"{cfg.run.dir}/checkpoints (if any)", file=sys.stderr)
+        return 130                   # 128 + SIGINT, what a shell reports for Ctrl-C
     return EXIT_PREEMPTED if summary.get("preempted") else 0
 
 
@@ -94,13 +108,30 @@ SUBCOMMANDS = {
 }
 
 
+def version() -> str:
+    """`meshformer 0.1.0 (torch 2.13.0, Python 3.11.7)`: from the installed metadata (no torch import)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+    try:
+        ours = installed("meshformer")
+    except PackageNotFoundError:     # a checkout on PYTHONPATH, not installed
+        ours = "(not installed)"
+    try:
+        torch_version = installed("torch")
+    except PackageNotFoundError:
+        torch_version = "missing"
+    return f"meshformer {ours} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv            # show the stack trace of a bad-input error too
     argv = [a for a in argv if a != "--debug"]
+    if argv[:1] in (["--version"], ["-V"]):
+        print(version())
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         lines = [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-        print("usage: meshformer <command> [args] [--debug]\n\ncommands:\n" + "\n".join(lines)
+        print("usage: meshformer <command> [args] [--debug] | meshformer --version\n\ncommands:\n" + "\n".join(lines)
               + "\n\n`meshformer <command> --help` lists its options (and every config key);"
               " --debug shows the stack trace of an error.")
         if argv and argv[0] not in ("-h", "--help"):

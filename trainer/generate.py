@@ -18,6 +18,7 @@ from core.run_config import keys_help, load_config
 from trainer.checkpoint import load_model_weights
 from trainer.model import KVCache, Transformer
 from trainer.run_folder import TOKENIZER_FILE, describe, load_run_config, pick_checkpoint, run_tokenizer
+from trainer.vocab import resolve_vocab
 
 
 def check_request(prompt_len: int, max_new_tokens: int, temperature: float, top_k: int, limit: int) -> None:
@@ -99,6 +100,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"data.tokenizer: 'pretokenized' shards of tokenizer {tok.ident}, which is neither in "
                           f"{Path(cfg.run.dir) / TOKENIZER_FILE} nor where the shards' manifest.json says; give "
                           "--data.tokenizer hf:/path/tokenizer.json (the one `meshformer prepare` used)")
+    resolve_vocab(cfg.model, tok, cfg.data.tokenizer)     # model.vocab_size 0 (auto): as training resolved it
     ids = tok.encode(args.prompt)
     check_request(len(ids), args.tokens, args.temperature, args.top_k, cfg.model.max_seq_len)
     model = Transformer(cfg.model)

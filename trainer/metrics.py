@@ -1,4 +1,5 @@
-"""Per-step metrics to the console (progress bar), a JSONL file and TensorBoard."""
+"""Per-step metrics to the console (one human line per logged step, trainer/console.py; a progress
+bar on a terminal), a JSONL file, TensorBoard and optional trackers (trainer/trackers.py)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from trainer.console import step_line
 
 # Dense peak matrix TFLOP/s per GPU (vendor datasheets, no sparsity). Overridable by
 # metrics.peak_tflops. A100 has no fp8: its fp8 entry is its bf16 peak.
@@ -61,9 +64,12 @@ class MetricsLogger:
     """Writes on the main process only; other ranks get a logger that does nothing."""
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int = 0,
-                 progress: bool = True, tensorboard: bool = True):
+                 progress: bool = True, tensorboard: bool = True, sinks=()):
         self.enabled = enabled
         self.bar = self.tb = self.file = None
+        self.sinks = list(sinks)        # trackers (wandb, MLflow): log(row, step), close()
+        self.total = total_steps
+        self._first_step_t, self._steps_since = None, 0       # for the ETA
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,8 +84,16 @@ class MetricsLogger:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             file=sys.stderr, disable=None)
-            if self.bar.disable:    # not a terminal (CI, Slurm log): print the rows instead
+            if self.bar.disable:    # not a terminal (CI, Slurm log): the step lines alone
                 self.bar = None
+
+    def eta_s(self, step: int) -> float | None:
+        """Seconds left at the mean pace since the first step of this process (the first step,
+        with its warm-up, is not counted; evaluations and saves are: they are part of the wait)."""
+        if self._first_step_t is None or self._steps_since < 1:
+            return None
+        pace = (time.perf_counter() - self._first_step_t) / self._steps_since
+        return max(0, self.total - step) * pace
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -92,11 +106,20 @@ class MetricsLogger:
             for key, value in row.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self.tb.add_scalar(("val/" if key.startswith("val") else "train/") + key, value, step)
+        for sink in self.sinks:
+            sink.log(row, step)
+        line = step_line(row, self.total, self.eta_s(step))
+        if line is not None:
+            self.say(line)
+
+    def say(self, line: str) -> None:
+        """A line on stdout, above the progress bar when there is one."""
+        if not self.enabled:
+            return
         if self.bar is not None:
-            shown = {k: row[k] for k in ("loss", "val_loss", "lr", "tokens_per_s", "mfu") if k in row}
-            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False)
-        elif "loss" in row or "val_loss" in row:
-            print(json.dumps(row), flush=True)
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
 
     def rewind(self, step: int) -> None:
         """Forget the rows after `step`: a run rolled back to its checkpoint at `step` trains
@@ -111,6 +134,10 @@ class MetricsLogger:
             self.bar.refresh()
 
     def advance(self, steps: int = 1) -> None:
+        if self._first_step_t is None:
+            self._first_step_t = time.perf_counter()
+        else:
+            self._steps_since += steps
         if self.bar is not None:
             self.bar.update(steps)
 
@@ -125,6 +152,10 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self.tb is not None:
             self.tb.close()
         if self.file is not None:

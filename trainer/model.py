@@ -164,6 +164,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
+        if not cfg.vocab_size:      # 0 = auto is resolved from the tokenizer first (trainer/vocab.py)
+            raise ValueError("model.vocab_size: 0 (auto) must be resolved from the tokenizer before building the "
+                             "model (trainer.vocab.resolve_vocab), or set a number")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.position == "learned" else None

@@ -1,6 +1,7 @@
 """The training job: the walk a batch takes, from config to metrics and checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -13,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 import data as data_pkg
-from core.errors import ConfigError, TrainingDiverged
+from core.errors import TrainingDiverged
 from core.layout import validate_layout
 from core.run_config import Config
 from launch.context import DistContext, init_distributed, shutdown
@@ -22,7 +23,8 @@ from parallel.apply import Parallelized, parallelize
 from parallel.dims import ParallelDims
 from parallel.mesh import build_mesh
 from parallel.sharded_init import ParamInit
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import CheckpointManager, complete_checkpoints
+from trainer.console import closing_line, complete_line
 from trainer.divergence import Divergence, DivergenceGuard
 from trainer.memory_check import check_memory
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib, strict
@@ -31,6 +33,8 @@ from trainer.model_plan import parallel_plan
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.run_folder import carry_tokenizer, read_tokenizer_file
 from trainer.run_lock import hold_run_dir
+from trainer.trackers import check_trackers, open_trackers
+from trainer.vocab import resolve_vocab
 
 LoaderFactory = Callable[..., object]
 
@@ -60,13 +64,6 @@ def build_loaders(cfg: Config, dims: ParallelDims, factory: LoaderFactory | None
     return train, val
 
 
-def check_vocab(cfg: Config) -> None:
-    tok = data_pkg.build_tokenizer(cfg.data)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({tok.vocab_size} for data.tokenizer={cfg.data.tokenizer!r}); use at least {tok.vocab_size}")
-
-
 def take(it: Iterator, n: int) -> list:
     return [next(it) for _ in range(n)]
 
@@ -90,29 +87,36 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> tuple[
     return parallelize(whole, dims, parallel_plan(cfg.model), cfg.parallel, cfg.precision, init=init), whole
 
 
-def train(cfg: Config, *, loader_factory: LoaderFactory | None = None, ctx: DistContext | None = None) -> dict:
-    """Run the job described by `cfg`; returns the summary also written to run.dir/summary.json."""
+def train(cfg: Config, *, loader_factory: LoaderFactory | None = None, ctx: DistContext | None = None,
+          dry_run: bool = False) -> dict:
+    """Run the job described by `cfg`; returns the summary also written to run.dir/summary.json.
+    dry_run: build everything (layout, model, optimizer, data loaders, one batch read) and stop
+    before the first step, leaving run.dir untouched."""
     own_ctx = ctx is None
+    check_trackers(cfg.metrics)          # a missing tracker package is bad input: say so before any work
     ctx = ctx or init_distributed(cfg.launch, cfg.train.device)
     try:
-        with hold_run_dir(Path(cfg.run.dir), ctx), stall_watchdog(ctx, cfg.launch.timeout_s) as beat:
-            return _train(cfg, ctx, loader_factory, beat)
+        held = contextlib.nullcontext() if dry_run else hold_run_dir(Path(cfg.run.dir), ctx)
+        with held, stall_watchdog(ctx, cfg.launch.timeout_s) as beat:
+            return _train(cfg, ctx, loader_factory, beat, dry_run)
     finally:
         if own_ctx:
             shutdown(ctx)
 
 
-def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, beat=lambda step: None) -> dict:
+def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, beat=lambda step: None,
+           dry_run: bool = False) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     run_dir = Path(cfg.run.dir)
     dims = build_mesh(cfg.parallel, ctx)
+    vocab_from = "model.vocab_size"
+    if loader_factory is None or not cfg.model.vocab_size:   # a custom loader brings its own token ids
+        vocab_from = resolve_vocab(cfg.model, data_pkg.build_tokenizer(cfg.data), cfg.data.tokenizer)
     validate_layout(cfg.parallel, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
     check_memory(cfg, ctx)              # before anything large is allocated: refuse a run that cannot fit
-    if loader_factory is None:          # a custom loader brings its own token ids
-        check_vocab(cfg)
     tokenizer_file = read_tokenizer_file(cfg) if loader_factory is None and ctx.is_main else None
 
     seed_everything(cfg.run.seed)
@@ -124,6 +128,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine = par.make_engine(optimizer, scheduler, ctx.device, cfg.precision, cfg.optim.grad_clip)
     train_loader, val_loader = build_loaders(cfg, dims, loader_factory)
+    if dry_run:
+        return _dry_run(cfg, ctx, dims, n_params, train_loader)
 
     state = TrainState()
     guard = DivergenceGuard(cfg.train, ctx, model, optimizer)
@@ -133,13 +139,20 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     ckpt.restore()
     if ctx.distributed:   # every rank has looked at the run folder before rank 0 writes into it
         torch.distributed.barrier()
+    if state.step >= cfg.train.steps and complete_checkpoints(ckpt.root):   # a finished run, started again
+        return _already_complete(cfg, ctx, ckpt, state)
     if ctx.is_main:                      # the folder exists: hold_run_dir made it to lock it
         (run_dir / "config.toml").write_text(carry_tokenizer(cfg, run_dir, tokenizer_file).to_toml())
 
-    log = MetricsLogger(run_dir, ctx.is_main, cfg.train.steps, state.step, cfg.metrics.progress, cfg.metrics.tensorboard)
+    log = MetricsLogger(run_dir, ctx.is_main, cfg.train.steps, state.step, cfg.metrics.progress, cfg.metrics.tensorboard,
+                        sinks=open_trackers(cfg, run_dir) if ctx.is_main else ())
     log.message(f"model: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings), "
-                f"{flops_per_token / 1e6:.1f} MFLOP/token; world {ctx.world_size} on {ctx.device.type}; "
+                f"{flops_per_token / 1e6:.1f} MFLOP/token; vocabulary {cfg.model.vocab_size} ({vocab_from}); "
+                f"world {ctx.world_size} on {ctx.device.type}; "
                 f"run folder {run_dir}" + (f"; resumed at step {state.step}" if state.step else ""))
+    if val_loader is None and cfg.train.eval_batches:
+        log.message("no validation data (data.val_urls is empty and data.urls has no val/ split from `meshformer "
+                    "prepare`): training without evaluation")
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len * dims.dp_size
     peak = peak_flops(ctx.device, cfg.precision.dtype, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops) * ctx.world_size
 
@@ -213,4 +226,31 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     if ctx.is_main:   # strict JSON: a value never computed (no validation split) is null
         text = json.dumps({k: strict(v) for k, v in summary.items()}, indent=2, allow_nan=False)
         (run_dir / "summary.json").write_text(text + "\n")
+        saved = complete_checkpoints(ckpt.root)
+        stopped_by = ckpt.preemption.signal_name if ckpt.preempted else ""
+        log.say(closing_line(summary, cfg.train.steps, str(saved[-1]) if saved else None,
+                             "Ctrl-C (SIGINT)" if stopped_by == "SIGINT" else stopped_by))
     return summary
+
+
+def _already_complete(cfg: Config, ctx: DistContext, ckpt: CheckpointManager, state: TrainState) -> dict:
+    """A rerun of a finished run trains nothing and changes nothing: one line says so and how to
+    go on; the summary is the finished run's (summary.json), marked complete."""
+    ckpt.finish()
+    path = Path(cfg.run.dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {"steps": state.step, "tokens": state.tokens}
+    if ctx.is_main:
+        newest = complete_checkpoints(ckpt.root)[-1]
+        print(complete_line(cfg.run.dir, state.step, cfg.train.steps, str(newest)), flush=True)
+    return {**summary, "preempted": False, "complete": True}
+
+
+def _dry_run(cfg: Config, ctx: DistContext, dims: ParallelDims, n_params: int, train_loader) -> dict:
+    """Everything is built; read one batch (the data path is the likeliest to be wrong) and stop."""
+    inputs, _ = next(iter(train_loader))
+    layout = " x ".join(f"{k} {getattr(dims, k)}" for k in ("pp", "dp_replicate", "dp_shard", "tp"))
+    if ctx.is_main:
+        print(f"dry run: built the model ({n_params / 1e6:.2f}M parameters), the layout ({layout} on world "
+              f"{ctx.world_size}), the optimizer and the data loaders, and read a batch of {tuple(inputs.shape)} "
+              f"tokens; stopping before step 1 (nothing written to {cfg.run.dir})", flush=True)
+    return {"dry_run": True, "n_params": n_params, "world_size": ctx.world_size, "preempted": False}

@@ -30,6 +30,9 @@ def read_run_config(path: str, overrides: list[str] = ()) -> RunSettings:
 
 def run_settings(cfg: Config) -> RunSettings:
     """What the planner needs of an already loaded run config (the trainer's start-up check)."""
+    if not cfg.model.vocab_size:     # auto, and the tokenizer's size is in a file only training reads
+        raise ConfigError(f"model.vocab_size: 0 (auto) follows data.tokenizer={cfg.data.tokenizer!r} at training "
+                          "time; the planner needs a number: --model.vocab_size N")
     return RunSettings(model=cfg.model, parallel=cfg.parallel, batch_size=cfg.train.batch_size,
                        grad_accum=cfg.train.grad_accum, seq_len=cfg.train.seq_len, dtype=cfg.precision.dtype)
 

@@ -75,6 +75,13 @@ CASES = [
     train("train-seed-negative", "--run.seed", "-1", match=r"run.seed: .*>= 0"),
     train("train-mup-no-base", "--model.parametrization", "mup",
           match=r"model.mup_base_dim: must be >= 1 with parametrization = 'mup'"),
+    # experiment trackers (metrics.wandb / metrics.mlflow; trainer/trackers.py)
+    train("train-wandb-mode", "--metrics.wandb_mode", "cloud",
+          match=r"metrics.wandb_mode: 'cloud' is not allowed; expected one of 'auto', 'offline', 'online'"),
+    train("train-wandb-no-project", "--metrics.wandb", "true", "--metrics.wandb_project", "",
+          match=r"metrics.wandb_project: must name a W&B project"),
+    train("train-mlflow-no-experiment", "--metrics.mlflow", "true", "--metrics.mlflow_experiment", " ",
+          match=r"metrics.mlflow_experiment: must name an MLflow experiment"),
     train("train-seq-gt-max", "--train.seq_len", "128", match=r"train.seq_len: 128 exceeds model.max_seq_len=64"),
     train("train-dim-heads", "--model.n_heads", "3", "--model.n_kv_heads", "3",
           match=r"model.dim: 32 is not divisible by model.n_heads=3"),
@@ -116,6 +123,11 @@ CASES = [
           "--data.num_workers", "1", code=1, match=r"shard-000000.tar.*token id 6\d{3}.* vocabulary"),
     train("train-bad-npy", "--data.urls", "{bad_npy_dir}", "--data.tokenizer", "pretokenized", "--data.shuffle", "false", code=1,
           match=r"shard-000000.tar: sample '\d+' field 'tokens.npy' is not a readable token array"),
+    train("train-urls-unknown-file", "--data.urls", "{bad_csv}",
+          match=r"cannot read .*bad.csv: unknown file type; accepted: .*\.jsonl.*\.parquet"),
+    train("train-jsonl-no-text-field", "--data.urls", "{jsonl_no_text}",
+          match=r"no documents: no JSON line .*string field 'text'.*data.text_key"),
+    train("train-jsonl-bad-line", "--data.urls", "{bad_jsonl}", match=r"bad.jsonl:2: not a JSON line"),
     train("train-pretokenized-no-manifest", "--data.urls", "{tar_no_manifest}", "--data.tokenizer", "pretokenized",
           match=r"data.tokenizer: 'pretokenized' needs a manifest.json"),
     # ---- prepare
@@ -320,6 +332,8 @@ def build_fixtures(w: Path) -> dict:
     p["empty_corpus"] = str(w / "empty_corpus")
     (w / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     p["bad_jsonl"] = str(w / "bad.jsonl")
+    (w / "no-text.jsonl").write_text('{"body": "a record whose text is under another key"}\n')
+    p["jsonl_no_text"] = str(w / "no-text.jsonl")
     (w / "bad.csv").write_text("N,D,loss\n1e6,2e7,3.1\n2e6,4e7,lots\n")
     p["bad_csv"] = str(w / "bad.csv")
     (w / "good.csv").write_text("N,D,loss\n" + "".join(f"{n},{d},{2 + 1e3 / n + 1e4 / d}\n"

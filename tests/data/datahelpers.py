@@ -93,3 +93,18 @@ def slot_stream(batches, eot):
 def take(loader, n):
     it = iter(loader)
     return [next(it) for _ in range(n)]
+
+
+def train_bpe_tokenizer(path, vocab_size=300, text=None):
+    """A byte-level BPE tokenizer.json trained here on a few KB of text (no download), with
+    <|endoftext|> as its end-of-text token; returns the path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text or text_docs(60, seed=1), trainer=trainer)
+    tok.save(str(path))
+    return str(path)

@@ -50,19 +50,37 @@ def test_prepare_writes_shards_and_manifest_the_loader_reads(tmp_path, capsys):
     docs = write_inputs(tmp_path)
     out = tmp_path / "out"
     assert prepare_main([str(tmp_path / "in"), "--out", str(out), "--shard-size-mb", "0.004", "--workers", "1"]) == 0
-    assert "skipped 1 JSON lines" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "skipped 1 JSON lines" in err
+    # stderr is no terminal here: plain progress lines (quarters), no bar redrawn with carriage returns
+    assert "\r" not in err and "prepare: 100% (" in err and err.count("prepare: ") <= 5
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["docs"] == 40 and manifest["tokens"] == sum(len(d.encode()) for d in docs)
+    val = json.loads((out / "val" / "manifest.json").read_text())
+    # the default --val-fraction 0.01 holds out every 100th document: of 40, the first
+    assert manifest["docs"] == 39 and val["docs"] == 1
+    assert manifest["tokens"] + val["tokens"] == sum(len(d.encode()) for d in docs)
     assert len(manifest["shards"]) > 2
-    assert sum(s["docs"] for s in manifest["shards"]) == 40
-    assert sorted(os.listdir(out)) == sorted([s["name"] for s in manifest["shards"]] + ["manifest.json"])
+    assert sum(s["docs"] for s in manifest["shards"]) == 39
+    assert sorted(os.listdir(out)) == sorted([s["name"] for s in manifest["shards"]] + ["manifest.json", "val"])
     cfg = DataConfig(urls=[str(out)], cache_dir=str(tmp_path / "c"))
     loader = build_loader(cfg, split="train", seq_len=8, batch_size=2, dp_rank=0, dp_size=1, seed=0)
     assert all(s["mode"] == "tokens" for s in loader.sources[0].shards)  # manifest used, no scan
-    got = sorted(bytes(d).decode() for d in epoch_docs(cfg, 256))
-    assert got == sorted(docs)
+    got = [bytes(d).decode() for d in epoch_docs(cfg, 256)]
+    held_out = [bytes(d).decode() for d in epoch_docs(cfg, 256, split="val")]   # found in out/val/
+    assert sorted(got + held_out) == sorted(docs) and not set(got) & set(held_out)
     # nothing a user saved is overwritten
     assert prepare_main([str(tmp_path / "in"), "--out", str(out)]) == 2
+
+
+def test_validation_split_is_every_kth_document_in_input_order(tmp_path):
+    docs = write_inputs(tmp_path)
+    in_order = docs[30:] + docs[:30]       # doc0..doc9.txt sort before part.jsonl
+    out = tmp_path / "out"
+    assert prepare_main([str(tmp_path / "in"), "--out", str(out), "--val-fraction", "0.25", "--workers", "1"]) == 0
+    cfg = DataConfig(urls=[str(out)], cache_dir=str(tmp_path / "c"), shuffle=False)
+    assert [bytes(d).decode() for d in epoch_docs(cfg, 256, split="val")] == in_order[0::4]
+    assert prepare_main([str(tmp_path / "in"), "--out", str(tmp_path / "none"), "--val-fraction", "0"]) == 0
+    assert not (tmp_path / "none" / "val").exists()
 
 
 def test_prepare_output_does_not_depend_on_worker_count(tmp_path):
@@ -106,7 +124,7 @@ def test_hf_tokenizer_on_the_fly_and_prepared(tmp_path):
     assert prepare_main([str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--tokenizer", f"hf:{tj}",
                          "--workers", "2"]) == 0
     cfg.urls = [str(tmp_path / "o")]
-    got = sorted(tok.decode(d) for d in epoch_docs(cfg, tok.eot_id))
+    got = sorted(tok.decode(d) for split in ("train", "val") for d in epoch_docs(cfg, tok.eot_id, split))
     assert got == sorted(docs)
     # the same shards read as 'pretokenized' find their tokenizer in the manifest
     pre = DataConfig(urls=[str(tmp_path / "o")], tokenizer="pretokenized", cache_dir=str(tmp_path / "c"))
@@ -141,8 +159,31 @@ def test_builtin_corpus_prepared_once_split_by_path_hash(tmp_path):
 def test_prepare_reads_json_arrays_and_rejects_bad_input(tmp_path, capsys):
     docs = text_docs(5, seed=2)
     (tmp_path / "a.json").write_text(json.dumps([{"text": d} for d in docs] + [{"title": "no text"}]))
-    assert prepare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "o"), "--workers", "1"]) == 0
+    assert prepare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "o"), "--workers", "1",
+                         "--val-fraction", "0"]) == 0
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["docs"] == 5
     assert prepare_main([str(tmp_path / "missing*.jsonl"), "--out", str(tmp_path / "o2")]) == 2
     assert "matches no files" in capsys.readouterr().err
     assert prepare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "o3"), "--tokenizer", "nope"]) == 2
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
+    import io
+
+    from tqdm import tqdm
+
+    from data.progress import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    bar = progress(10, "prepare", "B", file=Terminal())
+    assert isinstance(bar, tqdm)
+    bar.close()
+    log = io.StringIO()
+    with progress(8, "scan", "files", file=log) as p:
+        for _ in range(8):
+            p.update(1)
+    assert [line.split(",")[0] for line in log.getvalue().splitlines()] == [
+        "scan: 25% (2 of 8 files)", "scan: 50% (4 of 8 files)", "scan: 75% (6 of 8 files)", "scan: 100% (8 of 8 files)"]

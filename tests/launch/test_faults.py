@@ -56,6 +56,11 @@ def test_killed_rank_restarts_from_checkpoint_to_the_same_losses(tmp_path):
     rc = run_logged(torchrun(4, "-m", "trainer", "--config", str(cfg), "--run.dir", str(ref), *layout),
                     tmp_path / "ref.log", timeout=300)
     assert rc == 0, tail(tmp_path / "ref.log")
+    # the console under torchrun: one human line per logged step from rank 0 alone, then the closing line
+    text = (tmp_path / "ref.log").read_text()
+    assert re.findall(r"^step (\d+)/8 \| loss ", text, re.M) == [str(s) for s in range(1, 9)], tail(tmp_path / "ref.log")
+    assert re.search(rf"^done: 8/8 steps \| .* \| checkpoint {re.escape(str(ref / 'checkpoints' / 'step-00000008'))}$",
+                     text, re.M), tail(tmp_path / "ref.log")
 
     log = tmp_path / "run.log"
     # torchrun's default shares its rendezvous store with restarted workers, stale addresses

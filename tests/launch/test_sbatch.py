@@ -83,6 +83,7 @@ def test_ib_profile_and_torchrun_mode(capsys):
             '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT" "--rdzv-id=$SLURM_JOB_ID" -m trainer') in s
     assert 'kill -s TERM "$step_pid"' in s     # torchrun passes TERM on to its workers
     assert "NCCL_IB_GID_INDEX" not in s         # RoCE-only: wrong on the example's InfiniBand
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in s     # ... and waits signal_seconds (the profile's), not 30 s
 
 
 @pytest.mark.parametrize("args, match", [
@@ -134,8 +135,8 @@ def test_array_slot_expands_per_task():
 
 
 FAKE_SRUN = """#!/bin/bash
-echo "srun $*" >> "$LOG"
 trap 'echo "step got USR1" >> "$LOG"; exit ${STEP_EXIT_ON_SIGNAL:-42}' USR1
+echo "srun $*" >> "$LOG"
 for _ in $(seq 600); do sleep 0.1; done
 """
 FAKE_SCONTROL = """#!/bin/bash

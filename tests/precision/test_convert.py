@@ -91,7 +91,7 @@ def test_transformer_engine_is_imported_only_when_asked_for():
             "from parallel.precision import convert_for_training\n"
             "from core.precision_config import PrecisionConfig\n"
             "from trainer.model import Transformer\nfrom core.model_config import ModelConfig\n"
-            "convert_for_training(Transformer(ModelConfig(dim=64, n_layers=1)), PrecisionConfig(dtype='fp8'))\n"
+            "convert_for_training(Transformer(ModelConfig(vocab_size=320, dim=64, n_layers=1)), PrecisionConfig(dtype='fp8'))\n"
             "assert not any(m.startswith('transformer_engine') for m in sys.modules), 'imported TE'\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
                        capture_output=True, text=True, timeout=120)

@@ -17,6 +17,7 @@ from pathlib import Path
 import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from core.model_config import known_tokenizer_ids, padded_vocab  # noqa: E402
 from scaling.model_size import model_numbers  # noqa: E402
 from scaling.plan import set_dotted, step_dir_name  # noqa: E402
 
@@ -38,6 +39,8 @@ def main(argv):
         print("fake failure", file=sys.stderr)
         return 3
     t, m = cfg["train"], cfg["model"]
+    if not m.get("vocab_size"):   # 0 = auto, resolved as the real trainer's config loading does
+        m["vocab_size"] = padded_vocab(known_tokenizer_ids(cfg.get("data", {}).get("tokenizer", "bytes")))
     n, n_ne, fpt = model_numbers(m, t["seq_len"])
     tps = t["batch_size"] * t.get("grad_accum", 1) * t["seq_len"]
     ck = cfg.get("checkpoint", {})

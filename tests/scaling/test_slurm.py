@@ -72,25 +72,26 @@ def test_sweep_as_slurm_job_arrays(slurm, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tiny_sweep_of_the_real_trainer_as_slurm_job_arrays(slurm, tmp_path, capsys):
-    """The tiny sweep (3 budgets x 4 sizes, cooldown branches) with the real trainer in Slurm array tasks."""
-    replace = {"compare_from_scratch = true": "compare_from_scratch = false",
-               "budgets = [6e9, 1.2e10, 2.4e10]": "budgets = [3e9, 6e9, 1.2e10]"}
+    """The real trainer in Slurm array tasks: two sizes at one budget, base runs then their cooldown
+    branches (the branch array starts from the base runs' checkpoints). The array mechanics at full
+    size, collect, fit and plot are test_sweep_as_slurm_job_arrays's (fake trainer, same spec); the
+    real trainer's full tiny sweep and fit are test_e2e_trainer's, without Slurm."""
+    replace = {"compare_from_scratch = true": "compare_from_scratch = false", "dims = [32, 48, 64, 96]": "dims = [32, 48]",
+               "budgets = [6e9, 1.2e10, 2.4e10]": "budgets = [3e9]"}
     spec_path = write_spec(tmp_path, trainer=[sys.executable, "-m", "trainer", "train"], replace=replace)
     spec = load_spec(spec_path)
     assert main(["run", str(spec_path), "--slurm", "--jobs", "2", "--wait"]) == 0
     rows = ResultsStore(spec.results_path).rows()
-    assert len(rows) == 16 and all(r["status"] == "done" for r in rows), \
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows), \
         [(r["run_id"], r["status"], r["error"]) for r in rows if r["status"] != "done"]
-    assert sum(r["kind"] == "branch" for r in rows) == 12 and all(r["slurm_job"] for r in rows)
+    assert sum(r["kind"] == "branch" for r in rows) == 2 and all(r["slurm_job"] for r in rows)
     for r in rows:
         summary = json.loads((spec.out_dir / "runs" / r["run_id"] / "summary.json").read_text())
         assert r["n_params"] == summary["n_params"] and 0 < summary["final_val_loss"] < 6.0
     capsys.readouterr()
     assert main(["run", str(spec_path), "--slurm", "--jobs", "2", "--wait"]) == 0
-    assert "0 runs to submit, 16 skipped" in capsys.readouterr().out
-    assert main(["collect", str(spec_path)]) == 0 and main(["fit", str(spec_path), "--top-k", "8"]) == 0
-    assert main(["plot", str(spec_path)]) == 0
-    assert (spec.out_dir / "plots" / "isoflop.png").exists()
+    assert "0 runs to submit, 4 skipped" in capsys.readouterr().out
+    assert main(["collect", str(spec_path)]) == 0
 
 
 def _squeue(*fmt) -> list[list[str]]:

@@ -64,9 +64,15 @@ def test_bf16_autocast_trains(tmp_path):
     assert losses(rows)[-1] < losses(rows)[0] - 1.0
 
 
-def test_existing_run_without_checkpoint_needs_overwrite(tmp_path):
+def test_existing_run_without_checkpoint_needs_overwrite(tmp_path, monkeypatch):
     run(tmp_path, "x", "--train.steps", "2", "--checkpoint.final", "false")
     with pytest.raises(ConfigError, match="run.overwrite"):
         run(tmp_path, "x", "--train.steps", "2")
+    # under Slurm the job's log may sit in the run folder (the sbatch default): the live one stays
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    (tmp_path / "x" / "slurm-11.out").write_text("the old job")
+    (tmp_path / "x" / "slurm-12.out").write_text("this job, still writing")
     run(tmp_path, "x", "--train.steps", "2", "--run.overwrite", "true")
-    assert len(list(tmp_path.glob("x.old-*"))) == 1   # moved aside, not deleted
+    old = list(tmp_path.glob("x.old-*"))
+    assert len(old) == 1 and (old[0] / "metrics.jsonl").exists()     # moved aside, not deleted
+    assert (old[0] / "slurm-11.out").exists() and (tmp_path / "x" / "slurm-12.out").exists()
