@@ -30,14 +30,18 @@ from core.run_config import Config, load_config
 from scaling.mup_plots import plot_coord_check
 from trainer.model import Transformer
 from trainer.optim import build_optimizer
+from trainer.vocab import resolve_vocab
 
 PARAMETRIZATIONS = {"both": ("sp", "mup"), "sp": ("sp",), "mup": ("mup",)}
 
 
 def corpus_batches(cfg: Config, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first n training batches of the configured data (the built-in corpus by default)."""
+    """The first n training batches of the configured data (the built-in corpus by default);
+    model.vocab_size 0 (auto) is resolved from its tokenizer, as training does."""
+    tok = data_pkg.build_tokenizer(cfg.data)
+    resolve_vocab(cfg.model, tok, cfg.data.tokenizer)
     loader = data_pkg.build_loader(cfg.data, split="train", seq_len=cfg.train.seq_len,
-                                   batch_size=cfg.train.batch_size, dp_rank=0, dp_size=1, seed=cfg.run.seed)
+                                   batch_size=cfg.train.batch_size, dp_rank=0, dp_size=1, seed=cfg.run.seed, tokenizer=tok)
     it = iter(loader)
     return [next(it) for _ in range(n)]
 

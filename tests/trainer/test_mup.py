@@ -17,12 +17,12 @@ from trainer.optim import param_groups
 
 
 def mup(dim: int, **kw) -> ModelConfig:
-    return ModelConfig(dim=dim, n_heads=4, n_layers=2, parametrization="mup", mup_base_dim=64, **kw)
+    return ModelConfig(**{"vocab_size": 320, **kw}, dim=dim, n_heads=4, n_layers=2, parametrization="mup", mup_base_dim=64)
 
 
 def test_base_width_mup_is_the_sp_model():
     """Every muP factor is 1 at the base width: same init, same logits, bit for bit."""
-    sp, mp = Transformer(ModelConfig(dim=64, n_heads=4, n_layers=2)), Transformer(mup(64))
+    sp, mp = Transformer(ModelConfig(dim=64, n_heads=4, n_layers=2, vocab_size=320)), Transformer(mup(64))
     sp.init_weights(5)
     mp.init_weights(5)
     for (k, a), b in zip(sp.state_dict().items(), mp.state_dict().values()):
@@ -64,7 +64,7 @@ def test_param_groups_per_layer_type(tied):
     """Hidden matrices: lr / m and weight decay x m (lr * wd unchanged); readout: decayed, lr;
     embeddings, norms: no decay, lr. Group 0 carries the base LR (the one the trainer logs). A
     pipeline stage list (names "0.layers...") gets the same LR per parameter."""
-    model = Transformer(ModelConfig(dim=64, n_heads=4, n_layers=2, parametrization="mup", mup_base_dim=16,
+    model = Transformer(ModelConfig(dim=64, n_heads=4, n_layers=2, vocab_size=320, parametrization="mup", mup_base_dim=16,
                                     tie_embeddings=tied))
     groups = param_groups(model, 0.1, 1e-3)
     assert groups[0]["lr"] == 1e-3
@@ -79,7 +79,7 @@ def test_param_groups_per_layer_type(tied):
     staged = {id(p): (g["lr"], g["weight_decay"]) for g in param_groups(nn.ModuleList([model]), 0.1, 1e-3)
               for p in g["params"]}
     assert staged == lr_of
-    sp = param_groups(Transformer(ModelConfig(dim=64, n_heads=4, n_layers=2)), 0.1, 1e-3)
+    sp = param_groups(Transformer(ModelConfig(dim=64, n_heads=4, n_layers=2, vocab_size=320)), 0.1, 1e-3)
     assert [g["weight_decay"] for g in sp] == [0.1, 0.0] and all("lr" not in g for g in sp)
 
 
