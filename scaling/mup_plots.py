@@ -61,7 +61,7 @@ def plot_coord_check(result: dict, path: Path, max_panels: int = 4) -> Path:
 def plot_lr_transfer(transfer: dict, path: Path) -> Path:
     """Final loss against LR, one line per width, one panel per parametrization; each width's best
     LR is a star, failed (diverged) LRs are crosses at the top of the panel."""
-    pars = list(transfer)
+    pars = sorted(transfer, key=lambda p: (p != "sp", p))          # sp on the left, as in the coordinate check
     fig, axes = plt.subplots(1, len(pars), figsize=(5.0 * len(pars), 4.0), sharey=True, squeeze=False)
     cmap = plt.get_cmap("plasma")
     top = max(v for widths in transfer.values() for w in widths.values() for v in w["losses"])
