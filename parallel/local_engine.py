@@ -1,5 +1,12 @@
 """One optimizer step behind a small interface, so a pipeline schedule or a DeepSpeed engine can
-take over forward/backward/step without the training loop changing."""
+take over forward/backward/step without the training loop changing.
+
+The step's loss is the sum of the token losses of the whole global batch divided by the number
+of labelled tokens in it (labels equal to IGNORE_INDEX, the padding at an epoch's end, count for
+nothing). Every micro-batch is scaled by that one global count, so the loss and the gradients do
+not depend on how a layout cuts the global batch into data-parallel ranks, accumulation steps or
+pipeline microbatches, and a micro-batch without a labelled token adds 0 (a per-micro-batch mean
+would be 0/0 = NaN there, and would weigh a nearly empty row as much as a full one)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,23 +15,57 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from parallel.precision import autocast_context, post_optimizer_hook
 
+IGNORE_INDEX = -100   # F.cross_entropy's default; the data loader labels padding with it (data.plan.IGNORE)
+
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over all positions (in fp32 whatever the logits' dtype)."""
+    """Mean next-token loss over the labelled positions (in fp32 whatever the logits' dtype); NaN
+    when no position is labelled: the engines use `token_loss_sum` and a global count instead."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the next-token losses of the labelled positions (fp32); 0 when none is labelled.
+    Divided by the count of labelled positions it equals `cross_entropy` bit for bit (the mean is
+    the same sum divided by the same count)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def labelled_tokens(batches, device: torch.device) -> torch.Tensor:
+    """The labelled positions of `batches`, counted on the device (int64, nothing read)."""
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    for _, labels in batches:
+        count += (labels != IGNORE_INDEX).sum()
+    return count
+
+
+def labelled_on_host(batches) -> bool:
+    """Whether `batches` hold a labelled position, known without waiting for the device: True
+    when a batch still in host memory (as the data loader hands it out, before the copy to the
+    device) holds one, read through numpy; False otherwise (none there, or labels already on an
+    accelerator: the caller then reads the device's count)."""
+    return any(labels.device.type == "cpu" and bool((labels.detach().numpy() != IGNORE_INDEX).any())
+               for _, labels in batches)
 
 
 class StepOutput(NamedTuple):
     """What one optimizer step leaves behind. The tensors stay on the device, unread: reading one
     (`.item()`, `float()`) waits for the device's queue to drain, so the loop reads them only at
-    logging steps. `loss` is this rank's mean over its micro-batches; `reduce_loss` makes it the
-    job's (a collective under data/pipeline parallel, taken only when the value is read)."""
+    logging steps. `loss` is this rank's share of the step's loss, scaled by the data-parallel
+    size (the sum of its token losses x dp_size / the global batch's labelled tokens); `reduce_loss`
+    averages it over data-parallel ranks into the job's loss (a collective, taken only when read)."""
     loss: torch.Tensor
     grad_norm: torch.Tensor       # global norm before clipping: the same value on every rank
     skipped: bool = False         # the update was dropped for a non-finite loss or norm (skip_nonfinite)
+    unlabelled: bool = False      # the global batch held no labelled token: no update (loss and norm 0)
 
 
 class LocalEngine:
@@ -33,31 +74,60 @@ class LocalEngine:
     Subclasses (pipeline, DeepSpeed) override `forward_backward` and/or `clip_grad_norm`.
     """
 
+    dp_size = 1   # ranks whose gradients are averaged (DDP/FSDP); the loss is scaled to undo the average
+
     def __init__(self, model: nn.Module, optimizer, scheduler, device: torch.device,
                  precision: str = "fp32", grad_clip: float = 0.0, bf16_mode: str = "autocast"):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.device, self.precision, self.grad_clip, self.bf16_mode = device, precision, grad_clip, bf16_mode
 
+    @property
+    def modules(self) -> list[nn.Module]:
+        return getattr(self, "model_parts", [self.model])
+
     def autocast(self):
         return autocast_context(self.device, self.precision, self.bf16_mode, self.model)
+
+    def loss_context(self):
+        return contextlib.nullcontext()
+
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_loss_sum(logits, labels)
 
     def no_sync(self, last: bool):
         """Skip gradient synchronisation on all but the last micro-batch (DDP overrides)."""
         return contextlib.nullcontext()
 
-    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def to_device(self, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in batches]
+
+    def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel ranks (single process: as is), on the device."""
+        return t.detach()
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The job's sum of a per-rank value (under pipeline parallel, the last stage's value)."""
+        return self.dp_sum(t)
+
+    def global_labelled_tokens(self, batches) -> torch.Tensor:
+        """Labelled tokens in the global batch: every micro-batch of every data-parallel rank (a
+        collective under data parallel, issued without a host read)."""
+        return self.dp_sum(labelled_tokens(batches, self.device))
+
+    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]], divisor: torch.Tensor) -> torch.Tensor:
+        """Backward of sum(token losses) / divisor per micro-batch; returns their sum (detached)."""
         total = torch.zeros((), device=self.device)
         for i, (inputs, labels) in enumerate(batches):
-            inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            with self.no_sync(last=i == len(batches) - 1), self.autocast():
-                loss = cross_entropy(self.model(inputs), labels) / len(batches)
-            loss.backward()
-            total += loss.detach()
+            with self.no_sync(last=i == len(batches) - 1), self.loss_context():
+                with self.autocast():
+                    loss = self.loss_fn(self.model(inputs), labels) / divisor
+                loss.backward()
+            total += full_value(loss.detach())
         return total
 
     def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The step's loss averaged over the whole job (single process: as is), still on the device."""
-        return loss.detach()
+        """The step's loss for the whole job (the mean of the ranks' scaled shares), on the device."""
+        return self.reduce_sum(loss) / self.dp_size
 
     def all_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
         """Whether the step's loss and gradient norm are finite on every rank: a host read."""
@@ -71,26 +141,49 @@ class LocalEngine:
     def train_step(self, batches, skip_nonfinite: bool = False) -> StepOutput:
         """One optimizer step over `batches` (grad accumulation), nothing read by the host.
 
+        The divisor of every micro-batch's summed token loss is the global batch's labelled
+        tokens / dp_size (data-parallel gradients are averaged over dp_size ranks). A global
+        batch without a labelled token (an epoch's padded end) makes no update: zero gradients
+        would still move AdamW's weights. Knowing that takes a host read only on a rank whose
+        own rows (seen in host memory) hold no label, so all ranks decide alike: if any rank has
+        a label, the global count is > 0.
+
         With `skip_nonfinite` a step whose loss or gradient norm is not finite leaves the weights
         and optimizer state as they were (AdamW's moments too), like AMP's GradScaler; deciding it
         before `optimizer.step()` costs one host read (and, distributed, one tiny all-reduce) per
         step. The LR schedule advances either way: it counts steps taken, as the loop does."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.forward_backward(batches)
+        labelled_here = labelled_on_host(batches)
+        batches = self.to_device(batches)
+        count = self.global_labelled_tokens(batches)
+        divisor = count.clamp(min=1).to(torch.float32) / self.dp_size
+        loss = self.forward_backward(batches, divisor)
         norm = self.clip_grad_norm()
-        skipped = skip_nonfinite and not self.all_finite(loss, norm)
-        if not skipped:
+        unlabelled = not labelled_here and not bool(count)   # the read, only where no label was seen
+        skipped = not unlabelled and skip_nonfinite and not self.all_finite(loss, norm)
+        if not (skipped or unlabelled):
             self.optimizer.step()
-            post_optimizer_hook(getattr(self, "model_parts", [self.model]))  # fp8 all-gather scales (torchao + FSDP)
+            post_optimizer_hook(self.modules)  # fp8 all-gather scales (torchao + FSDP)
         self.scheduler.step()
-        return StepOutput(loss, norm, skipped)
+        return StepOutput(loss, norm, skipped, unlabelled)
+
+    def eval_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Sum of a batch's token losses (None where this rank does not compute the loss)."""
+        return full_value(self.loss_fn(self.model(inputs), labels))
 
     @torch.no_grad()
     def eval_loss(self, batches) -> float:
-        self.model.eval()
-        total = torch.zeros((), device=self.device)
+        """Sum of the token losses of all `batches` on all data-parallel ranks / their labelled tokens."""
+        for m in self.modules:
+            m.eval()
+        batches = self.to_device(batches)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for inputs, labels in batches:
-            with self.autocast():
-                total += cross_entropy(self.model(inputs.to(self.device)), labels.to(self.device))
-        self.model.train()
-        return self.reduce_loss(total / max(1, len(batches))).item()
+            with self.loss_context(), self.autocast():
+                loss = self.eval_sum(inputs, labels)
+            if loss is not None:
+                total += loss
+        for m in self.modules:
+            m.train()
+        total, count = self.reduce_sum(torch.stack([total, labelled_tokens(batches, self.device).double()]))
+        return (total / count.clamp(min=1)).item()

@@ -22,7 +22,7 @@ from core.layout import microbatches, stage_layer_counts
 from core.parallel_config import ParallelConfig
 from core.parallel_plan import ParallelPlan
 from parallel.dist_engine import full_value
-from parallel.local_engine import cross_entropy
+from parallel.local_engine import token_loss_sum
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
              "zero_bubble": ScheduleInterleavedZeroBubble}
@@ -53,8 +53,7 @@ class PipelineSetup:
     device: torch.device
     modules: list[nn.Module] = field(default_factory=list)
     schedule: object = None
-    loss_scale: float = 1.0
-    n_micro: int = 1
+    divisor: torch.Tensor | float = 1.0
 
     @property
     def has_first(self) -> bool:
@@ -65,7 +64,9 @@ class PipelineSetup:
         return self.n_stages - 1 in self.stage_ids
 
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(logits, labels) * self.loss_scale
+        """A microbatch's summed token losses over the step's divisor (parallel/local_engine.py):
+        the schedule runs backward on it, so a microbatch without a labelled token adds 0."""
+        return token_loss_sum(logits, labels) / self.divisor
 
     def build_schedule(self, parts: list[nn.Module], pcfg: ParallelConfig) -> None:
         self.modules = parts
@@ -74,17 +75,16 @@ class PipelineSetup:
                   for part, sid in zip(parts, self.stage_ids)]
         cls = SCHEDULES[pcfg.pp_schedule]
         n_micro = microbatches(pcfg)
-        self.n_micro = n_micro
         # scale_grads=False: the schedule would divide all of a stage's gradients by n_micro after
         # each step, also those accumulated by earlier steps of a gradient-accumulation window;
-        # the loss carries the 1 / (n_micro * accumulation) factor instead.
+        # the loss carries the global batch's divisor instead.
         kwargs = dict(n_microbatches=n_micro, loss_fn=self.loss_fn, scale_grads=False)
         self.schedule = cls(stages, **kwargs) if issubclass(cls, PipelineScheduleMulti) else cls(stages[0], **kwargs)
 
-    def run(self, inputs, labels, train: bool = True, accumulation: int = 1) -> torch.Tensor | None:
-        """One pipelined pass over a batch; on the last stage returns the batch's mean loss
-        divided by `accumulation` (the sum of the scaled microbatch losses)."""
-        self.loss_scale = 1.0 / (self.n_micro * accumulation)
+    def run(self, inputs, labels, train: bool = True, divisor: torch.Tensor | float = 1.0) -> torch.Tensor | None:
+        """One pipelined pass over a batch; on the last stage returns the sum of its token losses
+        divided by `divisor` (the sum of the microbatch losses)."""
+        self.divisor = divisor
         losses: list = []
         if not train and not hasattr(self.schedule, "eval"):
             raise RuntimeError("pipeline evaluation needs PipelineSchedule.eval (newer torch); set train.eval_every = 0 "

@@ -68,7 +68,10 @@ class DivergenceGuard:
 
     # ---- every step, on the device ----------------------------------------------------------
     def observe(self, step: int, out: StepOutput) -> None:
-        """Note a non-finite loss or norm of an applied update; count a skipped one (already read)."""
+        """Note a non-finite loss or norm of an applied update; count a skipped one (already read).
+        A step without a labelled token (no update, loss and norm 0) changes nothing here."""
+        if out.unlabelled:
+            return
         if out.skipped:
             self.skips_in_a_row += 1
             if self.skips_in_a_row > self.cfg.max_skips:

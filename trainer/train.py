@@ -175,12 +175,14 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
             log.advance()
             if out.skipped:
                 log.log({"step": state.step, "skipped": "non-finite loss or gradient norm", "lr": lr})
+            elif out.unlabelled:   # an epoch's padded end: no label anywhere in the global batch, no update
+                log.log({"step": state.step, "skipped": "no labelled token in the global batch", "lr": lr})
             guard.observe(state.step, out)
             final = state.step == cfg.train.steps
             evaluate_now = val_loader is not None and (
                 final or bool(cfg.train.eval_every and state.step % cfg.train.eval_every == 0))
             try:
-                if (state.step % cfg.metrics.log_every == 0 or final) and not out.skipped:
+                if (state.step % cfg.metrics.log_every == 0 or final) and not (out.skipped or out.unlabelled):
                     if ctx.device.type == "cuda":
                         torch.cuda.synchronize()
                     now = time.perf_counter()

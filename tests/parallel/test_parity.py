@@ -14,11 +14,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from webdataset import TarWriter
 
 from tests.parallel.layouts import STEPS, run_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-5
+
+# A padded epoch end: 13 documents of 30 bytes are 403 positions (end-of-text included), cut into
+# G = 16 lanes of 25 or 26 (data/plan.py). At seq_len 7 an epoch is 4 steps and its last holds a
+# label in rows 5, 10 and 15 only: DDP rank 0's first micro-batch (rows 0-3) and the pipeline's
+# first two microbatches (rows 0-1, 2-3) have none. The evaluation covers the whole (padded) pass.
+EPOCH_END = "--data.urls CORPUS --data.val_urls CORPUS --train.seq_len 7 --train.grad_accum 2 --train.eval_batches 4"
 
 TWO_RANKS = {
     "ddp2": "--parallel.dp_replicate 2 --parallel.dp_shard 1",
@@ -42,6 +49,9 @@ TWO_RANKS = {
     "pp2_1f1b_uneven_accum2": "--parallel.pp 2 --parallel.pp_layers 1,3 --train.grad_accum 2",
     "pp2_interleaved_1f1b": "--parallel.pp 2 --parallel.pp_schedule interleaved_1f1b --parallel.pp_virtual_stages 2",
     "pp2_zero_bubble": "--parallel.pp 2 --parallel.pp_schedule zero_bubble --parallel.pp_virtual_stages 2",
+    "ddp2_accum2_epoch_end": "--parallel.dp_replicate 2 --parallel.dp_shard 1 " + EPOCH_END,
+    "tp2_no_sp_epoch_end": "--parallel.tp 2 --parallel.sp false " + EPOCH_END,   # SP needs seq_len % tp == 0
+    "pp2_1f1b_epoch_end": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4 " + EPOCH_END,
 }
 FOUR_RANKS = {
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
@@ -62,11 +72,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, layouts: dict[str, str], tmp: Path, timeout: float) -> dict:
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """The EPOCH_END corpus: one shard of 13 documents of 30 bytes, as a data.urls value."""
+    path = tmp_path_factory.mktemp("corpus") / "docs-0000.tar"
+    with TarWriter(str(path)) as w:
+        for i in range(13):
+            w.write({"__key__": f"d{i:02d}", "txt": f"def f{i}(x):\n    return x * {i}\n".ljust(30).encode()})
+    return json.dumps([str(path)]).replace(" ", "")
+
+
+def launch(nproc: int, layouts: dict[str, str], tmp: Path, timeout: float, corpus: str = "CORPUS") -> dict:
+    """One torchrun launch running `layouts`; CORPUS in their arguments becomes `corpus`."""
     out = tmp / f"results-{nproc}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "tests/parallel/layouts.py"), str(out)] + [f"{k}={v}" for k, v in layouts.items()]
+           str(ROOT / "tests/parallel/layouts.py"), str(out)] + [f"{k}={v.replace('CORPUS', corpus)}"
+                                                                  for k, v in layouts.items()]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", ND_DUMP_AFTER=str(timeout - 10))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if not out.exists():
@@ -82,14 +104,14 @@ def model_args(layout: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory):
+def references(tmp_path_factory, corpus):
     """Single-process runs, one per model variant, computed here on first use."""
     cache: dict = {}
 
     def get(layout: str) -> dict:
-        key = " ".join(model_args(layout))
+        key = " ".join(model_args(layout.replace("CORPUS", corpus)))
         if key not in cache:
-            cache[key] = run_layout(str(tmp_path_factory.mktemp("ref") / "single"), model_args(layout))
+            cache[key] = run_layout(str(tmp_path_factory.mktemp("ref") / "single"), key.split())
         return cache[key]
     return get
 
@@ -110,8 +132,8 @@ def check(name: str, got: dict, ref: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory):
-    return launch(2, TWO_RANKS, tmp_path_factory.mktemp("two"), timeout=600)
+def two_rank_results(tmp_path_factory, corpus):
+    return launch(2, TWO_RANKS, tmp_path_factory.mktemp("two"), timeout=600, corpus=corpus)
 
 
 @pytest.fixture(scope="module")

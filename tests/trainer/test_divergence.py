@@ -64,8 +64,8 @@ def poison_step(monkeypatch, at: int) -> None:
     calls = [0]
     original = LocalEngine.forward_backward
 
-    def poisoned(self, batches):
-        loss = original(self, batches)
+    def poisoned(self, batches, divisor):
+        loss = original(self, batches, divisor)
         calls[0] += 1
         if calls[0] == at:
             for p in self.model.parameters():
