@@ -89,6 +89,11 @@ def doctor_main(argv: list[str], debug: bool = False) -> int:
     return run_checks(load_config(args.config, overrides))
 
 
+def mup_main(argv: list[str], debug: bool = False) -> int:
+    from trainer.mup_check import main
+    return main(argv, debug=debug)
+
+
 def slurm_main(argv: list[str], debug: bool = False) -> int:
     from launch.slurm_submit import main
     return main(argv, debug=debug)
@@ -103,6 +108,7 @@ SUBCOMMANDS = {
     "plan": (plan_main, "predict memory and speed of parallel layouts on a cluster"),
     "sweep": (sweep_main, "scaling-law sweeps: plan, run, collect, fit, plot"),
     "export": (export_main, "a run as a Hugging Face model folder (weights + tokenizer): RUN_DIR OUT"),
+    "mup": (mup_main, "muP coordinate check: mup check [--widths 64,128,256,512] [--steps 5]"),
     "slurm": (slurm_main, "render or submit an sbatch script for a run"),
     "doctor": (doctor_main, "check torch, devices, NCCL/IB variables, disk and a shared run.dir before a job"),
 }
