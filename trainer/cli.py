@@ -70,6 +70,11 @@ def generate_main(argv: list[str], debug: bool = False) -> int:
     return main(argv)
 
 
+def eval_main(argv: list[str], debug: bool = False) -> int:
+    from trainer.perplexity import main
+    return main(argv)
+
+
 def prepare_main(argv: list[str], debug: bool = False) -> int:
     from data.prepare import main
     return main(argv, debug=debug)
@@ -109,6 +114,7 @@ def slurm_main(argv: list[str], debug: bool = False) -> int:
 SUBCOMMANDS = {
     "train": (train_main, "train a model: --config FILE [--section.key value ...]"),
     "generate": (generate_main, "sample text from a run: RUN_DIR [--prompt TEXT] [--checkpoint step-N]"),
+    "eval": (eval_main, "loss, perplexity and bits per byte of a run on a data source: RUN_DIR [--quantize int8]"),
     "prepare": (prepare_main, "tokenize text corpora into webdataset shards"),
     "plan": (plan_main, "predict memory and speed of parallel layouts on a cluster"),
     "sweep": (sweep_main, "scaling-law sweeps: plan, run, collect, fit, plot"),

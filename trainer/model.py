@@ -86,6 +86,17 @@ class KVCache:
         self.k[layer], self.v[layer] = k, v
         return k, v
 
+    def __len__(self) -> int:
+        """Positions cached (the same in every layer)."""
+        return next(iter(self.k.values())).shape[1] if self.k else 0
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on: speculative decoding rolls back the keys and
+        values of draft tokens the target rejected, so the next step overwrites them."""
+        for d in (self.k, self.v):
+            for layer, t in d.items():
+                d[layer] = t[:, :length]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):

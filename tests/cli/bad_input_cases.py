@@ -173,6 +173,22 @@ CASES = [
     cmd("generate-checkpoint-not-one", "generate", "{run}", "--checkpoint", "{empty_dir}",
         match=r"--checkpoint .*empty.* is not a complete checkpoint folder"),
     gen("generate-other-model", "--model.dim", "64", "--tokens", "5", match=r"(model|shape|dim)"),
+    # generate: speculative decoding, quantization, the bandwidth bench (issue 23)
+    gen("generate-draft-tokens-0", "--draft", "{run}", "--draft-tokens", "0", match=r"--draft-tokens: 0 must be >= 1"),
+    gen("generate-draft-not-a-run", "--draft", "{empty_dir}", "--tokens", "5", match=r"empty.* is not a run folder \(no config.toml\)"),
+    gen("generate-quantize-bad", "--quantize", "int4", match=r"--quantize: invalid choice: 'int4'"),
+    gen("generate-dtype-bad", "--dtype", "fp16", match=r"--dtype: invalid choice: 'fp16'"),
+    gen("generate-batch-sizes-bad", "--bench", "--batch-sizes", "1,x", match=r"--batch-sizes: '1,x'.*e.g. 1,8"),
+    gen("generate-batch-sizes-0", "--bench", "--batch-sizes", "0", match=r"--batch-sizes: '0'.*>= 1"),
+    # ---- eval
+    cmd("eval-not-a-run-folder", "eval", "{empty_dir}", match=r"empty.* is not a run folder \(no config.toml\)"),
+    cmd("eval-run-and-config", "eval", "{run}", "--config", "{tiny}", match=r"run folder .* or --config .* not both"),
+    cmd("eval-no-val-data", "eval", "{run}", match=r"no validation data.*--data.val_urls PATH or --split train"),
+    cmd("eval-train-split-no-batches", "eval", "{run}", "--split", "train",
+        match=r"--batches: 0 must be >= 1 \(--split train never ends"),
+    cmd("eval-batches-negative", "eval", "{run}", "--batches", "-1", match=r"--batches: -1 must be >= 0"),
+    cmd("eval-quantize-bad", "eval", "{run}", "--quantize", "int3", match=r"--quantize: invalid choice: 'int3'"),
+    cmd("eval-no-checkpoint", "eval", "{empty_run_with_config}", match=r"no complete checkpoint"),
     # ---- export
     cmd("export-missing-source", "export", "{w}/nothing", "--out", "{w}/x/{id}", match=r"nothing.* does not exist"),
     cmd("export-no-checkpoint", "export", "{empty_run}", "--out", "{w}/x/{id}", match=r"no complete checkpoint"),
