@@ -104,6 +104,11 @@ CASES = [
     train("train-hf-tokenizer-missing", "--data.tokenizer", "hf:{w}/no/tokenizer.json",
           match=r"data.tokenizer: no tokenizer file at .*no/tokenizer.json"),
     train("train-master-port", "--launch.master_port", "70000", match=r"launch.master_port"),
+    train("train-accelerate-config-missing", "--accelerate-config", "{w}/nope.yaml",
+          match=r"launch.accelerate_config: .*nope.yaml.* not found"),
+    train("train-accelerate-config-not-yaml", "--accelerate-config", "{bad_toml}", match=r"bad.toml.* not valid YAML"),
+    train("train-accelerate-config-not-mapping", "--launch.accelerate_config", "{a_file}",
+          match=r"a_file.* should hold a mapping of accelerate settings"),
     train("train-init-from-missing", "--checkpoint.init_from", "{w}/no-such-ckpt", match=r"no-such-ckpt"),
     # ---- train: the run folder and the data
     train("train-run-dir-is-file", "--run.dir", "{a_file}", match=r"run.dir: .*a_file.* not a folder|run.dir.*a_file"),
