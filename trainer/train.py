@@ -150,7 +150,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
                         sinks=open_trackers(cfg, run_dir) if ctx.is_main else ())
     log.message(f"model: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings), "
                 f"{flops_per_token / 1e6:.1f} MFLOP/token; vocabulary {cfg.model.vocab_size} ({vocab_from}); "
-                f"world {ctx.world_size} on {ctx.device.type}; "
+                f"world {ctx.world_size} on {ctx.device.type}"
+                + (f" (launched by {ctx.launcher})" if ctx.launcher != "none" else "") + "; "
                 f"run folder {run_dir}" + (f"; resumed at step {state.step}" if state.step else ""))
     for note in par.notes:               # e.g. what a user's ds_config.json changed
         log.message(note)
