@@ -47,8 +47,9 @@ def ensure_adam_state(ds_optimizer) -> None:
 def relink_adam_state(ds_optimizer) -> None:
     """ZeRO-1/2 (and the bf16 optimizer) map each parameter's view of AdamW's state once, after
     the first optimizer step of the FIRST param group, when the other groups have no state yet
-    (deepspeed 0.19.8, `_lazy_init_hp_params_optimizer_state`): with our two groups (decay, no
-    decay) the second group's views stay empty. Redo the mapping now that every group has state."""
+    (deepspeed 0.19.8, `_lazy_init_hp_params_optimizer_state`): with our several groups (decay,
+    no decay, muP's hidden) the later groups' views stay empty. Redo the mapping now that every
+    group has state."""
     if hasattr(ds_optimizer, "_lazy_init_hp_params_optimizer_state"):
         ds_optimizer._hp_optimizer_states_linked = False
         ds_optimizer._lazy_init_hp_params_optimizer_state()
