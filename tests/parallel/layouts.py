@@ -56,7 +56,7 @@ def run_layout(run_dir: str, extra: list[str], ctx=None, dp: int = 1) -> dict:
     # a resumed run (see RESUME) appends to the folder's rows: keep the last row of each kind per step
     rows = list({(r["step"], "loss" in r): r for r in rows}.values())
     return {"loss": [r["loss"] for r in rows if "loss" in r], "grad_norm": [r["grad_norm"] for r in rows if "loss" in r],
-            "val_loss": [r["val_loss"] for r in rows if "val_loss" in r]}
+            "val_loss": [r["val_loss"] for r in rows if "val_loss" in r], "run_dir": run_dir}
 
 
 def dp_degree(extra: list[str], world: int) -> int:

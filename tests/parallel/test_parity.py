@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from webdataset import TarWriter
 
 from tests.parallel.layouts import STEPS, run_layout
@@ -186,6 +187,28 @@ def test_resume_across_engines(name, two_rank_results, references):
     assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), name
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), name
     assert got["val_loss"][-1] == pytest.approx(ref["val_loss"][-1], rel=RTOL), name
+
+
+def test_deepspeed_checkpoint_exports_to_transformers(two_rank_results, tmp_path):
+    """The step-5 checkpoint ZeRO-3 wrote (ds_zero3_to_fsdp's first half) is our format: `meshformer
+    export` turns it into a Llama folder that transformers loads, giving the logits our model gives
+    with the checkpoint's weights (within 1e-5: fp32, the same ops in another order)."""
+    transformers = pytest.importorskip("transformers")
+    from trainer.checkpoint import complete_checkpoints, load_model_weights
+    from trainer.export import main as export_main
+    from trainer.model import Transformer
+    from core.run_config import load_config
+    run_dir = Path(two_rank_results["ds_zero3_to_fsdp"]["run_dir"])
+    ckpts = complete_checkpoints(run_dir / "checkpoints")
+    assert [c.name for c in ckpts] == ["step-00000005"]
+    assert export_main([str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
+    ours = Transformer(load_config(str(run_dir / "config.toml")).model).eval()
+    load_model_weights(ours, ckpts[-1])
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ours(tokens), hf(tokens).logits
+    assert (got - want).abs().max().item() < 1e-5 and want.std() > 0.1
 
 
 def test_zero3_offload_matches_zero3(two_rank_results):
