@@ -55,14 +55,15 @@ class Parallelized:
         return self.model_parts[0] if len(self.model_parts) == 1 else nn.ModuleList(self.model_parts)
 
     def make_engine(self, optimizer, scheduler, device, precision: PrecisionConfig, grad_clip: float,
-                    micro_batch: int = 1, grad_accum: int = 1):
+                    micro_batch: int = 1, grad_accum: int = 1, local_rank: int = 0):
         common = (optimizer, scheduler, device, precision.dtype, grad_clip, precision.bf16_mode)
         if self.pcfg is not None and self.pcfg.engine == "deepspeed":
             ds_config, diffs = build_ds_config(self.pcfg, micro_batch, grad_accum, self.dims.dp_size,
                                                precision.dtype, grad_clip)
             if diffs:
                 self.notes.append(f"{self.pcfg.deepspeed_config} overrides: " + "; ".join(diffs))
-            return DeepSpeedEngine(self.model_parts[0], *common, dims=self.dims, ds_config=ds_config)
+            return DeepSpeedEngine(self.model_parts[0], *common, dims=self.dims, ds_config=ds_config,
+                                   local_rank=local_rank)
         if self.pipeline is not None:
             return PipelineEngine(self.model_parts, *common, dims=self.dims, vocab_parallel=self.vocab_parallel,
                                   ddp=False, pipeline=self.pipeline)   # the schedule handles DDP's no_sync

@@ -15,6 +15,7 @@ the machine's accelerators and compilers (seconds)."""
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 import torch.distributed as dist
@@ -50,11 +51,14 @@ class DeepSpeedEngine(DistEngine):
     gathers ZeRO-3 shards), `self.modules` the wrapped model."""
 
     def __init__(self, model, optimizer, scheduler, device, precision="fp32", grad_clip=0.0,
-                 bf16_mode="autocast", *, dims: ParallelDims, ds_config: dict):
+                 bf16_mode="autocast", *, dims: ParallelDims, ds_config: dict, local_rank: int = 0):
         if dims.world_size < 2 or not dist.is_initialized():
             raise ConfigError("parallel.engine = deepspeed: needs a process group of 2 or more ranks for now; "
                               "launch with torchrun/srun/mpiexec and 2+ processes")
         deepspeed = import_deepspeed()
+        # DeepSpeed's engine asserts LOCAL_RANK is in the environment; torchrun sets it, mpiexec and
+        # srun do not (launch/ found the local rank another way): DeepSpeed's documented contract.
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
         check_nvme(ds_config, deepspeed)
         ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                       dist_init_required=False)

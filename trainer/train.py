@@ -127,7 +127,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     optimizer = build_optimizer(model, cfg.optim, ctx.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine = par.make_engine(optimizer, scheduler, ctx.device, cfg.precision, cfg.optim.grad_clip,
-                             micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum)
+                             micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+                             local_rank=ctx.local_rank)
     train_loader, val_loader = build_loaders(cfg, dims, loader_factory)
     if dry_run:
         return _dry_run(cfg, ctx, dims, n_params, train_loader)
