@@ -79,9 +79,6 @@ def check_deepspeed_run(cfg) -> None:
     ck = cfg.checkpoint
     if ck.async_save:
         raise ConfigError("checkpoint.async: not built yet for parallel.engine = deepspeed; use false")
-    if ck.init_from:
-        raise ConfigError("checkpoint.init_from: not built yet for parallel.engine = deepspeed; resume a run folder "
-                          "instead (its checkpoints load under any engine)")
     if cfg.train.on_nonfinite != "stop":
         raise ConfigError(f"train.on_nonfinite: {cfg.train.on_nonfinite!r} is not supported with parallel.engine = "
                           "deepspeed yet; use stop")

@@ -122,6 +122,17 @@ class DeepSpeedParts:
         if buffers:
             self.model.load_state_dict(buffers, strict=False)
 
+    def fill_weights(self, value) -> None:
+        """Weights only (checkpoint.init_from of safetensors): `value(fqn, shape, device, dtype)`
+        gives each parameter's full tensor (parallel/sharded_init.py's ValueFn), under its first name."""
+        model_sd, first = {}, {}
+        for name, p in self.model.named_parameters():
+            model_sd[name] = value(name, self._shape(p), torch.device("cpu"), torch.float32)
+            first[id(p)] = name
+        for name, p in self.params.items():          # a tied weight's other names
+            model_sd.setdefault(name, model_sd[first[id(p)]])
+        self.load_state_dict({"model": model_sd})
+
     @staticmethod
     def _device(p: nn.Parameter) -> torch.device:
         return p.device

@@ -138,7 +138,9 @@ class CheckpointManager:
         weights = find_weights_files(path)
         if weights:
             # One full tensor at a time, each rank keeping its shard: no rank holds the whole file.
-            fill_local_shards(self.parts.parts, WeightsReader(weights, self.cfg.model).value)
+            reader = WeightsReader(weights, self.cfg.model)
+            fill = getattr(self.parts, "fill_weights", None)     # an engine's own (DeepSpeed's ZeRO fragments)
+            fill(reader.value) if fill is not None else fill_local_shards(self.parts.parts, reader.value)
             self._say(f"initialised weights from {source} (fresh optimizer, step 0)")
             return
         _require_complete(path)

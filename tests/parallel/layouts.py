@@ -59,6 +59,24 @@ def run_layout(run_dir: str, extra: list[str], ctx=None, dp: int = 1) -> dict:
             "val_loss": [r["val_loss"] for r in rows if "val_loss" in r], "run_dir": run_dir}
 
 
+INIT_FILE = "init.safetensors"
+
+
+def write_initial_weights(path: str) -> None:
+    """Initial weights of BASE's model drawn with ANOTHER seed (run.seed + 1) as a safetensors file
+    in our names (`--checkpoint.init_from INIT_WEIGHTS`): a layout that ignored the file would
+    train from run.seed's own weights and fail the comparison with a single process that loads it."""
+    import torch
+    from safetensors.torch import save_file
+    from core.run_config import load_config
+    from trainer.model import Transformer
+    cfg = load_config("configs/tiny.toml", overrides(str(Path(path).parent / "w"), 1, []))
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    save_file({n: model.initial_value(n, p.shape, torch.device("cpu"), torch.float32, seed=cfg.run.seed + 1).contiguous()
+               for n, p in model.named_parameters()}, path)
+
+
 def dp_degree(extra: list[str], world: int) -> int:
     vals = dict(zip(extra[::2], extra[1::2]))
     fixed = int(vals.get("--parallel.pp", 1)) * int(vals.get("--parallel.tp", 1))
@@ -75,11 +93,13 @@ def main() -> None:
     ctx = init_distributed(LaunchConfig(), "cpu")
     results = {}
     root = tempfile.mkdtemp(prefix="nd-parity-") if ctx.is_main else None
+    if ctx.is_main and any("INIT_WEIGHTS" in spec for spec in specs):
+        write_initial_weights(f"{root}/{INIT_FILE}")
     holder = [root]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0)   # also: the weights file exists before anyone reads it
     for spec in specs:
         name, _, args = spec.partition("=")
-        extra = args.split()
+        extra = args.replace("INIT_WEIGHTS", f"{holder[0]}/{INIT_FILE}").split()
         first, resumed, extra = (extra[:extra.index("RESUME")], extra[extra.index("RESUME") + 1:], []) \
             if "RESUME" in extra else ([], [], extra)
         try:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from webdataset import TarWriter
 
-from tests.parallel.layouts import STEPS, run_layout
+from tests.parallel.layouts import INIT_FILE, STEPS, run_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-5
@@ -61,6 +61,10 @@ TWO_RANKS = {
                         "--parallel.offload_param cpu",
     "ds_zero2_epoch_end": "--parallel.engine deepspeed --parallel.zero_stage 2 " + EPOCH_END,
 }
+# Weights from a safetensors file (layouts.py writes it: another seed's initial weights): ZeRO-3
+# scatters them into its fragments as a single process loads them.
+INIT_FROM = {"ds_zero3_init_from": "--parallel.engine deepspeed --parallel.zero_stage 3 "
+                                   "--checkpoint.init_from INIT_WEIGHTS"}
 # Checkpoint and resume (layouts.py's RESUME: half the steps, save, resume in the same folder):
 # DeepSpeed saves our DCP format (parallel/deepspeed_state.py), so ZeRO resumes itself exactly and
 # a checkpoint moves between engines both ways. A constant LR: the first half's train.steps is shorter.
@@ -73,6 +77,7 @@ RESUMES = {
                                 f"--parallel.offload_param cpu{CONST}",
 }
 TWO_RANKS.update(RESUMES)
+TWO_RANKS.update(INIT_FROM)
 FOUR_RANKS = {
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
     "tp2_fsdp2": "--parallel.tp 2 --parallel.dp_shard 2",
@@ -172,7 +177,7 @@ def test_reference_trains(reference):
     assert len(reference["loss"]) == STEPS and reference["loss"][-1] < reference["loss"][0]
 
 
-@pytest.mark.parametrize("name", [n for n in TWO_RANKS if n not in RESUMES])
+@pytest.mark.parametrize("name", [n for n in TWO_RANKS if n not in RESUMES and n not in INIT_FROM])
 def test_two_rank_parity(name, two_rank_results, references):
     check(name, two_rank_results[name], references(TWO_RANKS[name]))
 
@@ -187,6 +192,15 @@ def test_resume_across_engines(name, two_rank_results, references):
     assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), name
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), name
     assert got["val_loss"][-1] == pytest.approx(ref["val_loss"][-1], rel=RTOL), name
+
+
+@pytest.mark.parametrize("name", list(INIT_FROM))
+def test_init_from_weights(name, two_rank_results, references):
+    """checkpoint.init_from of a safetensors file: the single process loading the same file."""
+    got = two_rank_results[name]
+    assert "error" not in got, f"{name} failed:\n{got.get('error')}"
+    weights = str(Path(got["run_dir"]).parent / INIT_FILE)
+    check(name, got, references(INIT_FROM[name].replace("INIT_WEIGHTS", weights)))
 
 
 def test_deepspeed_checkpoint_exports_to_transformers(two_rank_results, tmp_path):
