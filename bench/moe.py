@@ -8,7 +8,7 @@ Three ways to run the same experts on the same routing:
 - sorted loop: the same sorted tokens, one matmul per expert (trainer/moe.py's fallback);
 - mask loop: the textbook loop (Mixtral's reference code): per expert, find its tokens, gather,
   run the MLP, scatter-add back; a host read per expert.
-Outputs are checked equal (fp32) before timing. The median of the timed repeats is reported.
+Outputs are checked equal (fp32) before timing. The ways take turns; the median of the timed repeats is reported.
 """
 from __future__ import annotations
 
@@ -37,14 +37,17 @@ def mask_loop(m, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def timed(fn, x: torch.Tensor, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):       # the first call warms up (allocations, kernels)
-        xi = x.clone().requires_grad_()
-        t = time.perf_counter()
-        fn(xi).square().mean().backward()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+def timed(ways: dict, x: torch.Tensor, repeats: int) -> dict:
+    """Median seconds per fwd+bwd of each way, the ways taking turns (a shared machine's load
+    then falls on all of them alike); the first round warms up (allocations, kernels)."""
+    times = {name: [] for name in ways}
+    for _ in range(repeats + 1):
+        for name, fn in ways.items():
+            xi = x.clone().requires_grad_()
+            t = time.perf_counter()
+            fn(xi).square().mean().backward()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts[1:]) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -70,7 +73,7 @@ def main() -> None:
         for grouped in (True, False):
             torch.testing.assert_close(run(grouped)(x), ref)
     ways = {"grouped GEMM": run(True), "sorted loop": run(False), "mask loop": lambda xi: mask_loop(m, xi)}
-    tps = {name: tokens / timed(fn, x, args.repeats) for name, fn in ways.items()}
+    tps = {name: tokens / sec for name, sec in timed(ways, x, args.repeats).items()}
     print(f"MoE layer fwd+bwd on {torch.get_num_threads()} CPU threads: dim {dim}, {experts} experts of width "
           f"{hidden}, top-2, {tokens} tokens")
     for name, v in tps.items():

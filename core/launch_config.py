@@ -23,6 +23,9 @@ class LaunchConfig:
         "(Slurm) or rank 0's host (MPI)", "")
     master_port: int = option("rendezvous port for Slurm/MPI launches; 0 = $MASTER_PORT, else 20000 + job id mod 10000 (Slurm) "
         "or a free port chosen by rank 0 (MPI)", 0)
+    accelerate_config: str = option("an accelerate config YAML (what `accelerate config` writes) whose mixed_precision, "
+        "fsdp_config and parallelism_config set the keys this run config leaves unset (core/accelerate_config.py); "
+        "empty = under `accelerate launch`, what it exported to the processes", "")
 
     def validate(self) -> None:
         if self.launcher not in LAUNCHERS:

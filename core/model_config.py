@@ -62,6 +62,13 @@ class ModelConfig:
                                   "(0 = off; 1e-3 is theirs)", 0.0)
     moe_capacity_factor: float = option("tokens an expert takes: factor x tokens x top_k / experts, the rest "
                                         "dropped; 0 = dropless", 0.0)
+    parametrization: Literal["sp", "mup"] = option(
+        "sp (standard) or mup (maximal update, Yang et al. 2022: hyperparameters tuned at mup_base_dim transfer "
+        "to wider models)", "sp")
+    mup_base_dim: int = option("muP: the width hyperparameters were tuned at (width multiplier m = dim / mup_base_dim)", 0)
+    mup_base_head_dim: int = option(
+        "muP: head dim at the base width, for the attention scale sqrt(base)/head_dim; 0 = head_dim / m "
+        "(heads fixed, widening grows each head); set it to head_dim when widening adds heads", 0)
 
     # ---- derived shape -------------------------------------------------------------------
     @property
@@ -92,6 +99,37 @@ class ModelConfig:
     def n_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
+    # ---- muP (Tensor Programs V, Table 3, in the form of Microsoft's `mup` package) ----------
+    # Every factor is 1 under sp and at the base width, so a base-width muP model IS the sp model.
+    @property
+    def width_mult(self) -> float:
+        """m = dim / mup_base_dim (1 under sp)."""
+        return self.dim / self.mup_base_dim if self.parametrization == "mup" else 1.0
+
+    @property
+    def hidden_init_mult(self) -> float:
+        """Hidden matrices' init std is init_std / sqrt(m): variance 1/fan_in, as muP needs."""
+        return self.width_mult ** -0.5
+
+    @property
+    def hidden_lr_mult(self) -> float:
+        """Adam LR of hidden matrices is lr / m; embeddings, the readout, norms and biases keep lr."""
+        return 1.0 / self.width_mult
+
+    @property
+    def output_mult(self) -> float:
+        """Logits are multiplied by 1/m (mup's MuReadout; the readout weight keeps sp's init and lr)."""
+        return 1.0 / self.width_mult
+
+    @property
+    def attn_scale(self) -> float | None:
+        """Scale of q.k: None = SDPA's 1/sqrt(head_dim) (sp); muP uses sqrt(base head dim)/head_dim,
+        which is 1/head_dim up to a constant and equals sp's at the base width."""
+        if self.parametrization != "mup":
+            return None
+        base = self.mup_base_head_dim or self.head_dim / self.width_mult
+        return base ** 0.5 / self.head_dim
+
     def validate(self) -> None:
         if self.vocab_size < 0:
             raise ValueError(f"model.vocab_size: must be >= 0 (0 = follow the tokenizer), got {self.vocab_size}")
@@ -110,6 +148,12 @@ class ModelConfig:
             raise ValueError("model.ffn_hidden must be >= 0 and model.ffn_multiple_of >= 1")
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("model.norm_eps and model.init_std must be > 0")
+        if self.parametrization == "mup" and self.mup_base_dim < 1:
+            raise ValueError(f"model.mup_base_dim: must be >= 1 with parametrization = 'mup' (the width the "
+                             f"hyperparameters were tuned at, e.g. 64), got {self.mup_base_dim}")
+        if self.mup_base_head_dim < 0:
+            raise ValueError(f"model.mup_base_head_dim: must be >= 0 (0 = head_dim * mup_base_dim / dim), "
+                             f"got {self.mup_base_head_dim}")
         if self.rope_theta <= 0:    # the RoPE frequencies are rope_theta ** (-2i/d): inf or nan otherwise
             raise ValueError(f"model.rope_theta: must be > 0 (10000 is usual), got {self.rope_theta}")
         self._validate_moe()
@@ -132,6 +176,8 @@ class ModelConfig:
                 raise ValueError(f"model.{name}: must be >= 0, got {getattr(self, name)}")
         if self.bias:
             raise ValueError("model.bias: experts have no biases; set model.bias = false with model.moe_experts > 0")
+        if self.parametrization == "mup":   # the router (fan-out = experts, fixed) needs muP's readout rules: not done
+            raise ValueError("model.parametrization: 'mup' with model.moe_experts > 0 is not supported yet; use 'sp'")
 
     def _mlp_params(self, hidden: int) -> int:
         return (3 if self.activation == "swiglu" else 2) * self.dim * hidden

@@ -89,6 +89,12 @@ def config_from_tables(tables: dict) -> Config:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a TOML config (None = all defaults), apply `--section.key value` overrides, validate."""
+    return config_from_tables(load_tables(path, overrides))
+
+
+def load_tables(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """The raw tables of a TOML config with `--section.key value` overrides folded in: the keys the
+    user set, before defaults (trainer/cli.py lays an accelerate config beneath them)."""
     tables: dict = {}
     if path is not None:
         p = Path(path)
@@ -99,7 +105,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
     apply_overrides(tables, list(overrides or []), SECTIONS)
-    return config_from_tables(tables)
+    return tables
 
 
 def keys_help() -> str:

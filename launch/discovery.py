@@ -189,6 +189,13 @@ def discover(cfg: LaunchConfig | None = None, env: Mapping[str, str] | None = No
     cfg = cfg or LaunchConfig()
     env = os.environ if env is None else env
     launcher = detect_launcher(env) if cfg.launcher == "auto" else cfg.launcher
+    if launcher == "none" and cfg.launcher == "auto" and "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env:
+        # accelerate's "simple" launcher: it sets MASTER_ADDR when --num_processes/--num_machines ask
+        # for more than one process, but starts only one, without RANK (commands/launch.py).
+        raise LaunchError("accelerate launch started one process where several were asked for: on a machine "
+                          "without GPUs it starts them (through torchrun, still on the CPU) only with --multi_gpu, "
+                          "or with distributed_type: MULTI_GPU in its config; add --multi_gpu (and drop --cpu, "
+                          "which forces one process; or unset MASTER_ADDR to train in one process)")
     if launcher == "torchrun":
         return from_torchrun(env)
     if launcher == "slurm":

@@ -86,3 +86,37 @@ def cooldown_comparison(rows: list[dict], loss: str = "val") -> list[dict]:
             out.append({"size": r["size"], "lr": r["lr"], "seed": r["seed"], "D": r["D"],
                         "branch_loss": lb, "scratch_loss": ls, "gap": lb - ls})
     return out
+
+
+def lr_transfer(rows: list[dict], loss: str = "val") -> dict:
+    """Loss against LR per (parametrization, width) and where its minimum lies, for an LR-transfer
+    sweep ([mup] in the spec): {par: {dim: {"lrs", "losses", "best_lr", "shift"}}}. `shift` counts
+    grid steps (positions in the sorted LRs tried) from the best LR at the smallest (base) width:
+    muP works when it stays within +-1 while sp's moves. Runs that failed (diverged) or have no loss
+    are listed under "failed_lrs". Uses each width's largest D, losses averaged over seeds."""
+    out: dict = {}
+    by = defaultdict(lambda: defaultdict(list))             # (par, dim) -> lr -> [rows]
+    for r in rows:
+        if r.get("dim") is None or r["kind"] not in ("scratch", "branch"):
+            continue
+        by[(r.get("parametrization") or "sp", int(r["dim"]))][r["lr"]].append(r)
+    for (par, dim), by_lr in sorted(by.items()):
+        d_max = max(r["D"] for rs in by_lr.values() for r in rs)
+        curve, failed = {}, []
+        for lr, rs in by_lr.items():
+            losses = [run_loss(r, loss) for r in rs if r["D"] == d_max and r["status"] == "done"]
+            losses = [v for v in losses if v is not None]
+            if losses:
+                curve[lr] = float(np.mean(losses))
+            elif any(r["status"] == "failed" for r in rs):
+                failed.append(lr)
+        if curve:
+            lrs = sorted(curve)
+            out.setdefault(par, {})[dim] = {"lrs": lrs, "losses": [curve[x] for x in lrs],
+                                            "best_lr": min(lrs, key=curve.get), "failed_lrs": sorted(failed)}
+    for par, widths in out.items():
+        grid = sorted({x for w in widths.values() for x in w["lrs"] + w["failed_lrs"]})
+        base = widths[min(widths)]["best_lr"]
+        for w in widths.values():
+            w["shift"] = grid.index(w["best_lr"]) - grid.index(base)
+    return out

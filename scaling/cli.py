@@ -10,7 +10,7 @@ from pathlib import Path
 from core.cli_args import ArgParser, at_least
 from core.errors import MeshformerError, UsageError, report_errors
 
-from .analysis import cooldown_comparison, fit_all, select_points
+from .analysis import cooldown_comparison, fit_all, lr_transfer, select_points
 from .fit_progress import FitProgress
 from .plan import accounting, plan_sweep
 from .runner import effective_status, execute_run, load_plan, run_local, select_runs, write_plan
@@ -117,6 +117,19 @@ def _collect(spec, kind, loss):
     return rows, points
 
 
+def _write_transfer(spec, rows, loss) -> dict:
+    """An LR-transfer sweep ([mup]): loss against LR per (parametrization, width) -> lr_transfer.json."""
+    transfer = lr_transfer(rows, loss)
+    (spec.out_dir / "lr_transfer.json").write_text(json.dumps(transfer, indent=1) + "\n")
+    return transfer
+
+
+def _print_transfer(transfer: dict) -> None:
+    for par, widths in transfer.items():
+        best = ", ".join(f"width {d}: {w['best_lr']:g} ({w['shift']:+d} grid steps)" for d, w in sorted(widths.items()))
+        print(f"best LR under {par}: {best}")
+
+
 def cmd_collect(a) -> int:
     spec = load_spec(a.spec)
     rows, points = _collect(spec, a.kind, a.loss)
@@ -126,6 +139,8 @@ def cmd_collect(a) -> int:
     if acc["branches"]:
         print(f"cooldown branches: {acc['branch_compute']:.3g} FLOPs instead of "
               f"{acc['branch_points_from_scratch']:.3g} from scratch: {100 * acc['saved_fraction']:.1f}% saved")
+    if spec.parametrizations:
+        _print_transfer(_write_transfer(spec, rows, a.loss))
     comp = cooldown_comparison(rows, a.loss)
     if comp:
         gaps = [c["gap"] for c in comp]
@@ -208,6 +223,16 @@ def cmd_plot(a) -> int:
         spec = load_spec(a.spec)
         pts_path, fit_path = spec.out_dir / "points.csv", spec.out_dir / "fit.json"
         out_dir = Path(a.out_dir or spec.out_dir / "plots")
+        if spec.parametrizations:     # an LR-transfer sweep: its plot needs the runs, not a fit
+            from .mup_plots import plot_lr_transfer
+            transfer = _write_transfer(spec, ResultsStore(spec.results_path).rows(), "val")
+            if not transfer:
+                raise UsageError(f"{spec.results_path}: no finished runs yet: run `sweep run` first")
+            _print_transfer(transfer)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            print(f"wrote {plot_lr_transfer(transfer, out_dir / 'lr_transfer.png')}")
+            if not fit_path.exists():
+                return 0
     elif not (a.csv and a.fit):
         raise UsageError("plot: give a sweep spec, or --csv FILE and --fit FILE")
     else:

@@ -42,6 +42,7 @@ class Run:
     stage: int = 0              # 1 = must wait for stage-0 runs (branches wait for their base)
     config_hash: str = ""
     checkpoint_steps: list = field(default_factory=list)
+    parametrization: str = "sp"
 
     @property
     def is_branch(self) -> int:
@@ -101,11 +102,12 @@ def plan_sweep(spec: Spec) -> list[Run]:
         n = n_tot if spec.param_count == "total" else n_ne
         tps = spec.batch_size[size.dim] * spec.grad_accum * seq_len
         targets = _targets(spec, n)                      # [(budget or None, tokens)]
-        for lr in spec.lrs(size):
-            for seed in spec.seeds:
-                ctx = dict(spec=spec, size=size, n=n, n_tot=n_tot, n_ne=n_ne, tps=tps, lr=lr,
-                           seed=seed, base_text=base_text)
-                runs += _runs_for(ctx, targets)
+        for par in spec.parametrizations or (None,):
+            for lr in spec.lrs(size):
+                for seed in spec.seeds:
+                    ctx = dict(spec=spec, size=size, n=n, n_tot=n_tot, n_ne=n_ne, tps=tps, lr=lr,
+                               seed=seed, base_text=base_text, par=par)
+                    runs += _runs_for(ctx, targets)
     ids = [r.run_id for r in runs]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
@@ -150,9 +152,16 @@ def _make(ctx, kind, steps, budget, decay_steps=0, parent: Run | None = None, ch
     spec, size, tps = ctx["spec"], ctx["size"], ctx["tps"]
     D = steps * tps
     tag = {"base": "base", "scratch": f"D{D}", "branch": f"D{D}-cd"}[kind]
-    run_id = f"{size.name}-lr{ctx['lr']:g}-s{ctx['seed']}-{tag}"
+    par = ctx["par"]
+    # under [mup] the parametrization is part of the size's name: sp and muP runs of one width are
+    # different models, each with its own best LR (select_points picks one per size)
+    size_name = f"{par}-{size.name}" if par else size.name
+    run_id = f"{size_name}-lr{ctx['lr']:g}-s{ctx['seed']}-{tag}"
     run_dir = spec.out_dir / "runs" / run_id
     ov = dict(spec.base)
+    if par:
+        ov.update({"model.parametrization": par, "model.mup_base_dim": spec.mup_base_dim,
+                   "model.mup_base_head_dim": size.dim // size.n_heads})
     ov.update({"model.dim": size.dim, "model.n_layers": size.n_layers, "model.n_heads": size.n_heads,
                "model.n_kv_heads": size.n_kv_heads, "train.batch_size": spec.batch_size[size.dim],
                "train.grad_accum": spec.grad_accum, "train.steps": steps, "optim.lr": ctx["lr"],
@@ -172,13 +181,13 @@ def _make(ctx, kind, steps, budget, decay_steps=0, parent: Run | None = None, ch
         ov["checkpoint.init_from"] = str(Path(parent.run_dir) / "checkpoints" / step_dir_name(steps - decay_steps))
     new_steps = decay_steps if kind == "branch" else steps
     hashed = {k: v for k, v in ov.items() if k != "run.dir"}
-    run = Run(run_id=run_id, kind=kind, size=size.name, dim=size.dim, n_params=ctx["n_tot"],
+    run = Run(run_id=run_id, kind=kind, size=size_name, dim=size.dim, n_params=ctx["n_tot"],
               n_params_non_embedding=ctx["n_ne"], D=float(D), C=6.0 * ctx["n"] * D,
               compute_spent=6.0 * ctx["n"] * new_steps * tps, lr=ctx["lr"],
               batch_size=spec.batch_size[size.dim], seed=ctx["seed"], steps_planned=steps,
               run_dir=str(run_dir), overrides=ov, budget=budget,
               parent=parent.run_id if parent else None, stage=1 if parent else 0,
-              checkpoint_steps=list(checkpoint_steps))
+              checkpoint_steps=list(checkpoint_steps), parametrization=par or "sp")
     run.config_hash = _hash([ctx["base_text"], hashed, parent.config_hash if parent else None])
     return run
 

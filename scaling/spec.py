@@ -48,6 +48,10 @@ class Spec:
     cooldown_shape: str = "1-sqrt"
     compare_from_scratch: bool = False
     compare_schedule: str = "wsd"    # schedule of those scratch runs: "wsd" (same as the branch) or "cosine"
+    # [mup]: train every (size, lr) under each parametrization, muP ones with model.mup_base_dim =
+    # mup_base_dim and mup_base_head_dim = the family's head_dim (widening adds heads); () = no [mup]
+    parametrizations: tuple = ()
+    mup_base_dim: int = 0
     # [slurm]: `profile` (a cluster profile name or path) and single profile keys for `run --slurm`;
     # checked where the profile is loaded (launch/slurm_profile.py), which scaling/ may not import
     slurm: dict = field(default_factory=dict)
@@ -110,6 +114,18 @@ def _sizes(fam: dict) -> tuple:
     return tuple(sizes)
 
 
+def _mup(mup: dict, kw: dict) -> None:
+    """[mup] base_dim (required) and parametrizations (default ["sp", "mup"]): an LR-transfer sweep."""
+    kw["mup_base_dim"] = _take(mup, "mup", "base_dim", int)
+    if kw["mup_base_dim"] < 1:
+        raise SweepSpecError(f"[mup] base_dim = {kw['mup_base_dim']}: must be a positive width (e.g. the smallest dim)")
+    pars = _take(mup, "mup", "parametrizations", list, ["sp", "mup"])
+    if not pars or any(p not in ("sp", "mup") for p in pars) or len(set(pars)) != len(pars):
+        raise SweepSpecError(f"[mup] parametrizations = {pars!r}: expected a list of distinct 'sp' / 'mup'")
+    kw["parametrizations"] = tuple(pars)
+    _no_leftovers(mup, "mup")
+
+
 def load_spec(path: str | Path) -> Spec:
     """Paths inside the spec (out_dir, base_config) are relative to the directory you run from."""
     path = Path(path)
@@ -119,7 +135,7 @@ def load_spec(path: str | Path) -> Spec:
         raise SweepSpecError(f"sweep spec {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise SweepSpecError(f"sweep spec {path} is not valid TOML: {e}") from None
-    known = {"sweep", "base", "family", "design", "batch", "lr", "cooldown", "slurm"}
+    known = {"sweep", "base", "family", "design", "batch", "lr", "cooldown", "mup", "slurm"}
     if set(raw) - known:
         raise SweepSpecError(f"{path}: unknown tables {sorted(set(raw) - known)}; known: {sorted(known)}")
     sw, des, bat = dict(raw.get("sweep", {})), dict(raw.get("design", {})), dict(raw.get("batch", {}))
@@ -171,6 +187,8 @@ def load_spec(path: str | Path) -> Spec:
     kw["compare_from_scratch"] = _take(cd, "cooldown", "compare_from_scratch", bool, False)
     kw["compare_schedule"] = _take(cd, "cooldown", "compare_schedule", str, "wsd", ("wsd", "cosine"))
     _no_leftovers(cd, "cooldown")
+    if "mup" in raw:
+        _mup(dict(raw["mup"]), kw)
     if not kw["base_config"].exists():
         raise SweepSpecError(f"[sweep] base_config {kw['base_config']} does not exist "
                              "(paths are relative to the directory you run from)")

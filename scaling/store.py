@@ -20,11 +20,11 @@ COLUMNS = {
     "seed": "INTEGER", "steps_planned": "INTEGER", "run_dir": "TEXT",
     "status": "TEXT", "final_loss": "REAL", "final_val_loss": "REAL", "tokens": "REAL",
     "steps": "INTEGER", "wall_s": "REAL", "attempts": "INTEGER", "host": "TEXT", "pid": "INTEGER",
-    "slurm_job": "TEXT", "error": "TEXT", "updated_at": "REAL",
+    "slurm_job": "TEXT", "error": "TEXT", "updated_at": "REAL", "parametrization": "TEXT", "dim": "INTEGER",
 }
 PLAN_FIELDS = ["config_hash", "kind", "is_branch", "parent", "size", "n_params",
                "n_params_non_embedding", "D", "C", "budget", "lr", "batch_size", "seed",
-               "steps_planned", "run_dir"]
+               "steps_planned", "run_dir", "parametrization", "dim"]
 STATUSES = ("pending", "running", "done", "failed")   # and "preempted": saved on a signal, resumes
 
 
@@ -35,6 +35,9 @@ class ResultsStore:
         with self._tx() as db:
             cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())
             db.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+            have = {r["name"] for r in db.execute("PRAGMA table_info(runs)")}
+            for k in COLUMNS.keys() - have:          # a store written before the column existed
+                db.execute(f"ALTER TABLE runs ADD COLUMN {k} {COLUMNS[k]}")
 
     @contextmanager
     def _tx(self):

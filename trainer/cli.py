@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
+from core.accelerate_config import under_run_config
 from core.cli_args import ArgParser
 from core.errors import report_errors
-from core.run_config import keys_help, load_config
+from core.run_config import config_from_tables, keys_help, load_config, load_tables
 
 # Each command imports what it runs when it runs (plain imports, no cycle to dodge): `meshformer
 # plan` or `--help` should not wait seconds for torch, which only train/generate/export/slurm need.
@@ -21,14 +23,28 @@ def _split_config_args(prog: str, argv: list[str], description: str):
     return p
 
 
+def _first_rank(env) -> bool:
+    """Rank 0 under any launcher, read before the process group exists (one line per job, not per rank)."""
+    for name in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if env.get(name, "").isdigit():
+            return env[name] == "0"
+    return True
+
+
 def train_main(argv: list[str], debug: bool = False) -> int:
     p = _split_config_args("meshformer train", argv, "Train a Transformer LM. Ctrl-C saves at the end of the step "
                            "and exits (75, like SIGTERM); a second Ctrl-C stops at once without saving.")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (TOML) and exit")
     p.add_argument("--dry-run", action="store_true", help="build the layout, model, optimizer and data loaders, "
                    "read one batch, and stop before the first step (run.dir is not touched)")
+    p.add_argument("--accelerate-config", default="", metavar="FILE", help="an accelerate config YAML: its "
+                   "mixed_precision, fsdp_config and parallelism_config fill the keys --config and the overrides "
+                   "leave unset (launch.accelerate_config; under `accelerate launch` what it exported is read)")
     args, overrides = p.parse_known_args(argv)
-    cfg = load_config(args.config, overrides)
+    tables, accelerate_line = under_run_config(load_tables(args.config, overrides), args.accelerate_config, os.environ)
+    cfg = config_from_tables(tables)
+    if accelerate_line and _first_rank(os.environ):
+        print(accelerate_line, file=sys.stderr, flush=True)
     if args.print_config:            # before torch is imported: instant
         print(cfg.to_toml(), end="")
         return 0
@@ -89,6 +105,11 @@ def doctor_main(argv: list[str], debug: bool = False) -> int:
     return run_checks(load_config(args.config, overrides))
 
 
+def mup_main(argv: list[str], debug: bool = False) -> int:
+    from trainer.mup_check import main
+    return main(argv, debug=debug)
+
+
 def slurm_main(argv: list[str], debug: bool = False) -> int:
     from launch.slurm_submit import main
     return main(argv, debug=debug)
@@ -103,6 +124,7 @@ SUBCOMMANDS = {
     "plan": (plan_main, "predict memory and speed of parallel layouts on a cluster"),
     "sweep": (sweep_main, "scaling-law sweeps: plan, run, collect, fit, plot"),
     "export": (export_main, "a run as a Hugging Face model folder (weights + tokenizer): RUN_DIR OUT"),
+    "mup": (mup_main, "muP coordinate check: mup check [--widths 64,128,256,512] [--steps 5]"),
     "slurm": (slurm_main, "render or submit an sbatch script for a run"),
     "doctor": (doctor_main, "check torch, devices, NCCL/IB variables, disk and a shared run.dir before a job"),
 }

@@ -6,6 +6,12 @@ input_layernorm, ffn_norm -> post_attention_layernorm, norm -> model.norm, outpu
 RoPE: ours rotates interleaved pairs (x[2i], x[2i+1]); HF's rotate_half pairs x[i] with x[i+d/2].
 Permuting the rows of wq and wk within each head (as Meta's convert_llama_weights_to_hf does)
 makes HF's convention compute the same attention scores.
+muP (model.parametrization = "mup") multiplies the logits by 1/m and scales attention scores by
+sqrt(base head dim)/head_dim; HF Llama has neither multiplier (its scores use 1/sqrt(head_dim)), so
+export folds them into the weights: lm_head = output_mult x our head, q_proj = (our scale x
+sqrt(head_dim)) x our wq; an import divides them out again. A tied muP head cannot be folded into
+the shared matrix without changing the embedding, so it is written untied (lm_head = E / m,
+tie_word_embeddings false); on import a tied model takes its matrix from embed_tokens.
 """
 from __future__ import annotations
 
@@ -40,6 +46,16 @@ def check_llama_shaped(mc) -> None:
                               "to or imported from Hugging Face Llama; this model has " + "; ".join(wrong))
 
 
+def q_fold(mc) -> float:
+    """Our attention scale over HF's 1/sqrt(head_dim): 1 under sp, folded into q_proj under muP."""
+    return 1.0 if mc.attn_scale is None else mc.attn_scale * mc.head_dim ** 0.5
+
+
+def untied_head(mc) -> bool:
+    """A tied head whose logit multiplier is not 1 is exported as its own lm_head."""
+    return mc.tie_embeddings and mc.output_mult != 1.0
+
+
 def hf_name(ours: str) -> str:
     if ours in TOP_NAMES:
         return TOP_NAMES[ours]
@@ -61,12 +77,16 @@ def to_hf(sd: dict, mc) -> dict:
     check_llama_shaped(mc)
     out = {}
     for k, v in sd.items():
-        if k == HEAD_WEIGHT and mc.tie_embeddings:
+        if k == HEAD_WEIGHT and mc.tie_embeddings and not untied_head(mc):
             continue
         if k.endswith(Q_WEIGHT):
             v = _rope_permute(v, mc.n_heads)
+            if q_fold(mc) != 1.0:
+                v = v * q_fold(mc)
         elif k.endswith(K_WEIGHT):
             v = _rope_permute(v, mc.kv_heads)
+        elif k == HEAD_WEIGHT and mc.output_mult != 1.0:
+            v = v * mc.output_mult
         out[hf_name(k)] = v.detach().contiguous()
     return out
 
@@ -78,7 +98,7 @@ def hf_config(mc, dtype: str = "float32") -> dict:
         "vocab_size": mc.vocab_size, "hidden_size": mc.dim, "intermediate_size": mc.hidden,
         "num_hidden_layers": mc.n_layers, "num_attention_heads": mc.n_heads, "num_key_value_heads": mc.kv_heads,
         "head_dim": mc.head_dim, "hidden_act": "silu", "max_position_embeddings": mc.max_seq_len,
-        "rms_norm_eps": mc.norm_eps, "rope_theta": mc.rope_theta, "tie_word_embeddings": mc.tie_embeddings,
+        "rms_norm_eps": mc.norm_eps, "rope_theta": mc.rope_theta, "tie_word_embeddings": mc.tie_embeddings and not untied_head(mc),
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": mc.init_std,
         "torch_dtype": dtype, "use_cache": True,
     }
@@ -163,6 +183,10 @@ class WeightsReader:
         v = self._where[name].get_tensor(name)
         if self.hf and ours.endswith(Q_WEIGHT):
             v = _rope_permute(v, self.mc.n_heads, inverse=True)
+            if q_fold(self.mc) != 1.0:
+                v = v / q_fold(self.mc)
+        elif self.hf and name == "lm_head.weight" and self.mc.output_mult != 1.0:
+            v = v / self.mc.output_mult
         elif self.hf and ours.endswith(K_WEIGHT):
             v = _rope_permute(v, self.mc.kv_heads, inverse=True)
         return v

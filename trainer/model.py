@@ -105,6 +105,7 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.head_dim = cfg.head_dim
         self.position = cfg.position
+        self.scale = cfg.attn_scale         # None under sp: SDPA's own 1/sqrt(head_dim)
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
@@ -135,7 +136,8 @@ class Attention(nn.Module):
             if self.position == "alibi":
                 mask = mask - self.alibi_slopes.to(x.device)[:, None, None] * dist.clamp(min=0)
             mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa,
+                                             scale=self.scale)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -209,7 +211,8 @@ class Transformer(nn.Module):
                       seed: int) -> torch.Tensor:
         """The full initial tensor of parameter `fqn` (a name of the whole model): norm weights 1,
         biases 0, every matrix normal(0, init_std), residual projections (wo, w2) with std scaled
-        by 1/sqrt(2 n_layers) (GPT-2). Drawn from a generator of its own, seeded from (seed, fqn),
+        by 1/sqrt(2 n_layers) (GPT-2); under muP the blocks' matrices (hidden weights) by a further
+        1/sqrt(width multiplier), so their variance goes as 1/fan_in. Drawn from a generator of its own, seeded from (seed, fqn),
         so the value depends on nothing but the seed and the name: not on which parameters a
         pipeline stage holds nor on the order they are filled in (parallel/sharded_init.py
         materialises each rank's shards from it)."""
@@ -218,6 +221,8 @@ class Transformer(nn.Module):
         c = self.cfg
         residual = fqn.endswith(("wo.weight", "w2.weight", "experts.w2"))   # experts.w2: [E, h, dim]
         std = c.init_std / math.sqrt(2 * c.n_layers) if residual else c.init_std
+        if fqn.startswith("layers."):
+            std *= c.hidden_init_mult
         return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=param_generator(seed, fqn, device))
 
     @torch.no_grad()
@@ -249,6 +254,9 @@ class Transformer(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:
+            # muP's 1/m logit multiplier, applied to the head's input (D wide, not V): the same product
+            if self.cfg.output_mult != 1.0:
+                h = h * self.cfg.output_mult
             h = self.output(h)
         return h
 

@@ -151,7 +151,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
               f"({cfg.model.moe_top_k} of {cfg.model.moe_experts} experts)") if cfg.model.moe_experts else ""
     log.message(f"model: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings{active}), "
                 f"{flops_per_token / 1e6:.1f} MFLOP/token; vocabulary {cfg.model.vocab_size} ({vocab_from}); "
-                f"world {ctx.world_size} on {ctx.device.type}; "
+                f"world {ctx.world_size} on {ctx.device.type}"
+                + (f" (launched by {ctx.launcher})" if ctx.launcher != "none" else "") + "; "
                 f"run folder {run_dir}" + (f"; resumed at step {state.step}" if state.step else ""))
     if val_loader is None and cfg.train.eval_batches:
         log.message("no validation data (data.val_urls is empty and data.urls has no val/ split from `meshformer "

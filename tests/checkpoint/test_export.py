@@ -84,3 +84,34 @@ def test_export_does_not_overwrite(trained, tmp_path, capsys):
     (out / "mine.txt").write_text("keep me")
     assert export_main([str(trained), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep me"
+
+
+# muP: m = 32 / 8 = 4, so the folded factors (logits x 1/4; q x sqrt(base head dim 2) / 8 x sqrt(8) = 1/2)
+# are powers of two and the round trip export -> import is exact
+MUP = ("--model.parametrization", "mup", "--model.mup_base_dim", "8")
+
+
+@pytest.mark.parametrize("extra", [MUP, MUP + ("--model.tie_embeddings", "true")], ids=["mup", "mup_tied"])
+def test_mup_export_folds_the_multipliers(tmp_path, extra):
+    """HF Llama has no logit multiplier and scales scores by 1/sqrt(head_dim): the export folds
+    muP's 1/m and sqrt(base)/head_dim into lm_head and q_proj, so transformers gives our logits
+    (same tolerance as the sp export), and importing the export gives back our weights exactly."""
+    from trainer.hf_llama import find_weights_files, load_weights
+    d = tmp_path / "run"
+    run(d, "--train.steps", "3", "--optim.lr", "0.03", *extra)    # a high LR: sharp attention, so that an
+    out = tmp_path / "hf"                                           # unfolded scale shows in the logits
+    assert export_main([str(d), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False       # a tied muP head is written untied (lm_head = E / m)
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    ours, cfg = our_model(d, *extra)
+    assert cfg.model.output_mult == 0.25 and ours.layers["0"].attention.scale != 8 ** -0.5
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ours(tokens)
+        got = hf(tokens).logits
+    assert (got - want).abs().max().item() < 1e-5
+    assert want.std() > 0.03                          # not a trivially flat output (muP logits are small)
+    sd = load_weights(find_weights_files(out), cfg.model)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(sd[k], v), k

@@ -73,6 +73,8 @@ CASES = [
     train("train-cpu-peak-0", "--metrics.cpu_peak_tflops", "0", match=r"metrics.cpu_peak_tflops: .*> 0"),
     train("train-peak-negative", "--metrics.peak_tflops", "-5", match=r"metrics.peak_tflops: .*>= 0"),
     train("train-seed-negative", "--run.seed", "-1", match=r"run.seed: .*>= 0"),
+    train("train-mup-no-base", "--model.parametrization", "mup",
+          match=r"model.mup_base_dim: must be >= 1 with parametrization = 'mup'"),
     # experiment trackers (metrics.wandb / metrics.mlflow; trainer/trackers.py)
     train("train-wandb-mode", "--metrics.wandb_mode", "cloud",
           match=r"metrics.wandb_mode: 'cloud' is not allowed; expected one of 'auto', 'offline', 'online'"),
@@ -112,6 +114,11 @@ CASES = [
     train("train-hf-tokenizer-missing", "--data.tokenizer", "hf:{w}/no/tokenizer.json",
           match=r"data.tokenizer: no tokenizer file at .*no/tokenizer.json"),
     train("train-master-port", "--launch.master_port", "70000", match=r"launch.master_port"),
+    train("train-accelerate-config-missing", "--accelerate-config", "{w}/nope.yaml",
+          match=r"launch.accelerate_config: .*nope.yaml.* not found"),
+    train("train-accelerate-config-not-yaml", "--accelerate-config", "{bad_toml}", match=r"bad.toml.* not valid YAML"),
+    train("train-accelerate-config-not-mapping", "--launch.accelerate_config", "{a_file}",
+          match=r"a_file.* should hold a mapping of accelerate settings"),
     train("train-init-from-missing", "--checkpoint.init_from", "{w}/no-such-ckpt", match=r"no-such-ckpt"),
     # ---- train: the run folder and the data
     train("train-run-dir-is-file", "--run.dir", "{a_file}", match=r"run.dir: .*a_file.* not a folder|run.dir.*a_file"),
@@ -251,7 +258,14 @@ CASES = [
         match=r"parallel.*3 processes"),
     cmd("slurm-bad-mode", "slurm", "--config", "{tiny}", "--dry-run", "--mode", "mpi", match=r"--mode.*'mpi'"),
     cmd("slurm-stray-option", "slurm", "--config", "{tiny}", "--dry-run", "-x", match=r"unknown option '-x'"),
+    # ---- mup
+    cmd("mup-no-command", "mup", match=r"(check|command)"),
+    cmd("mup-one-width", "mup", "check", "--widths", "64", match=r"--widths '64': give at least two positive widths"),
+    cmd("mup-widths-not-numbers", "mup", "check", "--widths", "64,wide", match=r"--widths '64,wide': expected comma-separated integers"),
+    cmd("mup-widths-heads", "mup", "check", "--widths", "30,64", match=r"--widths: \[30\] not a multiple of 2 x model.n_heads=4"),
+    cmd("mup-steps-0", "mup", "check", "--steps", "0", match=r"--steps 0: must be >= 1"),
     # ---- sweep
+    cmd("sweep-mup-base-0", "sweep", "plan", "{sweep_mup_bad}", match=r"\[mup\] base_dim = 0: must be a positive width"),
     cmd("sweep-spec-missing", "sweep", "plan", "{w}/nope-sweep.toml", match=r"nope-sweep.toml does not exist"),
     cmd("sweep-spec-not-toml", "sweep", "plan", "{bad_toml}", match=r"bad.toml.* not valid TOML"),
     cmd("sweep-spec-bad-value", "sweep", "plan", "{sweep_bad_budget}", match=r"budgets must be a non-empty list of positive"),
@@ -363,6 +377,8 @@ def build_fixtures(w: Path) -> dict:
     p["sweep_spec"] = str(w / "sweep.toml")
     (w / "sweep-bad.toml").write_text(spec.replace("budgets = [6e9, 1.2e10, 2.4e10]", "budgets = [6e9, -1]"))
     p["sweep_bad_budget"] = str(w / "sweep-bad.toml")
+    (w / "sweep-mup-bad.toml").write_text(spec + "\n[mup]\nbase_dim = 0\n")
+    p["sweep_mup_bad"] = str(w / "sweep-mup-bad.toml")
     (w / "empty-run" / "checkpoints").mkdir(parents=True, exist_ok=True)
     p["empty_run"] = str(w / "empty-run")
     (w / "empty-run-config" / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import pytest
 from tests.cli.bad_input_cases import CASES, REPO, build_fixtures
 from tests.cli.bad_input_check import problems
 
-COMMANDS = ("train", "prepare", "generate", "eval", "export", "plan", "slurm", "sweep")
+COMMANDS = ("train", "prepare", "generate", "eval", "export", "plan", "slurm", "sweep", "mup")
 
 
 @pytest.fixture(scope="module")

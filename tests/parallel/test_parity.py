@@ -40,6 +40,9 @@ TWO_RANKS = {
                               "--model.activation gelu",
     "tp2_sp_alibi_postnorm": "--parallel.tp 2 --model.position alibi --model.norm_position post",
     "tp2_sp_sinusoidal_tied": "--parallel.tp 2 --model.position sinusoidal --model.tie_embeddings true",
+    # muP under TP+SP: the 1/m logit multiplier on a tied vocab-parallel head, the sqrt(base)/head_dim
+    # attention scale on sharded heads, the hidden matrices' own LR group over DTensors
+    "tp2_sp_mup_tied": "--parallel.tp 2 --model.parametrization mup --model.mup_base_dim 16 --model.tie_embeddings true",
     "ddp2_accum2": "--parallel.dp_replicate 2 --parallel.dp_shard 1 --train.grad_accum 2",   # no_sync path
     "pp2_gpipe": "--parallel.pp 2 --parallel.pp_schedule gpipe",
     "pp2_1f1b": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4",

@@ -31,6 +31,7 @@ TWO_RANKS = {
     "tp2_tied_alibi_gelu_ln": "--parallel.tp 2 --model.tie_embeddings true --model.position alibi "
                               "--model.activation gelu --model.norm layernorm --model.bias true",
     "fsdp2_tied_learned": "--parallel.dp_shard 2 --model.tie_embeddings true --model.position learned",
+    "fsdp2_mup": "--parallel.dp_shard 2 --model.parametrization mup --model.mup_base_dim 8",  # hidden std / sqrt(4)
     "fsdp2_offload": "--parallel.dp_shard 2 --parallel.fsdp_cpu_offload true",
     # checkpoint.init_from safetensors: our names, and a Hugging Face export (renamed, q/k permuted)
     "load_ours_fsdp2": "--parallel.dp_shard 2 --checkpoint.init_from {ours}",

@@ -1,0 +1,167 @@
+"""Our training step against Hugging Face's LlamaForCausalLM, and both against the machine's matmul limit.
+
+One process, the same Llama shape, the same initial weights (ours exported to HF names), the same
+batches, fp32 or bf16 autocast. Ours is `parallel.local_engine.LocalEngine` (what `meshformer train`
+runs per step); Hugging Face's is the plain loop a user would write (`model(x, labels=y).loss`,
+backward, clip, AdamW, LR schedule). The two alternate in short blocks so machine noise hits both
+alike; the ratio printed is the median over adjacent block pairs (>1: ours is faster).
+
+The roofline column: every GEMM of a training step (forward, and the two backward GEMMs of each
+linear layer, attention's score/value products, the output head) is timed as a bare `torch.mm` /
+`torch.bmm` at its own shape and precision, in the same run; their sum over the step's measured time
+is the share of the machine's matmul limit that the step reaches (1.0 = nothing but matmuls at the
+speed the BLAS gives those shapes).
+
+    python bench/vs_hf.py                       # 4 layers, d 256, 4 heads, ffn 688, seq 256, batch 8
+    python bench/vs_hf.py --dtypes fp32 --blocks 4 --steps-per-block 3 --dim 64 --seq 64   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.run_config import load_config  # noqa: E402
+from parallel.local_engine import LocalEngine  # noqa: E402
+from trainer.hf_llama import hf_config, to_hf  # noqa: E402
+from trainer.model import Transformer  # noqa: E402
+from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def hf_model(ours: Transformer, mc):
+    import transformers
+    cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(mc).items() if k not in ("architectures", "model_type")})
+    cfg._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(cfg)
+    missing, unexpected = model.load_state_dict(to_hf(ours.state_dict(), mc), strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return model
+
+
+def hf_step(model, opt, sched, x, y, clip, dtype):
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=AUTOCAST[dtype], enabled=AUTOCAST[dtype] is not None):
+        loss = model(input_ids=x, labels=None).logits.float()
+    loss = torch.nn.functional.cross_entropy(loss.flatten(0, 1), y.flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    opt.step()
+    sched.step()
+    return loss.detach()
+
+
+def gemm_shapes(mc, B: int, T: int) -> list[tuple[int, int, int, int]]:
+    """(batch, m, k, n) of every matmul in one training step: each linear layer x[M,K] @ W[K,N]
+    runs forward, and backward once for the input gradient (M,N @ N,K) and once for the weight
+    gradient (K,M @ M,N); attention's QK^T and PV likewise (batched over B x heads)."""
+    M, d, hd, H, kv = B * T, mc.dim, mc.head_dim, mc.n_heads, mc.kv_heads
+    linears = [(d, H * hd), (d, kv * hd), (d, kv * hd), (H * hd, d), (d, mc.hidden), (d, mc.hidden), (mc.hidden, d)]
+    out = []
+    for K, N in linears * mc.n_layers + [(d, mc.vocab_size)]:
+        out += [(1, M, K, N), (1, M, N, K), (1, K, M, N)]
+    for _ in range(mc.n_layers):   # scores = q k^T, out = p v: forward + two backward products each
+        out += [(B * H, T, hd, T), (B * H, T, T, hd), (B * H, hd, T, T)]
+        out += [(B * H, T, T, hd), (B * H, T, hd, T), (B * H, T, T, hd)]
+    return out
+
+
+class BareGemms:
+    """The step's GEMMs as bare matmuls on random operands of their shapes and precision."""
+
+    def __init__(self, shapes, dtype: str):
+        dt = AUTOCAST[dtype] or torch.float32
+        self.pairs = [(torch.randn(b, m, k, dtype=dt).squeeze(0), torch.randn(b, k, n, dtype=dt).squeeze(0))
+                      for b, m, k, n in shapes]
+        self()
+
+    def __call__(self) -> float:
+        """Seconds for one pass (one training step's worth of matmuls)."""
+        t0 = time.perf_counter()
+        for a, w in self.pairs:
+            (torch.bmm if a.dim() == 3 else torch.mm)(a, w)
+        return time.perf_counter() - t0
+
+
+def run(cfg, dtype: str, blocks: int, per_block: int, warmup: int) -> dict:
+    mc, B, T = cfg.model, cfg.train.batch_size, cfg.train.seq_len
+    torch.manual_seed(0)
+    ours = Transformer(mc)
+    theirs = hf_model(ours, mc)
+    dev = torch.device("cpu")
+    steps = warmup + blocks * per_block + 1
+    o_opt = build_optimizer(ours, cfg.optim, dev)
+    h_opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                              weight_decay=cfg.optim.weight_decay, fused=False, foreach=True)
+    o_sched = build_scheduler(o_opt, cfg.optim, steps)
+    h_sched = build_scheduler(h_opt, cfg.optim, steps)
+    engine = LocalEngine(ours, o_opt, o_sched, dev, dtype, cfg.optim.grad_clip)
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, mc.vocab_size, (4, B, T + 1), generator=g)
+    batches = [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]
+    first = (float(engine.train_step([batches[0]]).loss), float(hf_step(theirs, h_opt, h_sched, *batches[0],
+                                                                         cfg.optim.grad_clip, dtype)))
+    for i in range(1, warmup):
+        engine.train_step([batches[i % 4]])
+        hf_step(theirs, h_opt, h_sched, *batches[i % 4], cfg.optim.grad_clip, dtype)
+    gemms = BareGemms(gemm_shapes(mc, B, T), dtype)
+    times = {"ours": [], "hf": [], "gemm": []}
+    for block in range(blocks):
+        # the bare matmuls are timed in every block too, beside the steps, so load on the machine
+        # hits the roofline's denominator as it hits the steps
+        times["gemm"].append(min(gemms() for _ in range(per_block)))
+        for who in (("ours", "hf") if block % 2 == 0 else ("hf", "ours")):
+            t0 = time.perf_counter()
+            for s in range(per_block):
+                x, y = batches[s % 4]
+                if who == "ours":
+                    out = engine.train_step([(x, y)])
+                    out.loss.item()                   # the step is done when its loss is (as for HF's)
+                else:
+                    hf_step(theirs, h_opt, h_sched, x, y, cfg.optim.grad_clip, dtype).item()
+            times[who].append((time.perf_counter() - t0) / per_block)
+    share = {who: statistics.median(g / t for g, t in zip(times["gemm"], times[who])) for who in ("ours", "hf")}
+    step = {k: statistics.median(v) for k, v in times.items()}
+    return {"dtype": dtype, "first_loss": first, "tokens": B * T, "step_s": step, "share": share,
+            "gflops": sum(2 * b * m * k * n for b, m, k, n in gemm_shapes(mc, B, T)) / 1e9,
+            "ratio": statistics.median(h / o for o, h in zip(times["ours"], times["hf"]))}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (default: fp32,bf16)")
+    p.add_argument("--layers", type=int, default=4, help="default: 4")
+    p.add_argument("--dim", type=int, default=256, help="default: 256")
+    p.add_argument("--heads", type=int, default=4, help="default: 4")
+    p.add_argument("--ffn", type=int, default=688, help="default: 688")
+    p.add_argument("--seq", type=int, default=256, help="default: 256")
+    p.add_argument("--batch", type=int, default=8, help="default: 8")
+    p.add_argument("--blocks", type=int, default=8, help="alternating blocks per side (default: 8)")
+    p.add_argument("--steps-per-block", type=int, default=4, help="default: 4")
+    p.add_argument("--warmup", type=int, default=3, help="default: 3")
+    args = p.parse_args(argv)
+    cfg = load_config("configs/tiny.toml", [
+        "--model.n_layers", str(args.layers), "--model.dim", str(args.dim), "--model.n_heads", str(args.heads),
+        "--model.n_kv_heads", str(args.heads), "--model.ffn_hidden", str(args.ffn), "--model.max_seq_len",
+        str(max(args.seq, 512)), "--train.seq_len", str(args.seq), "--train.batch_size", str(args.batch)])
+    print(f"shape: {args.layers} layers, d {args.dim}, {args.heads} heads, ffn {args.ffn}, seq {args.seq}, "
+          f"batch {args.batch}, vocab {cfg.model.vocab_size}; threads {torch.get_num_threads()}")
+    for dtype in args.dtypes.split(","):
+        r = run(cfg, dtype, args.blocks, args.steps_per_block, args.warmup)
+        o, h = r["step_s"]["ours"], r["step_s"]["hf"]
+        print(f"{dtype}: first loss ours {r['first_loss'][0]:.5f} hf {r['first_loss'][1]:.5f} | "
+              f"tokens/s ours {r['tokens'] / o:,.0f} hf {r['tokens'] / h:,.0f} | ratio ours/hf {r['ratio']:.3f} | "
+              f"matmul roofline share ours {r['share']['ours']:.0%} hf {r['share']['hf']:.0%} "
+              f"(bare GEMMs {r['gflops'] / r['step_s']['gemm']:.0f} GFLOP/s, step {r['gflops'] / o:.0f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
