@@ -141,6 +141,12 @@ def _fsdp(layer: AccelerateLayer, fsdp: dict, processes: int, machines: int) -> 
             layer.unmapped.append(name)                      # parallelize decides these itself
 
 
+# accelerate's deepspeed_config keys -> parallel.* (parallel.engine = "deepspeed"); the rest (its
+# gradient accumulation and clipping, zero3 init/save flags) are ours to set in [train]/[optim]
+DEEPSPEED_KEYS = {"deepspeed_config_file": "deepspeed_config", "zero_stage": "zero_stage",
+                  "offload_optimizer_device": "offload_optimizer", "offload_param_device": "offload_param"}
+
+
 def map_settings(settings: dict, source: str) -> AccelerateLayer:
     layer = AccelerateLayer(source)
     processes, machines = int(settings.get("num_processes") or 1), int(settings.get("num_machines") or 1)
@@ -154,8 +160,7 @@ def map_settings(settings: dict, source: str) -> AccelerateLayer:
                 layer.unmapped.append(f"mixed_precision={value} (use bf16)")
         elif key == "distributed_type":
             if value == "DEEPSPEED":
-                layer.unmapped.append("distributed_type=DEEPSPEED (no DeepSpeed engine here yet; "
-                                      "parallel.dp_shard gives ZeRO-3-like FSDP)")
+                layer.set("distributed_type=DEEPSPEED", "parallel", "engine", "deepspeed")
             elif value not in PLAIN_TYPES + ("FSDP",):
                 layer.unmapped.append(f"distributed_type={value}")
         elif key == "fsdp_config":
@@ -168,7 +173,12 @@ def map_settings(settings: dict, source: str) -> AccelerateLayer:
                 elif not (_asks_nothing(size) or str(size) == "1"):
                     layer.unmapped.append(f"{name}={size}")
         elif key == "deepspeed_config":
-            layer.unmapped.extend(k for k, v in value.items() if not _asks_nothing(v))
+            for name, v in value.items():
+                ours = DEEPSPEED_KEYS.get(name)
+                if ours and not _asks_nothing(v):
+                    layer.set(f"{name}={v}", "parallel", ours, int(v) if ours == "zero_stage" else str(v))
+                elif not _asks_nothing(v):
+                    layer.unmapped.append(name)
         elif key == "dynamo_config":
             if str(value.get("dynamo_backend", "NO")).upper() != "NO":
                 layer.unmapped.append(f"dynamo_backend={value['dynamo_backend']} (parallel.compile = true compiles each block)")

@@ -16,7 +16,7 @@ import tomllib
 
 from core.data_config import DataConfig
 from core.launch_config import LaunchConfig
-from core.parallel_config import ParallelConfig
+from core.parallel_config import ParallelConfig, check_deepspeed_run
 from core.checkpoint_config import CheckpointConfig
 from core.config_parse import ConfigError, apply_overrides, build_section, describe_keys, did_you_mean, section_to_dict
 from core.model_config import ModelConfig, known_tokenizer_ids, padded_vocab
@@ -54,6 +54,8 @@ class Config:
                     raise
                 except ValueError as e:
                     raise ConfigError(str(e)) from None
+        if self.parallel.engine == "deepspeed":
+            check_deepspeed_run(self)
         if self.model.vocab_size == 0:     # auto: the byte tokenizer's size is known here; others' when training starts
             ids = known_tokenizer_ids(self.data.tokenizer)
             if ids is not None:

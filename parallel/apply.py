@@ -2,6 +2,7 @@
 
     pipeline split -> tensor/sequence parallel -> precision conversion (fp8) ->
     activation checkpointing -> torch.compile -> FSDP / HSDP -> materialise + init -> DDP
+    (under parallel.engine = deepspeed no FSDP/DDP: deepspeed.initialize shards in make_engine)
 
 Why this order: the split decides which blocks a rank holds; TP turns their weights into DTensors
 that fp8 conversion must see (it swaps Linear modules and needs the TP mesh); checkpointing and
@@ -23,6 +24,8 @@ from core.parallel_plan import ParallelPlan
 from core.precision_config import PrecisionConfig
 from parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp
+from parallel.deepspeed_config import build_ds_config
+from parallel.deepspeed_engine import DeepSpeedEngine
 from parallel.dims import ParallelDims
 from parallel.dist_engine import DistEngine
 from parallel.local_engine import LocalEngine
@@ -44,14 +47,23 @@ class Parallelized:
     vocab_parallel: bool = False
     pipeline: PipelineSetup | None = None    # when pp > 1
     notes: list[str] = field(default_factory=list)
+    pcfg: ParallelConfig | None = None        # engine = deepspeed reads its ZeRO keys from it
 
     @property
     def model(self) -> nn.Module:
         """The one module when there is one part; else a ModuleList over the parts."""
         return self.model_parts[0] if len(self.model_parts) == 1 else nn.ModuleList(self.model_parts)
 
-    def make_engine(self, optimizer, scheduler, device, precision: PrecisionConfig, grad_clip: float):
+    def make_engine(self, optimizer, scheduler, device, precision: PrecisionConfig, grad_clip: float,
+                    micro_batch: int = 1, grad_accum: int = 1, local_rank: int = 0):
         common = (optimizer, scheduler, device, precision.dtype, grad_clip, precision.bf16_mode)
+        if self.pcfg is not None and self.pcfg.engine == "deepspeed":
+            ds_config, diffs = build_ds_config(self.pcfg, micro_batch, grad_accum, self.dims.dp_size,
+                                               precision.dtype, grad_clip)
+            if diffs:
+                self.notes.append(f"{self.pcfg.deepspeed_config} overrides: " + "; ".join(diffs))
+            return DeepSpeedEngine(self.model_parts[0], *common, dims=self.dims, ds_config=ds_config,
+                                   local_rank=local_rank)
         if self.pipeline is not None:
             return PipelineEngine(self.model_parts, *common, dims=self.dims, vocab_parallel=self.vocab_parallel,
                                   ddp=False, pipeline=self.pipeline)   # the schedule handles DDP's no_sync
@@ -90,14 +102,16 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: 
         apply_activation_checkpointing(part, plan.blocks, pcfg.ac)
         if pcfg.compile:
             apply_compile(part, plan.blocks)
-    if dims.fsdp_enabled:
+    # Under engine = deepspeed every rank holds the whole model here; deepspeed.initialize shards it.
+    wrap_dp = pcfg.engine != "deepspeed"
+    if dims.fsdp_enabled and wrap_dp:
         parts = [apply_fsdp(part, plan.blocks, dims, pcfg, precision) for part in parts]
     if meta:
         # FSDP's CPU offload keeps the sharded parameters on the host (values still drawn on the device).
-        offload = dims.fsdp_enabled and pcfg.fsdp_cpu_offload
+        offload = dims.fsdp_enabled and wrap_dp and pcfg.fsdp_cpu_offload
         init_local_shards(parts, init, storage=torch.device("cpu") if offload else None)
-    if dims.ddp_enabled:
+    if dims.ddp_enabled and wrap_dp:
         parts = [apply_ddp(part, dims) for part in parts]
     if pipeline is not None:
         pipeline.build_schedule(parts, pcfg)
-    return Parallelized(model_parts=parts, dims=dims, vocab_parallel=vocab_parallel, pipeline=pipeline)
+    return Parallelized(model_parts=parts, dims=dims, vocab_parallel=vocab_parallel, pipeline=pipeline, pcfg=pcfg)

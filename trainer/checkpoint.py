@@ -57,11 +57,12 @@ def live_slurm_logs() -> set[str]:
 
 class CheckpointManager:
     def __init__(self, cfg, ctx, run_dir: Path, *, model, optimizer, scheduler, loader, state, dims=None,
-                 before_save: Callable[[int], None] | None = None):
+                 before_save: Callable[[int], None] | None = None, parts=None):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, Path(run_dir)
         self.before_save = before_save      # called with the step first in every save (may raise)
         self.root = self.run_dir / "checkpoints"
-        self.parts = ModelParts(model, optimizer)
+        # `parts`: an engine's own view of model and optimizer state (DeepSpeed's ZeRO fragments)
+        self.parts = parts if parts is not None else ModelParts(model, optimizer)
         self.schedulers = as_list(scheduler)
         self.loader, self.state = loader, state
         self.dp_rank = dims.dp_rank if dims is not None else ctx.rank
@@ -137,7 +138,9 @@ class CheckpointManager:
         weights = find_weights_files(path)
         if weights:
             # One full tensor at a time, each rank keeping its shard: no rank holds the whole file.
-            fill_local_shards(self.parts.parts, WeightsReader(weights, self.cfg.model).value)
+            reader = WeightsReader(weights, self.cfg.model)
+            fill = getattr(self.parts, "fill_weights", None)     # an engine's own (DeepSpeed's ZeRO fragments)
+            fill(reader.value) if fill is not None else fill_local_shards(self.parts.parts, reader.value)
             self._say(f"initialised weights from {source} (fresh optimizer, step 0)")
             return
         _require_complete(path)

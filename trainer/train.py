@@ -127,7 +127,9 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     model = par.model                    # one module, or a ModuleList of this rank's pipeline stages
     optimizer = build_optimizer(model, cfg.optim, ctx.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    engine = par.make_engine(optimizer, scheduler, ctx.device, cfg.precision, cfg.optim.grad_clip)
+    engine = par.make_engine(optimizer, scheduler, ctx.device, cfg.precision, cfg.optim.grad_clip,
+                             micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+                             local_rank=ctx.local_rank)
     train_loader, val_loader = build_loaders(cfg, dims, loader_factory)
     if dry_run:
         return _dry_run(cfg, ctx, dims, n_params, train_loader)
@@ -135,7 +137,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     state = TrainState()
     guard = DivergenceGuard(cfg.train, ctx, model, optimizer)
     ckpt = CheckpointManager(cfg, ctx, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                             loader=train_loader, state=state, dims=dims, before_save=guard.before_save)
+                             loader=train_loader, state=state, dims=dims, before_save=guard.before_save,
+                             parts=getattr(engine, "checkpoint_parts", None))
     ckpt.prepare_run_dir()
     ckpt.restore()
     if ctx.distributed:   # every rank has looked at the run folder before rank 0 writes into it
@@ -154,6 +157,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
                 f"world {ctx.world_size} on {ctx.device.type}"
                 + (f" (launched by {ctx.launcher})" if ctx.launcher != "none" else "") + "; "
                 f"run folder {run_dir}" + (f"; resumed at step {state.step}" if state.step else ""))
+    for note in par.notes:               # e.g. what a user's ds_config.json changed
+        log.message(note)
     if val_loader is None and cfg.train.eval_batches:
         log.message("no validation data (data.val_urls is empty and data.urls has no val/ split from `meshformer "
                     "prepare`): training without evaluation")

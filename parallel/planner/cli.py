@@ -21,6 +21,7 @@ from .cluster import list_clusters, load_cluster
 from .layout import Stack
 from .predict import predict
 from .run_config import config_layout, default_gpus, read_run_config
+from .offload import offload_hint
 from .search import explain, search
 
 # Llama 2 and 3 pretraining's global batch (4M tokens). Fixed, whatever --gpus, so that plans for
@@ -178,6 +179,9 @@ def _plan(args, run, cluster) -> int:
         rank = next((i for i, p in enumerate(result.ranked, 1) if p.layout == own), None)
         where = f"ranked {rank} of {len(result.ranked)}" if rank else "does not fit"
         print(f"\nthe config's own layout ({own.short()}) {where}")
+    hint = offload_hint(run.model, cluster, args.gpus)
+    if hint:
+        print("\n" + hint)
     print("\n" + LEGEND)
     print("\nwinner as config overrides:\n  " + " ".join(top[0].layout.overrides()))
     return 0

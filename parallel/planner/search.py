@@ -16,6 +16,7 @@ from core.model_config import ModelConfig
 from .cluster import ClusterProfile
 from .layout import AC_MODES, Layout, Stack
 from .memory import memory_per_gpu
+from .offload import OVERRIDES, offload_hint
 from .predict import Prediction, predict
 
 
@@ -109,8 +110,10 @@ def search(cfg: ModelConfig, cluster: ClusterProfile, gpus: int, global_batch: i
     result.ranked.sort(key=lambda p: (result.tight(p), -p.tokens_per_s))
     if not result.ranked:
         reasons = ", ".join(f"{n} {r}" for r, n in result.rejected.most_common())
+        hint = offload_hint(cfg, cluster, gpus, stack)
         raise ValueError(f"no layout of this model fits {gpus} x {cluster.name} with global batch {global_batch} "
-                         f"({reasons}); add GPUs, lower train.seq_len or the batch, or pick a larger-memory cluster")
+                         f"({reasons}); add GPUs, lower train.seq_len or the batch, or pick a larger-memory cluster"
+                         + (f"; or DeepSpeed offload: {OVERRIDES}" if hint else ""))
     return result
 
 

@@ -71,12 +71,14 @@ def test_fsdp1_sharding_strategies(strategy, expect):
     assert layer.tables["parallel"] == expect and not layer.unmapped
 
 
-def test_deepspeed_and_fp16_are_named_not_mapped():
+def test_deepspeed_maps_to_our_engine_and_fp16_is_named_not_mapped():
     layer = map_settings({"distributed_type": "DEEPSPEED", "mixed_precision": "fp16",
-                          "deepspeed_config": {"deepspeed_config_file": "ds.json", "zero3_init_flag": False}}, "x")
-    assert not layer.tables
-    assert layer.unmapped[0] == "distributed_type=DEEPSPEED (no DeepSpeed engine here yet; parallel.dp_shard gives ZeRO-3-like FSDP)"
-    assert layer.unmapped[1:] == ["mixed_precision=fp16 (use bf16)", "deepspeed_config_file"]
+                          "deepspeed_config": {"deepspeed_config_file": "ds.json", "zero_stage": 3,
+                                               "offload_optimizer_device": "cpu", "offload_param_device": "none",
+                                               "zero3_init_flag": False, "zero3_save_16bit_model": True}}, "x")
+    assert layer.tables == {"parallel": {"engine": "deepspeed", "deepspeed_config": "ds.json", "zero_stage": 3,
+                                         "offload_optimizer": "cpu"}}
+    assert layer.unmapped == ["mixed_precision=fp16 (use bf16)", "zero3_save_16bit_model"]
 
 
 def test_launch_variables_are_read_like_the_yaml():

@@ -4,6 +4,9 @@ the built-in corpus through the real data loader (byte tokens, vocab 320).
 
 Run by the tests as `torchrun --nproc_per_node N tests/parallel/layouts.py OUT.json NAME=ARGS ...`,
 where ARGS are `--parallel.*` overrides separated by spaces. Rank 0 writes OUT.json.
+`ARGS1 RESUME ARGS2` trains the first STEPS // 2 steps with ARGS1 (saving a checkpoint at the end),
+then resumes the same run folder with ARGS2 for the rest: a layout that resumes exactly gives the
+uninterrupted run's numbers.
 """
 from __future__ import annotations
 
@@ -32,6 +35,11 @@ BASE = ["--run.seed", "1", "--model.dim", "32", "--model.n_layers", "4", "--mode
         "--optim.lr", "3e-3", "--optim.grad_clip", "1.0", "--checkpoint.every", "0", "--checkpoint.final", "false", "--train.threads", "1"]
 
 
+# The first half of a RESUME layout: STEPS // 2 steps of the same schedule, saved at the end. The
+# schedule's length stays STEPS (wsd with no decay: constant after warmup, whatever train.steps).
+HALF = ["--train.steps", str(STEPS // 2), "--checkpoint.final", "true"]
+
+
 def overrides(run_dir: str, dp: int, extra: list[str]) -> list[str]:
     return BASE + ["--run.dir", run_dir, "--train.batch_size", str(GLOBAL_BATCH // dp), *extra]
 
@@ -45,8 +53,28 @@ def run_layout(run_dir: str, extra: list[str], ctx=None, dp: int = 1) -> dict:
     train(cfg, ctx=ctx)
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()] \
         if (ctx is None or ctx.is_main) else []
+    # a resumed run (see RESUME) appends to the folder's rows: keep the last row of each kind per step
+    rows = list({(r["step"], "loss" in r): r for r in rows}.values())
     return {"loss": [r["loss"] for r in rows if "loss" in r], "grad_norm": [r["grad_norm"] for r in rows if "loss" in r],
-            "val_loss": [r["val_loss"] for r in rows if "val_loss" in r]}
+            "val_loss": [r["val_loss"] for r in rows if "val_loss" in r], "run_dir": run_dir}
+
+
+INIT_FILE = "init.safetensors"
+
+
+def write_initial_weights(path: str) -> None:
+    """Initial weights of BASE's model drawn with ANOTHER seed (run.seed + 1) as a safetensors file
+    in our names (`--checkpoint.init_from INIT_WEIGHTS`): a layout that ignored the file would
+    train from run.seed's own weights and fail the comparison with a single process that loads it."""
+    import torch
+    from safetensors.torch import save_file
+    from core.run_config import load_config
+    from trainer.model import Transformer
+    cfg = load_config("configs/tiny.toml", overrides(str(Path(path).parent / "w"), 1, []))
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    save_file({n: model.initial_value(n, p.shape, torch.device("cpu"), torch.float32, seed=cfg.run.seed + 1).contiguous()
+               for n, p in model.named_parameters()}, path)
 
 
 def dp_degree(extra: list[str], world: int) -> int:
@@ -65,12 +93,19 @@ def main() -> None:
     ctx = init_distributed(LaunchConfig(), "cpu")
     results = {}
     root = tempfile.mkdtemp(prefix="nd-parity-") if ctx.is_main else None
+    if ctx.is_main and any("INIT_WEIGHTS" in spec for spec in specs):
+        write_initial_weights(f"{root}/{INIT_FILE}")
     holder = [root]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0)   # also: the weights file exists before anyone reads it
     for spec in specs:
         name, _, args = spec.partition("=")
-        extra = args.split()
+        extra = args.replace("INIT_WEIGHTS", f"{holder[0]}/{INIT_FILE}").split()
+        first, resumed, extra = (extra[:extra.index("RESUME")], extra[extra.index("RESUME") + 1:], []) \
+            if "RESUME" in extra else ([], [], extra)
         try:
+            if first:
+                run_layout(f"{holder[0]}/{name}", first + HALF, ctx, dp_degree(first, ctx.world_size))
+                extra = resumed
             results[name] = run_layout(f"{holder[0]}/{name}", extra, ctx, dp_degree(extra, ctx.world_size))
         except Exception:  # report and go on: one broken layout should not hide the others
             results[name] = {"error": traceback.format_exc()}

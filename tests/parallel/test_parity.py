@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from webdataset import TarWriter
 
-from tests.parallel.layouts import STEPS, run_layout
+from tests.parallel.layouts import INIT_FILE, STEPS, run_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-5
@@ -59,7 +60,31 @@ TWO_RANKS = {
                                       "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_router sigmoid "
                                       "--model.moe_every 2",
     "pp2_1f1b_epoch_end": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4 " + EPOCH_END,
+    # parallel.engine = deepspeed (parallel/deepspeed_engine.py): DeepSpeed's ZeRO step with our AdamW
+    "ds_zero1": "--parallel.engine deepspeed --parallel.zero_stage 1",
+    "ds_zero2_accum2": "--parallel.engine deepspeed --parallel.zero_stage 2 --train.grad_accum 2",
+    "ds_zero3": "--parallel.engine deepspeed --parallel.zero_stage 3",
+    "ds_zero3_offload": "--parallel.engine deepspeed --parallel.zero_stage 3 --parallel.offload_optimizer cpu "
+                        "--parallel.offload_param cpu",
+    "ds_zero2_epoch_end": "--parallel.engine deepspeed --parallel.zero_stage 2 " + EPOCH_END,
 }
+# Weights from a safetensors file (layouts.py writes it: another seed's initial weights): ZeRO-3
+# scatters them into its fragments as a single process loads them.
+INIT_FROM = {"ds_zero3_init_from": "--parallel.engine deepspeed --parallel.zero_stage 3 "
+                                   "--checkpoint.init_from INIT_WEIGHTS"}
+# Checkpoint and resume (layouts.py's RESUME: half the steps, save, resume in the same folder):
+# DeepSpeed saves our DCP format (parallel/deepspeed_state.py), so ZeRO resumes itself exactly and
+# a checkpoint moves between engines both ways. A constant LR: the first half's train.steps is shorter.
+DS = "--parallel.engine deepspeed --parallel.zero_stage"
+CONST = " --optim.schedule constant"
+RESUMES = {
+    "ds_zero2_resume": f"{DS} 2{CONST} RESUME {DS} 2{CONST}",
+    "ds_zero3_to_fsdp": f"{DS} 3{CONST} RESUME --parallel.dp_shard 2{CONST}",
+    "fsdp_to_ds_zero3_offload": f"--parallel.dp_shard 2{CONST} RESUME {DS} 3 --parallel.offload_optimizer cpu "
+                                f"--parallel.offload_param cpu{CONST}",
+}
+TWO_RANKS.update(RESUMES)
+TWO_RANKS.update(INIT_FROM)
 FOUR_RANKS = {
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
     "tp2_fsdp2": "--parallel.tp 2 --parallel.dp_shard 2",
@@ -106,6 +131,7 @@ def launch(nproc: int, layouts: dict[str, str], tmp: Path, timeout: float, corpu
 def model_args(layout: str) -> list[str]:
     """The non-parallel overrides of a layout: its single-process reference uses the same ones."""
     words = layout.split()
+    words = words[words.index("RESUME") + 1:] if "RESUME" in words else words
     pairs = zip(words[::2], words[1::2])
     return [w for k, v in pairs if not k.startswith("--parallel.") for w in (k, v)]
 
@@ -158,9 +184,61 @@ def test_reference_trains(reference):
     assert len(reference["loss"]) == STEPS and reference["loss"][-1] < reference["loss"][0]
 
 
-@pytest.mark.parametrize("name", list(TWO_RANKS))
+@pytest.mark.parametrize("name", [n for n in TWO_RANKS if n not in RESUMES and n not in INIT_FROM])
 def test_two_rank_parity(name, two_rank_results, references):
     check(name, two_rank_results[name], references(TWO_RANKS[name]))
+
+
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_resume_across_engines(name, two_rank_results, references):
+    """Steps 1-5 in one layout, a checkpoint, steps 6-10 resumed in another: the uninterrupted
+    single-process run's losses and gradient norms at every step (the optimizer state, step count
+    and data position all came through), and its final validation loss."""
+    got, ref = two_rank_results[name], references(RESUMES[name])
+    assert "error" not in got, f"{name} failed:\n{got.get('error')}"
+    assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), name
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), name
+    assert got["val_loss"][-1] == pytest.approx(ref["val_loss"][-1], rel=RTOL), name
+
+
+@pytest.mark.parametrize("name", list(INIT_FROM))
+def test_init_from_weights(name, two_rank_results, references):
+    """checkpoint.init_from of a safetensors file: the single process loading the same file."""
+    got = two_rank_results[name]
+    assert "error" not in got, f"{name} failed:\n{got.get('error')}"
+    weights = str(Path(got["run_dir"]).parent / INIT_FILE)
+    check(name, got, references(INIT_FROM[name].replace("INIT_WEIGHTS", weights)))
+
+
+def test_deepspeed_checkpoint_exports_to_transformers(two_rank_results, tmp_path):
+    """The step-5 checkpoint ZeRO-3 wrote (ds_zero3_to_fsdp's first half) is our format: `meshformer
+    export` turns it into a Llama folder that transformers loads, giving the logits our model gives
+    with the checkpoint's weights (within 1e-5: fp32, the same ops in another order)."""
+    transformers = pytest.importorskip("transformers")
+    from trainer.checkpoint import complete_checkpoints, load_model_weights
+    from trainer.export import main as export_main
+    from trainer.model import Transformer
+    from core.run_config import load_config
+    run_dir = Path(two_rank_results["ds_zero3_to_fsdp"]["run_dir"])
+    ckpts = complete_checkpoints(run_dir / "checkpoints")
+    assert [c.name for c in ckpts] == ["step-00000005"]
+    assert export_main([str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
+    ours = Transformer(load_config(str(run_dir / "config.toml")).model).eval()
+    load_model_weights(ours, ckpts[-1])
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ours(tokens), hf(tokens).logits
+    assert (got - want).abs().max().item() < 1e-5 and want.std() > 0.1
+
+
+def test_zero3_offload_matches_zero3(two_rank_results):
+    """ZeRO-Offload/Infinity on the CPU (optimizer state and parameters) changes where tensors
+    live, not the arithmetic: the same losses as ZeRO-3 within RTOL at every step."""
+    off, on_device = two_rank_results["ds_zero3_offload"], two_rank_results["ds_zero3"]
+    assert "error" not in off and "error" not in on_device, off.get("error") or on_device.get("error")
+    assert off["loss"] == pytest.approx(on_device["loss"], rel=RTOL)
+    assert off["grad_norm"] == pytest.approx(on_device["grad_norm"], rel=RTOL)
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANKS))

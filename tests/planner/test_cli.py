@@ -125,3 +125,13 @@ def test_near_full_layouts_rank_after_the_others(capsys):
     top = json.loads(capsys.readouterr().out)[0]
     assert not top["tight"] and top["memory_gib"]["total"] <= 0.5 * top["memory_gib"]["capacity"]
     assert top["layout"] == result.ranked[0].layout.to_dict()
+
+
+def test_offload_is_suggested_where_the_sharded_state_crowds_the_gpus(capsys):
+    """llama3-8b's weights, gradients and AdamW state are 16 bytes x 8.0e9 parameters = 120 GiB:
+    over 2 A100-80GB that is 75% of each GPU (no layout fits: DeepSpeed offload is named); over 8
+    it is 19% and no hint is given."""
+    assert main(["--config", str(CONFIG), "--cluster", "a100-80gb", "--gpus", "2"]) == 2
+    assert "or DeepSpeed offload: --parallel.engine deepspeed --parallel.zero_stage 3" in capsys.readouterr().err
+    assert main(["--config", str(CONFIG), "--cluster", "a100-80gb", "--gpus", "8", "--top", "1"]) == 0
+    assert "offload" not in capsys.readouterr().out
