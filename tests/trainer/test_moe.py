@@ -174,7 +174,8 @@ def test_layouts_without_a_moe_plan_and_the_llama_export_refuse_moe():
     from trainer.hf_llama import check_llama_shaped
     cfg = small()
     for kw, what in ((dict(tp=2), "parallel.tp: 2 is not supported with model.moe_experts"),
-                     (dict(pp=2), "parallel.pp: 2 is not supported with model.moe_experts")):
+                     (dict(pp=2), "parallel.pp: 2 is not supported with model.moe_experts"),
+                     (dict(engine="deepspeed"), "parallel.engine: 'deepspeed' is not supported")):
         with pytest.raises(ConfigError, match=what):
             validate_layout(ParallelConfig(**kw), cfg, batch_size=4, seq_len=16)
     with pytest.raises(CheckpointError, match="model.moe_experts = 4"):
