@@ -65,6 +65,14 @@ def stage_layer_counts(cfg: ParallelConfig, n_layers: int) -> list[int]:
 def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int, seq_len: int = 0) -> None:
     """Checks that need the model and batch as well as the layout; each error names the field."""
     tp = cfg.tp
+    if model_cfg.moe_experts:   # the MoE blocks have no tensor-parallel or pipeline plan yet
+        for name, size in (("tp", tp), ("pp", cfg.pp)):
+            if size > 1:
+                raise ConfigError(f"parallel.{name}: {size} is not supported with model.moe_experts > 0 yet "
+                                  f"(MoE trains with data parallel: ddp, fsdp, hsdp); set parallel.{name} = 1")
+        if cfg.engine == "deepspeed":   # its step does not add the model's aux loss nor call after_step yet
+            raise ConfigError("parallel.engine: 'deepspeed' is not supported with model.moe_experts > 0 yet; "
+                              "use 'torch' (FSDP: parallel.dp_shard)")
     if tp > 1:
         for what, value in (("model.n_heads", model_cfg.n_heads), ("model.n_kv_heads", model_cfg.kv_heads),
                             ("the MLP width (model.ffn_hidden)", model_cfg.hidden),

@@ -48,6 +48,20 @@ class ModelConfig:
     tie_embeddings: bool = option("share the input embedding with the output head", False)
     bias: bool = option("biases in linear and norm layers (GPT-2 style)", False)
     init_std: float = option("std of the normal initialisation", 0.02)
+    moe_experts: int = option("routed experts per MoE block; 0 = a dense MLP in every block", 0)
+    moe_top_k: int = option("experts each token is routed to", 2)
+    moe_shared_experts: int = option("always-on experts of width moe_hidden per MoE block (DeepSeek)", 0)
+    moe_every: int = option("every n-th block is MoE (blocks n-1, 2n-1, ...); 1 = all", 1)
+    moe_hidden: int = option("hidden width of one expert (fine-grained experts: below the dense width); 0 = the "
+                             "dense MLP width", 0)
+    moe_router: Literal["softmax", "sigmoid"] = option("router score: softmax over experts or per-expert sigmoid", "softmax")
+    moe_norm_topk: bool = option("divide the top-k gate weights by their sum", True)
+    moe_aux_coef: float = option("weight of the Switch/GShard load-balancing loss (0 = none)", 0.01)
+    moe_z_coef: float = option("weight of the router z-loss (ST-MoE; 0 = none)", 0.001)
+    moe_bias_rate: float = option("aux-loss-free balancing (DeepSeek-V3): expert bias step per optimizer step "
+                                  "(0 = off; 1e-3 is theirs)", 0.0)
+    moe_capacity_factor: float = option("tokens an expert takes: factor x tokens x top_k / experts, the rest "
+                                        "dropped; 0 = dropless", 0.0)
     parametrization: Literal["sp", "mup"] = option(
         "sp (standard) or mup (maximal update, Yang et al. 2022: hyperparameters tuned at mup_base_dim transfer "
         "to wider models)", "sp")
@@ -73,6 +87,17 @@ class ModelConfig:
             return 4 * self.dim
         m = self.ffn_multiple_of
         return -(-int(8 * self.dim / 3) // m) * m
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe_hidden or self.hidden
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe_experts > 0 and layer % self.moe_every == self.moe_every - 1
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     # ---- muP (Tensor Programs V, Table 3, in the form of Microsoft's `mup` package) ----------
     # Every factor is 1 under sp and at the base width, so a base-width muP model IS the sp model.
@@ -131,13 +156,42 @@ class ModelConfig:
                              f"got {self.mup_base_head_dim}")
         if self.rope_theta <= 0:    # the RoPE frequencies are rope_theta ** (-2i/d): inf or nan otherwise
             raise ValueError(f"model.rope_theta: must be > 0 (10000 is usual), got {self.rope_theta}")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        if self.moe_experts < 0:
+            raise ValueError(f"model.moe_experts: must be >= 0 (0 = dense), got {self.moe_experts}")
+        if not self.moe_experts:
+            return
+        if not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ValueError(f"model.moe_top_k: must be between 1 and model.moe_experts = {self.moe_experts}, "
+                             f"got {self.moe_top_k}")
+        if self.moe_every < 1 or self.moe_every > self.n_layers:
+            raise ValueError(f"model.moe_every: must be between 1 and model.n_layers = {self.n_layers} "
+                             f"(else no block is MoE), got {self.moe_every}")
+        if self.moe_hidden < 0 or self.moe_shared_experts < 0:
+            raise ValueError("model.moe_hidden and model.moe_shared_experts must be >= 0")
+        for name in ("moe_aux_coef", "moe_z_coef", "moe_bias_rate", "moe_capacity_factor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.bias:
+            raise ValueError("model.bias: experts have no biases; set model.bias = false with model.moe_experts > 0")
+        if self.parametrization == "mup":   # the router (fan-out = experts, fixed) needs muP's readout rules: not done
+            raise ValueError("model.parametrization: 'mup' with model.moe_experts > 0 is not supported yet; use 'sp'")
+
+    def _mlp_params(self, hidden: int) -> int:
+        return (3 if self.activation == "swiglu" else 2) * self.dim * hidden
 
     # ---- counts ----------------------------------------------------------------------------
-    def _layer_matmul_params(self) -> int:
+    def _layer_matmul_params(self, layer: int = 0, active: bool = False) -> int:
+        """Matmul weights of block `layer`; `active`: only those one token uses (top-k experts)."""
         d, hd = self.dim, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.kv_heads * hd * 2        # wq, wo, wk, wv
-        mlp = (3 if self.activation == "swiglu" else 2) * d * self.hidden
-        return attn + mlp
+        if not self.is_moe_layer(layer):
+            return attn + self._mlp_params(self.hidden)
+        routed = self.moe_top_k if active else self.moe_experts
+        experts = (routed + self.moe_shared_experts) * self._mlp_params(self.expert_hidden)
+        return attn + self.moe_experts * d + experts                          # + the router
 
     def _norm_params(self) -> int:
         return self.dim * (2 if (self.norm == "layernorm" and self.bias) else 1)
@@ -151,10 +205,12 @@ class ModelConfig:
             n += (2 if self.activation == "swiglu" else 1) * self.hidden + self.dim
         return n
 
-    def num_params(self, include_embedding: bool = True) -> int:
+    def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
         """Parameter count. Without embeddings: no token/position tables and no output head
-        (Kaplan et al.'s N); with them: every distinct tensor, a tied head counted once."""
-        body = self.n_layers * (self._layer_matmul_params() + self._layer_other_params()) + self._norm_params()
+        (Kaplan et al.'s N); with them: every distinct tensor, a tied head counted once.
+        `active`: a MoE model's parameters one token uses (its top-k routed experts)."""
+        body = sum(self._layer_matmul_params(i, active) for i in range(self.n_layers))
+        body += self.n_layers * self._layer_other_params() + self._norm_params()
         if not include_embedding:
             return body
         emb = self.vocab_size * self.dim
@@ -166,7 +222,8 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6 x (weights used in
         matmuls, the output head included) + 12 * L * H * Q * T for attention scores and values.
-        Counts the full T x T attention, as torch's flop counter does for SDPA."""
-        matmul = self.n_layers * self._layer_matmul_params() + self.vocab_size * self.dim
+        Counts the full T x T attention, as torch's flop counter does for SDPA. A MoE block counts
+        its router and the top-k experts a token uses (dropless), not all experts: MFU stays honest."""
+        matmul = sum(self._layer_matmul_params(i, active=True) for i in range(self.n_layers)) + self.vocab_size * self.dim
         attn = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
         return float(6 * matmul + attn)

@@ -56,6 +56,18 @@ def labelled_on_host(batches) -> bool:
                for _, labels in batches)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 keeps the model's own class and methods)."""
+    return getattr(model, "module", model)
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """A model's auxiliary training loss of its last forward (MoE balancing), if it has one: the
+    model keeps it, so the engines need not know what it is."""
+    fn = getattr(unwrapped(model), "aux_loss", None)
+    return fn() if fn is not None else None
+
+
 class StepOutput(NamedTuple):
     """What one optimizer step leaves behind. The tensors stay on the device, unread: reading one
     (`.item()`, `float()`) waits for the device's queue to drain, so the loop reads them only at
@@ -121,9 +133,21 @@ class LocalEngine:
             with self.no_sync(last=i == len(batches) - 1), self.loss_context():
                 with self.autocast():
                     loss = self.loss_fn(self.model(inputs), labels) / divisor
-                loss.backward()
-            total += full_value(loss.detach())
+                    aux = aux_loss(self.model)
+                # A per-token mean of this micro-batch, weighted like its token losses: summed over
+                # micro-batches and averaged over ranks it is the global batch's per-token mean.
+                extra = 0 if aux is None else aux * ((labels != IGNORE_INDEX).sum() / divisor)
+                (loss + extra).backward()
+            total += full_value(loss.detach())      # the reported loss is the language-model loss alone
         return total
+
+    def after_step(self) -> None:
+        """The model's own bookkeeping after an update (MoE: expert loads summed over data-parallel
+        ranks, bias update), if it has any."""
+        for m in self.modules:
+            hook = getattr(unwrapped(m), "after_step", None)
+            if hook is not None:
+                hook(self.dp_sum)
 
     def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The step's loss for the whole job (the mean of the ranks' scaled shares), on the device."""
@@ -164,6 +188,7 @@ class LocalEngine:
         if not (skipped or unlabelled):
             self.optimizer.step()
             post_optimizer_hook(self.modules)  # fp8 all-gather scales (torchao + FSDP)
+        self.after_step()
         self.scheduler.step()
         return StepOutput(loss, norm, skipped, unlabelled)
 

@@ -39,6 +39,8 @@ def check_llama_shaped(mc) -> None:
                         ("activation", "swiglu"), ("bias", False)):
         if getattr(mc, field) != want:
             wrong.append(f"model.{field} = {getattr(mc, field)!r} (Llama needs {want!r})")
+    if getattr(mc, "moe_experts", 0):     # a Mixtral / Qwen-MoE layout is not written yet
+        wrong.append(f"model.moe_experts = {mc.moe_experts} (Llama is dense: 0)")
     if wrong:
         raise CheckpointError("only Llama-shaped models (rope, rmsnorm, pre-norm, swiglu, no bias) can be exported "
                               "to or imported from Hugging Face Llama; this model has " + "; ".join(wrong))

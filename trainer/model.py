@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.model_config import ModelConfig
+from trainer import moe
 
 
 # ---- positions ------------------------------------------------------------------------------
@@ -141,12 +142,13 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
+        hidden = hidden or cfg.hidden
         self.swiglu = cfg.activation == "swiglu"
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden, bias=cfg.bias)
-        self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=cfg.bias) if self.swiglu else None
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=cfg.bias) if self.swiglu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -159,7 +161,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         self.attention = Attention(cfg, layer_id)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = FeedForward(cfg) if not cfg.is_moe_layer(layer_id) else moe.MoE(
+            cfg, FeedForward(cfg, cfg.moe_shared_experts * cfg.expert_hidden) if cfg.moe_shared_experts else None)
         self.attention_norm = make_norm(cfg)
         self.ffn_norm = make_norm(cfg)
 
@@ -201,6 +204,8 @@ class Transformer(nn.Module):
         for layer in self.layers.values():
             if hasattr(layer.attention, "alibi_slopes"):
                 layer.attention.alibi_slopes = alibi_slopes(c.n_heads).to(device or layer.attention.alibi_slopes.device)
+            if isinstance(layer.feed_forward, moe.MoE):    # expert biases start at 0 (a checkpoint restores them)
+                layer.feed_forward.reset_state(device)
 
     def initial_value(self, fqn: str, shape: torch.Size, device: torch.device, dtype: torch.dtype, *,
                       seed: int) -> torch.Tensor:
@@ -214,7 +219,8 @@ class Transformer(nn.Module):
         if len(shape) == 1:
             return (torch.zeros if fqn.endswith("bias") else torch.ones)(shape, device=device, dtype=dtype)
         c = self.cfg
-        std = c.init_std / math.sqrt(2 * c.n_layers) if fqn.endswith(("wo.weight", "w2.weight")) else c.init_std
+        residual = fqn.endswith(("wo.weight", "w2.weight", "experts.w2"))   # experts.w2: [E, h, dim]
+        std = c.init_std / math.sqrt(2 * c.n_layers) if residual else c.init_std
         if fqn.startswith("layers."):
             std *= c.hidden_init_mult
         return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=param_generator(seed, fqn, device))
@@ -268,3 +274,12 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.cfg.flops_per_token(seq_len)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The MoE balancing and z losses of the last forward (None for a dense model): the
+        engine adds them to the training loss."""
+        return moe.aux_loss(self)
+
+    def after_step(self, dp_sum) -> None:
+        """Called by the engine after each optimizer step (MoE: expert loads, bias update)."""
+        moe.after_step(self, dp_sum)

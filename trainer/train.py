@@ -30,6 +30,7 @@ from trainer.memory_check import check_memory
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib, strict
 from trainer.model import Transformer
 from trainer.model_plan import parallel_plan
+from trainer.moe import moe_metrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.run_folder import carry_tokenizer, read_tokenizer_file
 from trainer.run_lock import hold_run_dir
@@ -122,7 +123,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     seed_everything(cfg.run.seed)
     par, whole = build_model(cfg, dims, ctx.device)
     n_params, n_body = whole.num_params(), whole.num_params(include_embedding=False)
-    flops_per_token = whole.flops_per_token(cfg.train.seq_len)
+    flops_per_token = whole.flops_per_token(cfg.train.seq_len)     # MoE: the experts a token uses (MFU stays honest)
     model = par.model                    # one module, or a ModuleList of this rank's pipeline stages
     optimizer = build_optimizer(model, cfg.optim, ctx.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
@@ -149,7 +150,9 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
 
     log = MetricsLogger(run_dir, ctx.is_main, cfg.train.steps, state.step, cfg.metrics.progress, cfg.metrics.tensorboard,
                         sinks=open_trackers(cfg, run_dir) if ctx.is_main else ())
-    log.message(f"model: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings), "
+    active = (f", {cfg.model.num_params(active=True) / 1e6:.2f}M active per token "
+              f"({cfg.model.moe_top_k} of {cfg.model.moe_experts} experts)") if cfg.model.moe_experts else ""
+    log.message(f"model: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings{active}), "
                 f"{flops_per_token / 1e6:.1f} MFLOP/token; vocabulary {cfg.model.vocab_size} ({vocab_from}); "
                 f"world {ctx.world_size} on {ctx.device.type}"
                 + (f" (launched by {ctx.launcher})" if ctx.launcher != "none" else "") + "; "
@@ -197,7 +200,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
                     last["loss"] = engine.reduce_loss(out.loss).item()     # a collective under data parallel
                     log.log({"step": state.step, "loss": last["loss"], "lr": lr, "grad_norm": out.grad_norm.item(),
                              "tokens": state.tokens, "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
-                             "peak_mem_gib": peak_memory_gib(ctx.device)})
+                             "peak_mem_gib": peak_memory_gib(ctx.device), **moe_metrics(model)})
                     guard.check(state.step)
                 if evaluate_now:
                     guard.check(state.step)          # a diverged model is not worth evaluating

@@ -52,6 +52,13 @@ TWO_RANKS = {
     "pp2_zero_bubble": "--parallel.pp 2 --parallel.pp_schedule zero_bubble --parallel.pp_virtual_stages 2",
     "ddp2_accum2_epoch_end": "--parallel.dp_replicate 2 --parallel.dp_shard 1 " + EPOCH_END,
     "tp2_no_sp_epoch_end": "--parallel.tp 2 --parallel.sp false " + EPOCH_END,   # SP needs seq_len % tp == 0
+    # MoE (issue 19): z-loss and the DeepSeek-V3 bias (loads summed over ranks) are layout-independent;
+    # the Switch aux loss is per micro-batch by design (parallel/README.md), so it is off here.
+    "fsdp2_moe_bias_shared": "--parallel.dp_shard 2 --model.moe_experts 4 --model.moe_aux_coef 0 "
+                             "--model.moe_bias_rate 0.01 --model.moe_shared_experts 1 --model.moe_hidden 32",
+    "ddp2_accum2_moe_sigmoid_every2": "--parallel.dp_replicate 2 --parallel.dp_shard 1 --train.grad_accum 2 "
+                                      "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_router sigmoid "
+                                      "--model.moe_every 2",
     "pp2_1f1b_epoch_end": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4 " + EPOCH_END,
     # parallel.engine = deepspeed (parallel/deepspeed_engine.py): DeepSpeed's ZeRO step with our AdamW
     "ds_zero1": "--parallel.engine deepspeed --parallel.zero_stage 1",
