@@ -24,6 +24,15 @@ from core.errors import DataError, ShardDamageError
 log = logging.getLogger("meshformer.data")
 
 
+def note_damage(what: str, url: str, e: BaseException, on_corrupt: str, stats: dict) -> None:
+    """A damaged shard or data file: stop, naming it (data.on_corrupt = 'error'), or count it and go
+    on with the documents read before the damage ('skip')."""
+    if on_corrupt == "error":
+        raise DataError(f"corrupt or truncated {what} {url}: {e} "
+                        "(set data.on_corrupt='skip' to keep its readable documents)") from e
+    stats["corrupt_shards"] = stats.get("corrupt_shards", 0) + 1
+    log.warning("corrupt or truncated %s %s: %s; kept the documents before the damage", what, url, e)
+
 
 def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:") and not url.startswith("builtin:")
@@ -72,11 +81,7 @@ def iter_samples(url: str, on_corrupt: str, stats: dict):
         failure = _pipe_failure(stream, url)
         if failure is not None:
             raise failure from e
-        if on_corrupt == "error":
-            raise DataError(f"corrupt or truncated data shard {url}: {e} "
-                            "(set data.on_corrupt='skip' to keep its readable documents)") from e
-        stats["corrupt_shards"] = stats.get("corrupt_shards", 0) + 1
-        log.warning("corrupt or truncated data shard %s: %s; kept the documents before the damage", url, e)
+        note_damage("data shard", url, e, on_corrupt, stats)
     finally:
         _close(stream, url, check=read_to_end)
 

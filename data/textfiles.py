@@ -18,7 +18,7 @@ import os
 
 from core.errors import DataError
 
-from .shards import is_local, local_path, open_shard
+from .shards import is_local, local_path, note_damage, open_shard
 
 log = logging.getLogger("meshformer.data")
 
@@ -179,11 +179,7 @@ def iter_texts(url: str, fmt: str, *, text_key: str, on_corrupt: str, stats: dic
             else:
                 yield from _jsonl_texts(f, url, text_key, stats)
         except _damage_errors(url) as e:    # gzip / zstd errors, a truncated file
-            if on_corrupt == "error":
-                raise DataError(f"corrupt or truncated data file {url}: {e} "
-                                "(set data.on_corrupt='skip' to keep its readable documents)") from None
-            stats["corrupt_shards"] = stats.get("corrupt_shards", 0) + 1
-            log.warning("corrupt or truncated data file %s: %s; kept the documents before the damage", url, e)
+            note_damage("data file", url, e, on_corrupt, stats)
     finally:
         try:
             stream.close()
