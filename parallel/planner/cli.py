@@ -21,8 +21,8 @@ from .cluster import list_clusters, load_cluster
 from .layout import Stack
 from .predict import predict
 from .run_config import config_layout, default_gpus, read_run_config
-from .offload import offload_hint
-from .search import explain, search
+from .offload import OffloadPrediction, search_offload
+from .search import NoLayoutFits, explain, search
 
 # Llama 2 and 3 pretraining's global batch (4M tokens). Fixed, whatever --gpus, so that plans for
 # different GPU counts compare the same work per optimizer step.
@@ -30,6 +30,10 @@ DEFAULT_BATCH_TOKENS = 4 * 1024 ** 2
 # Layouts predicted above this fraction of GPU memory rank after all the others: the activation and
 # transient terms are estimates, and a layout at 79.7 of 80 GiB is one surprise away from OOM.
 DEFAULT_MAX_MEMORY_FRACTION = 0.9
+# DeepSpeed offload is shown beside the best torch layout when it is predicted within this fraction
+# of its tokens/s (or when every torch layout is tight): close enough that the model's error could
+# swap them. Always shown, alone, when no torch layout fits.
+OFFLOAD_WITHIN = 0.10
 
 LEGEND = """\
 layout notation (the winner is spelled out as config overrides below):
@@ -148,20 +152,44 @@ def _own_layout(run, gpus: int, batch: int):
     return own.replace(microbatches=per_rank // own.micro_batch)
 
 
-def _plan(args, run, cluster) -> int:
-    batch, how = global_batch(args, run.seq_len)
-    own = _own_layout(run, args.gpus, batch)
-    result = search(run.model, cluster, args.gpus, batch, run.seq_len, run.dtype, Stack(),
-                    extra=[own] if own else [], headroom=args.max_memory_fraction)
-    top = result.ranked[: args.top]
-    if args.json:
-        print(json.dumps([{**p.to_dict(), "tight": result.tight(p)} for p in top], indent=2))
-        return 0
+def _header(args, run, cluster, batch: int, how: str) -> None:
     m = run.model
     print(f"model: {m.num_params() / 1e9:.3g}B params ({m.n_layers} layers, dim {m.dim}), seq {run.seq_len}, "
           f"{run.dtype}; {args.gpus} x {cluster.name} ({cluster.gpu_memory_gib:g} GiB each)")
     print(f"global batch: {batch} sequences x {run.seq_len} = {batch * run.seq_len:,} tokens per optimizer step "
           f"({how}; the same whatever --gpus)")
+
+
+def _offload_lines(off: OffloadPrediction) -> str:
+    return (f"  {off.short()}: {off.tokens_per_s:,.0f} tokens/s\n    {off.describe()}\n"
+            f"    as config overrides: {' '.join(off.overrides())}")
+
+
+def _plan(args, run, cluster) -> int:
+    batch, how = global_batch(args, run.seq_len)
+    own = _own_layout(run, args.gpus, batch)
+    offload = search_offload(run.model, cluster, args.gpus, batch, run.seq_len, run.dtype)
+    try:
+        result = search(run.model, cluster, args.gpus, batch, run.seq_len, run.dtype, Stack(),
+                        extra=[own] if own else [], headroom=args.max_memory_fraction)
+    except NoLayoutFits as e:
+        off = offload.best
+        if off is None:
+            raise UsageError(f"{e}; DeepSpeed ZeRO-3 + CPU offload does not fit either ({offload.why_not()})") from None
+        if args.json:
+            print(json.dumps([{"engine": "deepspeed", **off.to_dict()}], indent=2))
+            return 0
+        _header(args, run, cluster, batch, how)
+        print(f"\nno torch layout fits ({e.reasons}); "
+              f"it fits with DeepSpeed ZeRO-3 + CPU offload:")
+        print(_offload_lines(off))
+        print("\nwinner as config overrides:\n  " + " ".join(off.overrides()))
+        return 0
+    top = result.ranked[: args.top]
+    if args.json:
+        print(json.dumps([{**p.to_dict(), "tight": result.tight(p)} for p in top], indent=2))
+        return 0
+    _header(args, run, cluster, batch, how)
     tight = sum(result.tight(p) for p in result.ranked)
     print(f"layouts tried {result.tried}, fit {len(result.ranked)} ({tight} of them above "
           f"{args.max_memory_fraction:.0%} of GPU memory, ranked last); rejected: "
@@ -179,9 +207,11 @@ def _plan(args, run, cluster) -> int:
         rank = next((i for i, p in enumerate(result.ranked, 1) if p.layout == own), None)
         where = f"ranked {rank} of {len(result.ranked)}" if rank else "does not fit"
         print(f"\nthe config's own layout ({own.short()}) {where}")
-    hint = offload_hint(run.model, cluster, args.gpus)
-    if hint:
-        print("\n" + hint)
+    off = offload.best
+    if off and (off.tokens_per_s >= (1 - OFFLOAD_WITHIN) * top[0].tokens_per_s or result.tight(top[0])):
+        print(f"\nDeepSpeed ZeRO-3 + CPU offload, {off.tokens_per_s / top[0].tokens_per_s:.0%} of #1's tokens/s "
+              "(predicted; DeepSpeed's own per-layer hook costs are not modelled):")
+        print(_offload_lines(off))
     print("\n" + LEGEND)
     print("\nwinner as config overrides:\n  " + " ".join(top[0].layout.overrides()))
     return 0

@@ -42,6 +42,12 @@ class ClusterProfile:
     # activation gradients) and allocator slack where `fragmentation` does not cover them. 0 for the
     # GPU profiles (validated without it); the trainer's CPU check sets 1 (trainer/memory_check.py).
     activation_slack: float = 0.0
+    # [host]: what CPU offload (DeepSpeed ZeRO-Offload / -Infinity, planner/offload.py) runs on.
+    # Defaults for a profile without [host]: a modest server (512 GiB; 8 channels of DDR4-3200 =
+    # 205 GB/s) with PCIe Gen4 x16 GPUs (32 GB/s raw, ~25 GB/s achieved by pinned copies).
+    host_memory_gib: float = 512.0      # host DRAM per node
+    host_memory_gbs: float = 205.0      # peak host DRAM bandwidth per node, GB/s
+    pcie_gbps: float = 25.0             # achieved host<->GPU copy bandwidth per GPU per direction, GB/s
 
     @property
     def memory_bytes(self) -> int:
@@ -88,7 +94,7 @@ def load_cluster(name_or_path: str) -> ClusterProfile:
     missing = sorted(_REQUIRED - t.keys())
     if missing:
         raise ValueError(f"{path}: missing keys {missing}")
-    net, eff, mem = t["network"], t["efficiency"], t.get("memory", {})
+    net, eff, mem, host = t["network"], t["efficiency"], t.get("memory", {}), t.get("host", {})
     try:
         efficiency = Efficiency(**{f.name: float(eff[f.name]) for f in fields(Efficiency)})
     except KeyError as e:
@@ -107,9 +113,13 @@ def load_cluster(name_or_path: str) -> ClusterProfile:
             ib_latency_us=float(net.get("ib_latency_us", 6.0)),
             efficiency=efficiency,
             reserved_gib=float(mem.get("reserved_gib", 2.0)), fragmentation=float(mem.get("fragmentation", 0.1)),
-            activation_slack=float(mem.get("activation_slack", 0.0)))
+            activation_slack=float(mem.get("activation_slack", 0.0)),
+            host_memory_gib=float(host.get("memory_gib", 512.0)), host_memory_gbs=float(host.get("memory_gbs", 205.0)),
+            pcie_gbps=float(host.get("pcie_gbps", 25.0)))
     except KeyError as e:
         raise ValueError(f"{path}: [network] needs {e.args[0]} (GB/s per GPU per direction)") from None
     if profile.gpus_per_node < 1 or profile.gpu_memory_gib <= 0:
         raise ValueError(f"{path}: gpus_per_node and gpu_memory_gib must be positive")
+    if min(profile.host_memory_gib, profile.host_memory_gbs, profile.pcie_gbps) <= 0:
+        raise ValueError(f"{path}: [host] memory_gib, memory_gbs and pcie_gbps must be positive")
     return profile

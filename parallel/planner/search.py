@@ -16,8 +16,15 @@ from core.model_config import ModelConfig
 from .cluster import ClusterProfile
 from .layout import AC_MODES, Layout, Stack
 from .memory import memory_per_gpu
-from .offload import OVERRIDES, offload_hint
 from .predict import Prediction, predict
+
+
+class NoLayoutFits(ValueError):
+    """No torch layout fits: `meshformer plan` then tries DeepSpeed offload (offload.py)."""
+
+    def __init__(self, message: str, reasons: str):
+        super().__init__(message)
+        self.reasons = reasons                    # "N does not fit in memory, ..."
 
 
 def divisors(n: int) -> list[int]:
@@ -110,10 +117,8 @@ def search(cfg: ModelConfig, cluster: ClusterProfile, gpus: int, global_batch: i
     result.ranked.sort(key=lambda p: (result.tight(p), -p.tokens_per_s))
     if not result.ranked:
         reasons = ", ".join(f"{n} {r}" for r, n in result.rejected.most_common())
-        hint = offload_hint(cfg, cluster, gpus, stack)
-        raise ValueError(f"no layout of this model fits {gpus} x {cluster.name} with global batch {global_batch} "
-                         f"({reasons}); add GPUs, lower train.seq_len or the batch, or pick a larger-memory cluster"
-                         + (f"; or DeepSpeed offload: {OVERRIDES}" if hint else ""))
+        raise NoLayoutFits(f"no layout of this model fits {gpus} x {cluster.name} with global batch {global_batch} "
+                         f"({reasons}); add GPUs, lower train.seq_len or the batch, or pick a larger-memory cluster", reasons)
     return result
 
 
