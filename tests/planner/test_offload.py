@@ -98,3 +98,17 @@ def test_step_time_moves_with_parameters_and_pcie_bandwidth():
     assert big.pcie_exposed_s == pytest.approx(ratio * base.pcie_exposed_s) and big.step > base.step
     # host memory: 8 ranks x (16 bytes x N/8 + the per-rank baseline)
     assert base.host_bytes >= HOST_STATE_BYTES * n and base.host_bytes < HOST_STATE_BYTES * n + 8 * 5 * GIB
+
+
+def test_host_keys_of_a_cluster_profile(tmp_path):
+    """[host] is read from the profile; without it the documented defaults apply; a value <= 0 is
+    refused naming the section."""
+    assert load_cluster(_profile(tmp_path, 256)).host_memory_gib == 256
+    bare = tmp_path / "bare.toml"
+    bare.write_text(WORKSTATION.split("[host]")[0])
+    c = load_cluster(str(bare))
+    assert (c.host_memory_gib, c.host_memory_gbs, c.pcie_gbps) == (512.0, 205.0, 25.0)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(WORKSTATION.format(host=256).replace("pcie_gbps = 25.0", "pcie_gbps = 0"))
+    with pytest.raises(ValueError, match=r"\[host\] memory_gib, memory_gbs and pcie_gbps must be positive"):
+        load_cluster(str(bad))
