@@ -232,6 +232,8 @@ CASES = [
     cmd("plan-no-cluster", "plan", "--config", "{tiny}", "--gpus", "8", match=r"--cluster"),
     cmd("plan-unknown-cluster", "plan", "--config", "{tiny}", "--cluster", "nosuch", "--gpus", "8",
         match=r"cluster profile 'nosuch' not found"),
+    cmd("plan-cluster-pcie-0", "plan", "--config", "{tiny}", "--cluster", "{cluster_no_pcie}", "--gpus", "8",
+        match=r"no-pcie.toml: \[host\] memory_gib, memory_gbs and pcie_gbps must be positive"),
     cmd("plan-gpus-0", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "0", match=r"--gpus: .*>= 1"),
     cmd("plan-gpus-negative", "plan", "--config", "{tiny}", "--cluster", "h100-sxm", "--gpus", "-8",
         match=r"--gpus: .*>= 1"),
@@ -380,6 +382,9 @@ def build_fixtures(w: Path) -> dict:
     p["bad_jsonl"] = str(w / "bad.jsonl")
     (w / "no-text.jsonl").write_text('{"body": "a record whose text is under another key"}\n')
     p["jsonl_no_text"] = str(w / "no-text.jsonl")
+    profile = (REPO / "configs" / "clusters" / "a100-80gb.toml").read_text()
+    (w / "no-pcie.toml").write_text(profile.replace("pcie_gbps = 25.0", "pcie_gbps = 0"))
+    p["cluster_no_pcie"] = str(w / "no-pcie.toml")
     (w / "bad.csv").write_text("N,D,loss\n1e6,2e7,3.1\n2e6,4e7,lots\n")
     p["bad_csv"] = str(w / "bad.csv")
     (w / "good.csv").write_text("N,D,loss\n" + "".join(f"{n},{d},{2 + 1e3 / n + 1e4 / d}\n"
