@@ -21,7 +21,7 @@ from .cluster import list_clusters, load_cluster
 from .layout import Stack
 from .predict import predict
 from .run_config import config_layout, default_gpus, read_run_config
-from .offload import OffloadPrediction, search_offload
+from .offload import STATE_SHARE, OffloadPrediction, search_offload, state_share
 from .search import NoLayoutFits, explain, search
 
 # Llama 2 and 3 pretraining's global batch (4M tokens). Fixed, whatever --gpus, so that plans for
@@ -30,9 +30,10 @@ DEFAULT_BATCH_TOKENS = 4 * 1024 ** 2
 # Layouts predicted above this fraction of GPU memory rank after all the others: the activation and
 # transient terms are estimates, and a layout at 79.7 of 80 GiB is one surprise away from OOM.
 DEFAULT_MAX_MEMORY_FRACTION = 0.9
-# DeepSpeed offload is shown beside the best torch layout when it is predicted within this fraction
-# of its tokens/s (or when every torch layout is tight): close enough that the model's error could
-# swap them. Always shown, alone, when no torch layout fits.
+# DeepSpeed offload is shown beside the best torch layout when it is predicted faster, when #1 is
+# tight, or when it is predicted within this fraction of #1's tokens/s (close enough that the
+# model's error could swap them) and the sharded model state crowds the GPUs (offload.STATE_SHARE).
+# Always shown when no torch layout fits.
 OFFLOAD_WITHIN = 0.10
 
 LEGEND = """\
@@ -152,6 +153,11 @@ def _own_layout(run, gpus: int, batch: int):
     return own.replace(microbatches=per_rank // own.micro_batch)
 
 
+def offload_beside(speed_ratio: float, best_is_tight: bool, share: float) -> bool:
+    """Whether the offload layout, at `speed_ratio` x #1's tokens/s, is shown beside the torch table."""
+    return speed_ratio > 1 or best_is_tight or (speed_ratio >= 1 - OFFLOAD_WITHIN and share >= STATE_SHARE)
+
+
 def _header(args, run, cluster, batch: int, how: str) -> None:
     m = run.model
     print(f"model: {m.num_params() / 1e9:.3g}B params ({m.n_layers} layers, dim {m.dim}), seq {run.seq_len}, "
@@ -208,7 +214,8 @@ def _plan(args, run, cluster) -> int:
         where = f"ranked {rank} of {len(result.ranked)}" if rank else "does not fit"
         print(f"\nthe config's own layout ({own.short()}) {where}")
     off = offload.best
-    if off and (off.tokens_per_s >= (1 - OFFLOAD_WITHIN) * top[0].tokens_per_s or result.tight(top[0])):
+    if off and offload_beside(off.tokens_per_s / top[0].tokens_per_s, result.tight(top[0]),
+                              state_share(run.model, cluster, args.gpus)):
         print(f"\nDeepSpeed ZeRO-3 + CPU offload, {off.tokens_per_s / top[0].tokens_per_s:.0%} of #1's tokens/s "
               "(predicted; DeepSpeed's own per-layer hook costs are not modelled):")
         print(_offload_lines(off))

@@ -57,7 +57,17 @@ CPU_ADAMW_BYTES = 100
 # Fraction of the node's peak DRAM bandwidth multi-threaded elementwise CPU code reaches (STREAM
 # triad on 2-socket servers reaches ~70-80%; torch's foreach kernels are not better than STREAM).
 HOST_DRAM_EFFICIENCY = 0.7
+# Offload's point is memory: beside a torch layout that fits it is shown only where the fully
+# sharded model state (16 bytes a parameter: fp32 weights, gradients, AdamW m and v) takes at least
+# this share of each GPU; below it a small model at a large batch would list offload everywhere
+# (its CPU step amortised over the batch), where it buys nothing.
+STATE_SHARE = 0.5
 BASE = "--parallel.engine deepspeed --parallel.zero_stage 3 --parallel.offload_optimizer cpu"
+
+
+def state_share(cfg: ModelConfig, cluster: ClusterProfile, gpus: int) -> float:
+    """The share of one GPU that fp32 weights, gradients and AdamW state take fully sharded over `gpus`."""
+    return 16 * cfg.num_params() / gpus / cluster.memory_bytes
 
 
 @dataclass(frozen=True)

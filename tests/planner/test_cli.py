@@ -130,12 +130,13 @@ def test_near_full_layouts_rank_after_the_others(capsys):
 def test_offload_is_planned_where_no_torch_layout_fits(capsys):
     """llama3-8b's weights, gradients and AdamW state are 16 bytes x 8.0e9 parameters = 120 GiB:
     over 2 A100-80GB no torch layout fits, and the plan is DeepSpeed ZeRO-3 + CPU offload (its
-    host state, 16 bytes x 8e9 = 120 GiB, fits the node's 2 TB). Over 8, torch layouts fit; with the
-    AdamW state off the GPU, offload runs plain ZeRO-3 dp8 without TP, its CPU AdamW a few % of a 4M-token
-    step: predicted within 10% of the best torch layout, so it is shown beside it."""
+    host state, 16 bytes x 8e9 = 120 GiB, fits the node's 2 TB). Over 8 torch layouts fit; offload,
+    which needs no TP once the AdamW state is off the GPU, is predicted about as fast: shown beside #1
+    only if predicted faster (the rule: tests/planner/test_offload.py)."""
     assert main(["--config", str(CONFIG), "--cluster", "a100-80gb", "--gpus", "2"]) == 0
     out = capsys.readouterr().out
     assert "no torch layout fits" in out
     assert "--parallel.engine deepspeed --parallel.zero_stage 3 --parallel.offload_optimizer cpu" in out
     assert main(["--config", str(CONFIG), "--cluster", "a100-80gb", "--gpus", "8", "--top", "1"]) == 0
-    assert "DeepSpeed ZeRO-3 + CPU offload, 10" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no torch layout fits" not in out and "winner as config overrides:\n  --parallel.tp" in out
