@@ -21,7 +21,7 @@ from .cluster import list_clusters, load_cluster
 from .layout import Stack
 from .predict import predict
 from .run_config import config_layout, default_gpus, read_run_config
-from .offload import STATE_SHARE, OffloadPrediction, search_offload, state_share
+from .offload import STATE_SHARE, OffloadPrediction, predict_offload, search_offload, state_share
 from .search import NoLayoutFits, explain, search
 
 # Llama 2 and 3 pretraining's global batch (4M tokens). Fixed, whatever --gpus, so that plans for
@@ -122,6 +122,12 @@ def _predict(args, run, cluster) -> int:
     gpus = args.gpus
     gpus = gpus or default_gpus(run)
     layout = config_layout(run, gpus)
+    par = run.parallel
+    if par.engine == "deepspeed" and par.zero_stage == 3 and par.offload_optimizer == "cpu":
+        off = predict_offload(run.model, layout, cluster, par.offload_param == "cpu")
+        out = {"cluster": cluster.name, "model_params": run.model.num_params(), "engine": "deepspeed", **off.to_dict()}
+        print(json.dumps(out, indent=2))
+        return 0
     pred = predict(run.model, layout, cluster, Stack())
     out = {"cluster": cluster.name, "model_params": run.model.num_params(), **pred.to_dict()}
     print(json.dumps(out, indent=2))

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-3 + CPU offload in the planner (parallel/planner/offload.py): recommended where
 no torch layout fits, refused beyond host memory, and its step time moving with the parameters and
 the PCIe bandwidth as the model says."""
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def test_a_model_that_fits_only_with_offload_is_planned_with_it(tmp_path, capsys
     winner = out.split("winner as config overrides:\n  ")[1].split()
     run = read_run_config(str(CONFIG), winner)           # the overrides load as a valid run config
     assert (run.model.dim, run.seq_len) == (4096, 2048)
+    # `plan predict` with those overrides gives the offload figures the plan printed
+    assert main(["predict", "--config", str(CONFIG), "--cluster", _profile(tmp_path, 256), "--gpus", "2", *winner]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["engine"] == "deepspeed" and pred["fits"] and f"{pred['tokens_per_s']:,.0f} tokens/s" in out
     # the same model with too little host memory: refused, naming why
     assert main([*args, "--cluster", _profile(tmp_path, 64)]) == 2
     err = capsys.readouterr().err
