@@ -88,6 +88,13 @@ def _estimate(cfg: Config, layout: Layout, profile: ClusterProfile, device: torc
         extra = need.params + need.optimizer
     if device.type == "cuda" and cfg.parallel.fsdp_cpu_offload:  # the sharded state lives on the host
         extra = -(need.params + need.grads + need.optimizer)
+    if device.type == "cuda" and cfg.parallel.engine == "deepspeed":
+        # ZeRO-Offload keeps the optimizer state and fp32 gradients on the host, ZeRO-Infinity the
+        # parameters too (the planner's offload model: parallel/planner/offload.py)
+        if cfg.parallel.offload_optimizer != "none":
+            extra -= need.grads + need.optimizer
+        if cfg.parallel.offload_param != "none":
+            extra -= need.params
     return dataclasses.replace(need, transient=need.transient + extra, total=need.total + extra)
 
 

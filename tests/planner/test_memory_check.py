@@ -113,3 +113,23 @@ def test_gpu_profile_takes_the_free_memory_and_the_named_speeds(monkeypatch):
         p = memory_check.local_profile(memory_check.torch.device("cuda", 0), avail, 1.0)
         assert p.name == profile and p.memory_bytes == 100 * GIB and p.gpus_per_node == 8
         assert p.reserved_gib == memory_check.GPU_RESERVED_GIB and p.activation_slack == 0
+
+
+def test_deepspeed_offload_on_a_gpu_leaves_the_offloaded_state_out():
+    """ZeRO-Offload holds the optimizer state and fp32 gradients on the host, ZeRO-Infinity the
+    parameters too: on a GPU the check counts only what stays there (on a CPU nothing moves)."""
+    dims = ["--parallel.engine", "deepspeed", "--parallel.dp_shard", "2", "--parallel.zero_stage", "3"]
+    cfg = load_config("configs/tiny.toml", [*SMALL, *dims])
+    layout = memory_check.config_layout(memory_check.run_settings(cfg), 2)
+    profile = memory_check.local_profile(memory_check.torch.device("cpu"), memory_check.Available(64 * GIB, "", 1), 1.0)
+    gpu = memory_check.torch.device("cuda")
+    plain = memory_check._estimate(cfg, layout, profile, gpu)
+    opt = memory_check._estimate(load_config("configs/tiny.toml", [*SMALL, *dims, "--parallel.offload_optimizer", "cpu"]),
+                                 layout, profile, gpu)
+    both = memory_check._estimate(load_config("configs/tiny.toml", [*SMALL, *dims, "--parallel.offload_optimizer", "cpu",
+                                                                    "--parallel.offload_param", "cpu"]), layout, profile, gpu)
+    assert plain.total - opt.total == plain.grads + plain.optimizer > 0
+    assert opt.total - both.total == plain.params > 0
+    cpu = memory_check.torch.device("cpu")
+    assert memory_check._estimate(load_config("configs/tiny.toml", [*SMALL, *dims, "--parallel.offload_optimizer", "cpu"]),
+                                  layout, profile, cpu).total == memory_check._estimate(cfg, layout, profile, cpu).total
