@@ -87,6 +87,9 @@ def report_errors(prog: str, body: Callable[[], int], debug: bool = False) -> in
         if not (same_on_every_rank(e) and launcher_rank() > 0):
             print(error_line(prog, e), file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:          # the reader went away (`meshformer plan | head`): no traceback;
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's exit flush must not raise again
+        return 1                     # as the Python docs' SIGPIPE recipe does
 
 
 def launcher_rank() -> int:

@@ -28,3 +28,16 @@ def test_a_config_error_is_printed_by_rank_0_alone(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         assert report_errors("meshformer train", fail(error)) == 2
         assert bool(capsys.readouterr().err) == printed, (rank, error)
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`meshformer plan | head`: the reader goes away; no BrokenPipeError traceback (exit 1)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    body = ("import sys; from core.errors import report_errors; "
+            "sys.exit(report_errors('meshformer x', lambda: [print('line ' * 1000) for _ in range(10000)]))")
+    done = subprocess.run(f"{sys.executable} -c \"{body}\" | head -c 10", shell=True, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=60,
+                          executable="/bin/bash")
+    assert done.stdout == "line line " and done.stderr == ""
