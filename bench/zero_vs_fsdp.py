@@ -12,7 +12,7 @@ what the process held before the run (Python, torch, DeepSpeed's import, allocat
 as the run's start RSS. On a GPU the device's peak would be torch.cuda.max_memory_allocated after
 reset_peak_memory_stats; this script runs on the CPU (gloo) only, so device memory is host memory.
 
-    torchrun --nproc_per_node 2 bench/zero_vs_fsdp.py [--steps 12] [--rounds 2] [--dim 256] [--seq 256]
+    torchrun --nproc_per_node 2 bench/zero_vs_fsdp.py [--steps 12] [--rounds 2] [--dim 256] [--seq 256] [--layouts zero3]
 
 On a CPU "offload" moves nothing (host to host): its ratio measures DeepSpeed's bookkeeping only;
 on GPUs it adds the PCIe traffic that buys the memory. Never run more ranks than cores.
@@ -84,20 +84,25 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help="comma-separated subset; one layout per launch gives peaks free of earlier runs' residue")
     args = p.parse_args()
+    names = args.layouts.split(",")
+    if any(n not in LAYOUTS for n in names):
+        p.error(f"--layouts: a comma-separated subset of {', '.join(LAYOUTS)}")
     ctx = init_distributed(LaunchConfig(), "cpu")
     holder = [tempfile.mkdtemp(prefix="zero-bench-") if ctx.is_main else None]
     dist.broadcast_object_list(holder, src=0)
-    got: dict[str, list] = {name: [] for name in LAYOUTS}
-    mems: dict[str, list] = {name: [] for name in LAYOUTS}
+    got: dict[str, list] = {name: [] for name in names}
+    mems: dict[str, list] = {name: [] for name in names}
     for rnd in range(args.rounds):
-        for name in LAYOUTS:
+        for name in names:
             speed, mem = run(holder[0], name, rnd, args, ctx)
             mems[name].append(mem)
             if speed is not None:
                 got[name].append(speed)
     if ctx.is_main:
-        base = statistics.median(t for t, _ in got["fsdp2"])
+        base = statistics.median(t for t, _ in got["fsdp2"]) if "fsdp2" in got else float("nan")
         print(f"\nworld {ctx.world_size}, dim {args.dim}, 4 layers, seq {args.seq}, micro-batch 4 per rank, "
               f"{args.steps} steps x {args.rounds} rounds; memory: each rank's peak RSS in the run "
               f"(max over rounds) / its RSS at the run's start, GiB")
