@@ -226,8 +226,9 @@ class CheckpointManager:
                 files.write_json(self.run_dir / PREEMPTED_MARKER, {
                     "step": step, "signal": self.preemption.signal_name, "exit_code": EXIT_PREEMPTED,
                     "checkpoint": str(self.root / step_dir_name(step))})
-            self._say(f"{self.preemption.signal_name}: saved step {step}; exiting with code {EXIT_PREEMPTED} "
-                      "so the launcher can requeue the job")
+            why = ("; run the same command to resume" if self.preemption.signal_name == "SIGINT"   # Ctrl-C
+                   else " so the launcher can requeue the job")
+            self._say(f"{self.preemption.signal_name}: saved step {step}; exiting with code {EXIT_PREEMPTED}{why}")
             return
         due = (final and c.final) or (c.every and step % c.every == 0) or step in c.at_steps or time_due
         if due:

@@ -54,6 +54,7 @@ def test_ctrl_c_saves_and_resume_continues_with_human_lines(tmp_path, capsys, mo
     out = "".join(out) + rest
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "Ctrl-C: saving a checkpoint at the end of this step" in err and "Traceback" not in err
+    assert "exiting with code 75; run the same command to resume" in err + "".join(out)
     assert not [x for x in out.splitlines() if x.lstrip().startswith("{")], out     # JSON only in metrics.jsonl
     steps = [int(m.group(1)) for m in map(STEP_LINE.fullmatch, out.splitlines()) if m]
     stopped = steps[-1]
