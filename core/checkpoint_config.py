@@ -21,6 +21,9 @@ class CheckpointConfig:
     on_corrupt: Literal["fallback", "error"] = option(
         "when a checkpoint fails its checksums on resume: 'fallback' resumes from the newest one that verifies "
         "(the damaged one is renamed damaged-step-N, nothing is deleted); 'error' stops", "fallback")
+    deepspeed_native: bool = option("parallel.engine = deepspeed only: also write DeepSpeed's own checkpoint "
+                                    "(engine.save_checkpoint: deepspeed/global_stepN/, same world size to load) "
+                                    "into each checkpoint folder, for a DeepSpeed script's load_checkpoint", False)
     signal_check_every: int = option("agree across ranks on a termination signal (and on every_minutes saves) "
                                     "every N steps: one tiny all_reduce", 1)
 

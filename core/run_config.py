@@ -56,6 +56,9 @@ class Config:
                     raise ConfigError(str(e)) from None
         if self.parallel.engine == "deepspeed":
             check_deepspeed_run(self)
+        elif self.checkpoint.deepspeed_native:
+            raise ConfigError(f"checkpoint.deepspeed_native: writes DeepSpeed's own checkpoint, so it needs "
+                              f"parallel.engine = deepspeed (got {self.parallel.engine!r}); drop it or switch engine")
         if self.model.vocab_size == 0:     # auto: the byte tokenizer's size is known here; others' when training starts
             ids = known_tokenizer_ids(self.data.tokenizer)
             if ids is not None:

@@ -133,6 +133,12 @@ class DeepSpeedParts:
             model_sd.setdefault(name, model_sd[first[id(p)]])
         self.load_state_dict({"model": model_sd})
 
+    def save_native(self, folder, tag: str) -> None:
+        """DeepSpeed's own checkpoint (`folder/tag/`, `folder/latest`, `folder/zero_to_fp32.py`), as
+        `engine.save_checkpoint` writes it, for a DeepSpeed script's `load_checkpoint` (the same
+        world size and ZeRO stage) or for zero_to_fp32. A collective: every rank writes its shards."""
+        self.ds.save_checkpoint(str(folder), tag=tag)
+
     @staticmethod
     def _device(p: nn.Parameter) -> torch.device:
         return p.device

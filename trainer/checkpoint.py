@@ -249,6 +249,8 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         self._barrier()
         sd = self.parts.state_dict()
+        if self.cfg.checkpoint.deepspeed_native:   # validated: only under parallel.engine = deepspeed
+            self.parts.save_native(tmp / "deepspeed", f"global_step{step}")
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         records = {tmp / f"rank-{self.ctx.rank}.json": json.dumps({      # serialized now: a snapshot
             "rank": self.ctx.rank, "dp_rank": self.dp_rank, "dp_size": self.dp_size,

@@ -111,6 +111,8 @@ CASES = [
           match=r"parallel.offload_param: 'cpu' needs parallel.zero_stage = 3"),
     train("train-ds-nvme-no-path", "--parallel.engine", "deepspeed", "--parallel.zero_stage", "3",
           "--parallel.offload_param", "nvme", match=r"parallel.nvme_path: NVMe offload needs a folder"),
+    train("train-ds-native-not-deepspeed", "--checkpoint.deepspeed_native", "true",
+          match=r"checkpoint.deepspeed_native: .*needs parallel.engine = deepspeed \(got 'torch'\)"),
     train("train-ds-async-save", "--parallel.engine", "deepspeed", "--checkpoint.async", "true",
           match=r"checkpoint.async: not built yet for parallel.engine = deepspeed; use false"),
     train("train-ds-config-missing", "--parallel.engine", "deepspeed", "--checkpoint.every", "0", "--checkpoint.final",

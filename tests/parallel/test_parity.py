@@ -79,7 +79,8 @@ DS = "--parallel.engine deepspeed --parallel.zero_stage"
 CONST = " --optim.schedule constant"
 RESUMES = {
     "ds_zero2_resume": f"{DS} 2{CONST} RESUME {DS} 2{CONST}",
-    "ds_zero3_to_fsdp": f"{DS} 3{CONST} RESUME --parallel.dp_shard 2{CONST}",
+    # its step-5 checkpoint also holds DeepSpeed's native one (test_native_deepspeed_checkpoint_comes_in)
+    "ds_zero3_to_fsdp": f"{DS} 3{CONST} --checkpoint.deepspeed_native true RESUME --parallel.dp_shard 2{CONST}",
     "fsdp_to_ds_zero3_offload": f"--parallel.dp_shard 2{CONST} RESUME {DS} 3 --parallel.offload_optimizer cpu "
                                 f"--parallel.offload_param cpu{CONST}",
 }
@@ -210,26 +211,71 @@ def test_init_from_weights(name, two_rank_results, references):
     check(name, got, references(INIT_FROM[name].replace("INIT_WEIGHTS", weights)))
 
 
-def test_deepspeed_checkpoint_exports_to_transformers(two_rank_results, tmp_path):
-    """The step-5 checkpoint ZeRO-3 wrote (ds_zero3_to_fsdp's first half) is our format: `meshformer
-    export` turns it into a Llama folder that transformers loads, giving the logits our model gives
-    with the checkpoint's weights (within 1e-5: fp32, the same ops in another order)."""
+def assert_exports_to_transformers(run_dir: Path, out: Path) -> None:
+    """`meshformer export` of the run's newest checkpoint gives a Llama folder that transformers
+    loads, with the logits our model gives with the checkpoint's weights (within 1e-5: fp32, the
+    same ops in another order)."""
     transformers = pytest.importorskip("transformers")
     from trainer.checkpoint import complete_checkpoints, load_model_weights
     from trainer.export import main as export_main
     from trainer.model import Transformer
     from core.run_config import load_config
-    run_dir = Path(two_rank_results["ds_zero3_to_fsdp"]["run_dir"])
-    ckpts = complete_checkpoints(run_dir / "checkpoints")
-    assert [c.name for c in ckpts] == ["step-00000005"]
-    assert export_main([str(run_dir), "--out", str(tmp_path / "hf")]) == 0
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
+    assert export_main([str(run_dir), "--out", str(out)]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
     ours = Transformer(load_config(str(run_dir / "config.toml")).model).eval()
-    load_model_weights(ours, ckpts[-1])
+    load_model_weights(ours, complete_checkpoints(run_dir / "checkpoints")[-1])
     tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = ours(tokens), hf(tokens).logits
     assert (got - want).abs().max().item() < 1e-5 and want.std() > 0.1
+
+
+def test_deepspeed_checkpoint_exports_to_transformers(two_rank_results, tmp_path):
+    """The step-5 checkpoint ZeRO-3 wrote (ds_zero3_to_fsdp's first half) is our format."""
+    from trainer.checkpoint import complete_checkpoints
+    run_dir = Path(two_rank_results["ds_zero3_to_fsdp"]["run_dir"])
+    assert [c.name for c in complete_checkpoints(run_dir / "checkpoints")] == ["step-00000005"]
+    assert_exports_to_transformers(run_dir, tmp_path / "hf")
+
+
+def test_native_deepspeed_checkpoint_comes_in(two_rank_results, tmp_path):
+    """Both ways between DeepSpeed's own checkpoint and ours. checkpoint.deepspeed_native made
+    ZeRO-3 write engine.save_checkpoint's global_step5/ next to our step-5 checkpoint; DeepSpeed's
+    zero_to_fp32 turns it into a safetensors file holding exactly our checkpoint's weights (the same
+    fp32 master fragments, gathered two ways); a new run's checkpoint.init_from loads that file bit
+    for bit, and that run exports to transformers. The new run trains one step at lr 1e-30 (lr must
+    be > 0): Adam's first update is at most lr per weight, below half an fp32 ulp of any weight
+    above ~1e-22 in size, and its weight decay factor 1 - lr*wd rounds to 1, so nothing moves."""
+    from safetensors.torch import load_file
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+    from trainer.checkpoint import complete_checkpoints, load_model_weights
+    from trainer.model import Transformer
+    from trainer.train import train
+    from core.run_config import load_config
+    run_dir = Path(two_rank_results["ds_zero3_to_fsdp"]["run_dir"])
+    native = complete_checkpoints(run_dir / "checkpoints")[-1] / "deepspeed"
+    assert (native / "latest").read_text().strip() == "global_step5"
+    convert_zero_checkpoint_to_fp32_state_dict(str(native), str(tmp_path / "fp32"), tag="global_step5",
+                                               safe_serialization=True)
+    converted = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    cfg = load_config(str(run_dir / "config.toml"))
+    ours = Transformer(cfg.model)
+    load_model_weights(ours, complete_checkpoints(run_dir / "checkpoints")[-1])
+    want = ours.state_dict()
+    assert set(converted) <= set(want) and converted
+    for name, value in converted.items():
+        assert torch.equal(value, want[name]), name
+
+    new_dir = tmp_path / "from_native"
+    train(load_config(str(run_dir / "config.toml"), [
+        "--run.dir", str(new_dir), "--parallel.dp_shard", "1", "--train.steps", "1", "--optim.lr", "1e-30",
+        "--optim.warmup_steps", "0", "--train.eval_every", "0", "--checkpoint.final", "true",
+        "--checkpoint.init_from", str(tmp_path / "fp32" / "model.safetensors")]))
+    loaded = Transformer(cfg.model)
+    load_model_weights(loaded, complete_checkpoints(new_dir / "checkpoints")[-1])
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, want[name]), name
+    assert_exports_to_transformers(new_dir, tmp_path / "hf")
 
 
 def test_zero3_offload_matches_zero3(two_rank_results):
