@@ -17,12 +17,12 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import data as data_pkg
 from core.cli_args import ArgParser, at_least, split_overrides
 from core.errors import DataError
 from core.run_config import keys_help
+from parallel.local_engine import token_loss_sum
 from trainer.generate import load_weights, open_run
 from trainer.inference_weights import DTYPES, QUANTIZE, prepare_weights
 
@@ -44,8 +44,7 @@ def evaluate(model, batches, tok) -> dict:
     for inputs, labels in batches:
         inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)
         logits = model(inputs)
-        loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                          ignore_index=data_pkg.IGNORE, reduction="sum"))
+        loss_sum += float(token_loss_sum(logits, labels))
         for row in labels:
             row = row[row != data_pkg.IGNORE]
             tokens += row.numel()
