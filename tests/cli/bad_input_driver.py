@@ -17,7 +17,8 @@ import time
 import traceback
 from pathlib import Path
 
-from tests.cli.bad_input_cases import CASES, build_fixtures
+from tests.cli.bad_input_cases import CASES
+from tests.cli.bad_input_fixtures import build_fixtures
 
 
 def run_case(argv: list[str]) -> dict:

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from tests.cli.bad_input_cases import CASES, REPO, build_fixtures
+from tests.cli.bad_input_cases import CASES, REPO
+from tests.cli.bad_input_fixtures import build_fixtures
 from tests.cli.bad_input_check import problems
 
 COMMANDS = ("train", "prepare", "generate", "eval", "export", "plan", "slurm", "sweep", "mup")
