@@ -1,6 +1,6 @@
 """Apply the parallel layout to the model, in ONE function and a fixed order:
 
-    pipeline split -> tensor/sequence parallel -> precision conversion (fp8) ->
+    pipeline split -> tensor/sequence parallel -> expert parallel -> precision conversion (fp8) ->
     activation checkpointing -> torch.compile -> FSDP / HSDP -> materialise + init -> DDP
     (under parallel.engine = deepspeed no FSDP/DDP: deepspeed.initialize shards in make_engine)
 
@@ -27,6 +27,7 @@ from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.deepspeed_config import build_ds_config
 from parallel.deepspeed_engine import DeepSpeedEngine
 from parallel.dims import ParallelDims
+from parallel.expert import apply_expert_parallel
 from parallel.dist_engine import DistEngine
 from parallel.local_engine import LocalEngine
 from parallel.pipeline import PipelineSetup, split_stages
@@ -97,6 +98,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: 
     if dims.tp_enabled:
         for part in parts:
             vocab_parallel = apply_tensor_parallel(part, tp_mesh, plan, pcfg.sp) or vocab_parallel
+    if dims.ep_enabled:
+        for part in parts:
+            apply_expert_parallel(part, plan, dims.ep_mesh)
     parts = [convert_for_training(part, precision, tp_mesh) or part for part in parts]
     for part in parts:
         apply_activation_checkpointing(part, plan.blocks, pcfg.ac)
@@ -105,7 +109,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: 
     # Under engine = deepspeed every rank holds the whole model here; deepspeed.initialize shards it.
     wrap_dp = pcfg.engine != "deepspeed"
     if dims.fsdp_enabled and wrap_dp:
-        parts = [apply_fsdp(part, plan.blocks, dims, pcfg, precision) for part in parts]
+        parts = [apply_fsdp(part, plan, dims, pcfg, precision) for part in parts]
     if meta:
         # FSDP's CPU offload keeps the sharded parameters on the host (values still drawn on the device).
         offload = dims.fsdp_enabled and wrap_dp and pcfg.fsdp_cpu_offload
