@@ -112,11 +112,13 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     run_dir = Path(cfg.run.dir)
-    dims = build_mesh(cfg.parallel, ctx)
     vocab_from = "model.vocab_size"
     if loader_factory is None or not cfg.model.vocab_size:   # a custom loader brings its own token ids
         vocab_from = resolve_vocab(cfg.model, data_pkg.build_tokenizer(cfg.data), cfg.data.tokenizer)
+    # The layout against the model first: its errors (e.g. parallel.ep without experts) name the
+    # model's fields, which the world-size arithmetic in build_mesh cannot.
     validate_layout(cfg.parallel, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
+    dims = build_mesh(cfg.parallel, ctx)
     check_memory(cfg, ctx)              # before anything large is allocated: refuse a run that cannot fit
     tokenizer_file = read_tokenizer_file(cfg) if loader_factory is None and ctx.is_main else None
 

@@ -28,6 +28,8 @@ RTOL = 1e-5
 # first two microbatches (rows 0-1, 2-3) have none. The evaluation covers the whole (padded) pass.
 EPOCH_END = "--data.urls CORPUS --data.val_urls CORPUS --train.seq_len 7 --train.grad_accum 2 --train.eval_batches 4"
 
+MOE = "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_bias_rate 0.01 --model.moe_shared_experts 1 " \
+      "--model.moe_hidden 32"
 TWO_RANKS = {
     "ddp2": "--parallel.dp_replicate 2 --parallel.dp_shard 1",
     "fsdp2": "--parallel.dp_shard 2",
@@ -54,11 +56,13 @@ TWO_RANKS = {
     "tp2_no_sp_epoch_end": "--parallel.tp 2 --parallel.sp false " + EPOCH_END,   # SP needs seq_len % tp == 0
     # MoE (issue 19): z-loss and the DeepSeek-V3 bias (loads summed over ranks) are layout-independent;
     # the Switch aux loss is per micro-batch by design (parallel/README.md), so it is off here.
-    "fsdp2_moe_bias_shared": "--parallel.dp_shard 2 --model.moe_experts 4 --model.moe_aux_coef 0 "
-                             "--model.moe_bias_rate 0.01 --model.moe_shared_experts 1 --model.moe_hidden 32",
+    "fsdp2_moe_bias_shared": "--parallel.dp_shard 2 " + MOE,
     "ddp2_accum2_moe_sigmoid_every2": "--parallel.dp_replicate 2 --parallel.dp_shard 1 --train.grad_accum 2 "
                                       "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_router sigmoid "
                                       "--model.moe_every 2",
+    # Expert parallel (parallel/expert.py): each rank holds 2 of the 4 experts, tokens go by all-to-all;
+    # the same MoE (z-loss and bias on, Switch aux off as above) and the same reference as fsdp2_moe.
+    "ep2": "--parallel.ep 2 " + MOE,
     "pp2_1f1b_epoch_end": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4 " + EPOCH_END,
     # parallel.engine = deepspeed (parallel/deepspeed_engine.py): DeepSpeed's ZeRO step with our AdamW
     "ds_zero1": "--parallel.engine deepspeed --parallel.zero_stage 1",
@@ -81,10 +85,19 @@ RESUMES = {
     "ds_zero2_resume": f"{DS} 2{CONST} RESUME {DS} 2{CONST}",
     # its step-5 checkpoint also holds DeepSpeed's native one (test_native_deepspeed_checkpoint_comes_in)
     "ds_zero3_to_fsdp": f"{DS} 3{CONST} --checkpoint.deepspeed_native true RESUME --parallel.dp_shard 2{CONST}",
+    # Expert weights keep their unsplit [E, ...] names and shapes (Shard(0) DTensors), so DCP moves a
+    # checkpoint between ep and no ep both ways, expert biases and AdamW moments included.
+    "ep2_to_fsdp2": f"--parallel.ep 2 {MOE}{CONST} RESUME --parallel.dp_shard 2 {MOE}{CONST}",
+    "fsdp2_to_ep2": f"--parallel.dp_shard 2 {MOE}{CONST} RESUME --parallel.ep 2 {MOE}{CONST}",
     "fsdp_to_ds_zero3_offload": f"--parallel.dp_shard 2{CONST} RESUME {DS} 3 --parallel.offload_optimizer cpu "
                                 f"--parallel.offload_param cpu{CONST}",
 }
+# A capacity limit is per micro-batch (parallel/README.md), so no single-process run shares its drops;
+# expert parallel keeps each rank's micro-batch and routing, so it must drop what FSDP drops.
+CAPACITY = {"ep2_capacity": "--parallel.ep 2 --model.moe_capacity_factor 1 " + MOE,
+            "fsdp2_capacity": "--parallel.dp_shard 2 --model.moe_capacity_factor 1 " + MOE}
 TWO_RANKS.update(RESUMES)
+TWO_RANKS.update(CAPACITY)
 TWO_RANKS.update(INIT_FROM)
 FOUR_RANKS = {
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
@@ -92,6 +105,8 @@ FOUR_RANKS = {
     "pp2_tp2": "--parallel.pp 2 --parallel.tp 2",
     "pp2_fsdp2": "--parallel.pp 2 --parallel.dp_shard 2",
     "pp2_ddp2": "--parallel.pp 2 --parallel.dp_replicate 2 --parallel.dp_shard 1",
+    # experts split over ep 2 and FSDP-sharded over the other 2 (edp_shard); dense parts over all 4
+    "ep2_fsdp2": "--parallel.dp_shard 4 --parallel.ep 2 " + MOE,
 }
 EIGHT_RANKS = {
     "pp2_tp2_fsdp2": "--parallel.pp 2 --parallel.tp 2 --parallel.dp_shard 2",
@@ -185,7 +200,7 @@ def test_reference_trains(reference):
     assert len(reference["loss"]) == STEPS and reference["loss"][-1] < reference["loss"][0]
 
 
-@pytest.mark.parametrize("name", [n for n in TWO_RANKS if n not in RESUMES and n not in INIT_FROM])
+@pytest.mark.parametrize("name", [n for n in TWO_RANKS if n not in RESUMES and n not in INIT_FROM and n not in CAPACITY])
 def test_two_rank_parity(name, two_rank_results, references):
     check(name, two_rank_results[name], references(TWO_RANKS[name]))
 
@@ -200,6 +215,19 @@ def test_resume_across_engines(name, two_rank_results, references):
     assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), name
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), name
     assert got["val_loss"][-1] == pytest.approx(ref["val_loss"][-1], rel=RTOL), name
+
+
+def test_expert_parallel_drops_what_fsdp_drops(two_rank_results):
+    """Capacity 1 under ep 2 and under FSDP x2 (the same micro-batches, so the same per-rank
+    routing and drops): the same losses, gradient norms and dropped share, and some were dropped
+    (the metric sums the ranks' own counts, which the all-to-all does not change)."""
+    got, want = two_rank_results["ep2_capacity"], two_rank_results["fsdp2_capacity"]
+    for r in (got, want):
+        assert "error" not in r, r.get("error")
+    assert got["loss"] == pytest.approx(want["loss"], rel=RTOL)
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=RTOL)
+    assert len(got["moe_dropped"]) == STEPS and min(got["moe_dropped"]) > 0
+    assert got["moe_dropped"] == pytest.approx(want["moe_dropped"], rel=RTOL)
 
 
 @pytest.mark.parametrize("name", list(INIT_FROM))
