@@ -262,6 +262,7 @@ def _dry_run(cfg: Config, ctx: DistContext, dims: ParallelDims, n_params: int, t
     """Everything is built; read one batch (the data path is the likeliest to be wrong) and stop."""
     inputs, _ = next(iter(train_loader))
     layout = " x ".join(f"{k} {getattr(dims, k)}" for k in ("pp", "dp_replicate", "dp_shard", "tp"))
+    layout += f" (ep {dims.ep} within dp_shard)" if dims.ep_enabled else ""
     if ctx.is_main:
         print(f"dry run: built the model ({n_params / 1e6:.2f}M parameters), the layout ({layout} on world "
               f"{ctx.world_size}), the optimizer and the data loaders, and read a batch of {tuple(inputs.shape)} "

@@ -102,6 +102,8 @@ CASES = [
           match=r"parallel.ep: 3 does not divide model.moe_experts = 4"),
     train("train-ep-dp-shard", "--parallel.ep", "2", "--model.moe_experts", "4",
           match=r"parallel.ep: 2 does not divide parallel.dp_shard = 1 \(expert parallel is carved out of dp_shard\)"),
+    train("train-ep-selective-ac", "--parallel.ep", "2", "--model.moe_experts", "4", "--parallel.ac", "selective",
+          match=r"parallel.ac: 'selective' is not supported with parallel.ep > 1 yet; use 'full' or 'none'"),
     train("train-ep-0", "--parallel.ep", "0", match=r"parallel.ep: must be >= 1"),
     train("train-ds-tp", "--parallel.engine", "deepspeed", "--parallel.tp", "2",
           match=r"parallel.engine = deepspeed: .*parallel.tp, parallel.pp and parallel.dp_replicate to 1"),

@@ -63,6 +63,10 @@ TWO_RANKS = {
     # Expert parallel (parallel/expert.py): each rank holds 2 of the 4 experts, tokens go by all-to-all;
     # the same MoE (z-loss and bias on, Switch aux off as above) and the same reference as fsdp2_moe.
     "ep2": "--parallel.ep 2 " + MOE,
+    # ... with gradient accumulation, sigmoid routing, dense blocks between MoE ones and full activation
+    # checkpointing (the recompute runs the all-to-alls again); ddp2_accum2_moe_sigmoid_every2's reference
+    "ep2_accum2_ac_sigmoid_every2": "--parallel.ep 2 --parallel.ac full --train.grad_accum 2 --model.moe_experts 4 "
+                                    "--model.moe_aux_coef 0 --model.moe_router sigmoid --model.moe_every 2",
     "pp2_1f1b_epoch_end": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4 " + EPOCH_END,
     # parallel.engine = deepspeed (parallel/deepspeed_engine.py): DeepSpeed's ZeRO step with our AdamW
     "ds_zero1": "--parallel.engine deepspeed --parallel.zero_stage 1",
