@@ -5,7 +5,8 @@
     (under parallel.engine = deepspeed no FSDP/DDP: deepspeed.initialize shards in make_engine)
 
 Why this order: the split decides which blocks a rank holds; TP turns their weights into DTensors
-that fp8 conversion must see (it swaps Linear modules and needs the TP mesh); checkpointing and
+that fp8 conversion must see (it swaps Linear modules and needs the TP mesh); expert parallel
+splits the experts' stacked weights over ep before FSDP shards what remains; checkpointing and
 compile wrap whole blocks after their contents are final; data parallel goes last because
 `fully_shard` shards whatever parameters (plain or TP DTensors) the blocks end up with. A model
 built on the meta device goes through all of it without memory; its parameters are allocated only
