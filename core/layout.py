@@ -78,6 +78,9 @@ def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int, seq_len: in
     if cfg.ep > 1 and model_cfg.moe_experts % cfg.ep:
         raise ConfigError(f"parallel.ep: {cfg.ep} does not divide model.moe_experts = {model_cfg.moe_experts}; "
                           "pick an ep that divides it")
+    if cfg.ep > 1 and cfg.engine == "deepspeed":
+        raise ConfigError("parallel.ep: expert parallel is built on FSDP (parallel.engine = 'torch'), not on "
+                          "'deepspeed'; set parallel.ep = 1 or parallel.engine = 'torch'")
     if cfg.ep > 1 and cfg.ac == "selective":
         # torch's selective checkpointing replays the recorded ops and fails on the different
         # profiler calls of the experts' own FSDP hooks in the recompute (torch 2.13)

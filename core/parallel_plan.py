@@ -27,12 +27,12 @@ class ParallelPlan:
     mlp_in: tuple[str, ...]     # column-wise: MLP input projections (gate and up for swiglu)
     mlp_out: str                # row-wise: MLP output projection
     head_buffers: tuple[str, ...] = ()  # per-head buffers on the attention module, sharded with the heads
-    # Mixture of Experts, inside a block (blocks without them are dense): the module whose weights
-    # are stacked [experts, ...] on dim 0 and called as experts(tokens sorted by expert, offs), offs
-    # the int32 cumulative row counts per expert (split over expert parallel), and the router
-    # (replicated: every rank routes its own tokens).
-    experts: str = ""
-    router: str = ""
+    # Mixture of Experts, inside a block (blocks without them are dense): the router (replicated:
+    # every rank routes its own tokens) and the routed experts, whose weights are stacked
+    # [experts, ...] on dim 0 and which are called as experts(tokens sorted by expert, offs), offs
+    # the int32 cumulative row counts per expert (split over expert parallel).
+    moe_router: str = ""
+    moe_experts: str = ""
 
     @property
     def colwise(self) -> tuple[str, ...]:

@@ -31,12 +31,12 @@ from core.parallel_plan import ParallelPlan
 
 def expert_modules(part: nn.Module, plan: ParallelPlan) -> list[nn.Module]:
     """The experts module of every MoE block this part holds (dense blocks have none)."""
-    if not plan.experts:
+    if not plan.moe_experts:
         return []
     found = []
     for block in getattr(part, plan.blocks).values():
         try:
-            found.append(block.get_submodule(plan.experts))
+            found.append(block.get_submodule(plan.moe_experts))
         except AttributeError:
             continue
     return found

@@ -13,7 +13,7 @@ BLOCKS, EMBEDDING, POSITIONS, FINAL_NORM, HEAD = "layers", "tok_embeddings", "po
 ATTENTION, FEED_FORWARD, ATTENTION_NORM, FFN_NORM = "attention", "feed_forward", "attention_norm", "ffn_norm"
 Q, K, V, O = (f"{ATTENTION}.{p}" for p in ("wq", "wk", "wv", "wo"))
 GATE, DOWN, UP = (f"{FEED_FORWARD}.{p}" for p in ("w1", "w2", "w3"))   # swiglu: w2(silu(w1 x) * w3 x)
-EXPERTS, ROUTER = f"{FEED_FORWARD}.experts", f"{FEED_FORWARD}.router"   # MoE blocks (trainer/moe.py)
+ROUTER, EXPERTS = (f"{FEED_FORWARD}.{p}" for p in ("router", "experts"))   # trainer/moe.py
 
 
 def parallel_plan(cfg: ModelConfig) -> ParallelPlan:
@@ -23,4 +23,4 @@ def parallel_plan(cfg: ModelConfig) -> ParallelPlan:
         tied_head=cfg.tie_embeddings, attention=ATTENTION, feed_forward=FEED_FORWARD,
         attention_norm=ATTENTION_NORM, ffn_norm=FFN_NORM, qkv=(Q, K, V), attention_out=O,
         mlp_in=(GATE, UP) if cfg.activation == "swiglu" else (GATE,), mlp_out=DOWN,
-        head_buffers=("alibi_slopes",), experts=EXPERTS, router=ROUTER)
+        head_buffers=("alibi_slopes",), moe_router=ROUTER, moe_experts=EXPERTS)

@@ -73,3 +73,5 @@ def test_expert_parallel_is_carved_out_of_dp_shard():
         validate_layout(ParallelConfig(ep=3), moe, batch_size=8)
     with pytest.raises(ConfigError, match=r"parallel.ep: 2 needs a MoE model"):
         validate_layout(ParallelConfig(ep=2), model(), batch_size=8)
+    with pytest.raises(ConfigError, match=r"parallel.ep: expert parallel is built on FSDP"):
+        validate_layout(ParallelConfig(ep=2, engine="deepspeed"), moe, batch_size=8)
