@@ -1,0 +1,140 @@
+"""Issue 20's positions: T5 relative bias (model.position = "relative") and RoPE scaling for
+context extension (model.rope_scaling = "llama3" | "yarn"): the maths against transformers',
+the bias for any key block, training and context extension through `meshformer train`, export."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from core.model_config import ModelConfig
+from trainer.attention import AttnMask
+from trainer.cli import main
+from trainer.hf_llama import hf_config, to_hf
+from trainer.model import KVCache, Transformer
+from trainer.relative_bias import RelativeBias, relative_bucket
+from trainer.rope_scaling import attention_factor, hf_rope_parameters, rope_inv_freq
+
+transformers = pytest.importorskip("transformers")
+
+SCALED = {"llama3": dict(rope_scaling="llama3", rope_factor=4.0, rope_original_max_len=32),
+          "yarn": dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=32)}
+
+
+def test_relative_buckets_are_t5s_unidirectional_ones():
+    from transformers.models.t5.modeling_t5 import T5Attention
+    dist = torch.arange(-5, 700)      # i - j; T5's relative_position is j - i
+    for buckets, max_distance in ((32, 128), (8, 16)):
+        want = T5Attention._relative_position_bucket(-dist, bidirectional=False, num_buckets=buckets,
+                                                     max_distance=max_distance)
+        assert torch.equal(relative_bucket(dist, buckets, max_distance), want)
+
+
+def test_relative_bias_of_a_key_block_is_that_block_of_the_full_bias():
+    """What context parallel relies on: AttnMask.keys() re-targets the bias to any key block."""
+    torch.manual_seed(0)
+    rel = RelativeBias(8, 16, n_heads=3)
+    pos = torch.arange(40)
+    full = AttnMask(pos, pos, rel_bias=rel).bias(torch.float32)
+    q_block = AttnMask(pos[24:32], pos[24:32], rel_bias=rel)
+    for lo, hi in ((0, 8), (8, 24), (24, 32)):
+        assert torch.equal(q_block.keys(pos[lo:hi]).bias(torch.float32), full[..., 24:32, lo:hi])
+    assert full.shape == (1, 3, 40, 40) and torch.isinf(full[0, 0, 0, 1]) and full[0, 0, 39, 0] == rel.embeddings.weight[7, 0]
+
+
+def test_relative_model_decodes_with_a_kv_cache_as_it_runs_whole():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, position="relative", rel_buckets=8,
+                      rel_max_distance=16, max_seq_len=64)
+    model = Transformer(cfg).eval()
+    assert model.num_params() == cfg.num_params() and model.num_params(False) == cfg.num_params(False)
+    x = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache()
+        steps = [model(x[:, :20], 0, cache)] + [model(x[:, t:t + 1], t, cache) for t in range(20, 40)]
+    # fp32: the cached and whole products sum in other orders, a few ulp of O(1) logits apart
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["llama3", "yarn"])
+def test_rope_scaling_is_transformers_rope_init(kind):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    cfg = ModelConfig(vocab_size=64, dim=64, n_heads=2, max_seq_len=128, **SCALED[kind])   # head_dim 32: 16 frequencies
+    # transformers' own defaults: yarn's attention factor left for it to derive from the factor
+    params = {k: v for k, v in hf_rope_parameters(cfg).items() if k != "attention_factor"}
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=2, max_position_embeddings=128, rope_parameters=params)
+    inv, factor = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+    # the same float32 formulas, grouped differently (inv / f vs 1 / (f * base^x)): a few ulp apart
+    torch.testing.assert_close(rope_inv_freq(cfg), inv, rtol=1e-6, atol=0)
+    assert attention_factor(cfg) == pytest.approx(factor, rel=1e-12)
+    plain = rope_inv_freq(ModelConfig(vocab_size=64, dim=64, n_heads=2))
+    assert (rope_inv_freq(cfg) < plain).any() and torch.equal(rope_inv_freq(cfg)[0], plain[0])   # low freqs stretched, highest kept
+    assert (factor > 1) == (kind == "yarn")
+
+
+@pytest.mark.parametrize("kind", ["llama3", "yarn"])
+def test_rope_scaled_model_exports_to_llama_with_our_logits(kind):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    # init_std 0.2: attention far from uniform, so a wrong frequency or attention factor shows in the logits
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, init_std=0.2,
+                      **SCALED[kind])
+    ours = Transformer(cfg).eval()
+    config = {k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    hf = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    hf.load_state_dict(to_hf(ours.state_dict(), cfg), strict=True)
+    tokens = torch.randint(0, 64, (2, 120))             # well past rope_original_max_len = 32
+    with torch.no_grad():
+        want, got = ours(tokens), hf(tokens).logits
+    assert (got - want).abs().max().item() < 1e-5       # the existing export test's bound (fp32, same maths)
+    assert want.std() > 0.1
+
+
+TINY = ["--config", "configs/tiny.toml", "--model.dim", "32", "--model.n_layers", "1", "--model.n_heads", "4",
+        "--train.batch_size", "2", "--train.eval_every", "0", "--train.eval_batches", "1", "--train.threads", "1",
+        "--metrics.progress", "false", "--metrics.tensorboard", "false", "--metrics.log_every", "1"]
+
+
+def _losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_train_relative_and_extend_a_rope_model_from_64_to_256(tmp_path, capsys):
+    """On the built-in corpus through `meshformer train`: a relative-bias model trains and its export
+    is refused in one line; a RoPE model trained at 64 positions resumes at 256 with yarn scaling
+    (a changed model.max_seq_len / rope_* on resume) and exports to Llama with our logits."""
+    rel = tmp_path / "rel"
+    assert main(["train", *TINY, "--model.position", "relative", "--model.rel_buckets", "8",
+                 "--model.rel_max_distance", "16", "--train.seq_len", "32", "--train.steps", "2",
+                 "--run.dir", str(rel)]) == 0
+    assert len(_losses(rel)) == 2 and all(math.isfinite(v) for v in _losses(rel).values())
+    capsys.readouterr()
+    assert main(["export", str(rel), "--out", str(tmp_path / "rel_hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.position = 'relative' cannot be exported" in err and "'rope'" in err
+
+    run = tmp_path / "ext"
+    assert main(["train", *TINY, "--model.max_seq_len", "64", "--train.seq_len", "64", "--train.steps", "2",
+                 "--run.dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", *TINY, "--model.max_seq_len", "256", "--train.seq_len", "256", "--train.steps", "4",
+                 "--model.rope_scaling", "yarn", "--model.rope_factor", "4", "--model.rope_original_max_len", "64",
+                 "--run.dir", str(run)]) == 0
+    assert "resumed from" in capsys.readouterr().out and sorted(_losses(run)) == [1, 2, 3, 4]
+    out = tmp_path / "ext_hf"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["rope_parameters"]["rope_type"] == "yarn"
+    from trainer.checkpoint import complete_checkpoints, load_model_weights
+    cfg = ModelConfig(vocab_size=320, dim=32, n_layers=1, n_heads=4, n_kv_heads=4, max_seq_len=256,
+                      rope_scaling="yarn", rope_factor=4, rope_original_max_len=64)
+    ours = Transformer(cfg).eval()
+    load_model_weights(ours, complete_checkpoints(run / "checkpoints")[-1])
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tokens = torch.randint(0, 320, (1, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens)).abs().max().item() < 1e-5
