@@ -13,7 +13,7 @@ from core.model_config import ModelConfig
 from trainer.attention import AttnMask
 from trainer.cli import main
 from trainer.hf_llama import hf_config, to_hf
-from trainer.model import KVCache, Transformer
+from trainer.model import Transformer
 from trainer.relative_bias import RelativeBias, relative_bucket
 from trainer.rope_scaling import attention_factor, hf_rope_parameters, rope_inv_freq
 
@@ -44,19 +44,26 @@ def test_relative_bias_of_a_key_block_is_that_block_of_the_full_bias():
     assert full.shape == (1, 3, 40, 40) and torch.isinf(full[0, 0, 0, 1]) and full[0, 0, 39, 0] == rel.embeddings.weight[7, 0]
 
 
-def test_relative_model_decodes_with_a_kv_cache_as_it_runs_whole():
+def test_relative_model_follows_positions_and_merges_key_blocks():
+    """What a context-parallel rank relies on (as test_attention_core checks for the other kinds):
+    permuted tokens with their positions give the permuted logits, and attention over key blocks
+    merged by log-sum-exp equals attention over all keys. float64: the same maths in another order."""
+    from tests.trainer.test_attention_core import merged, qkv
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, position="relative",
+                      rel_buckets=8, rel_max_distance=16, max_seq_len=32, init_std=0.2)
+    assert Transformer(cfg).num_params() == cfg.num_params() and \
+        Transformer(cfg).num_params(False) == cfg.num_params(False)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, position="relative", rel_buckets=8,
-                      rel_max_distance=16, max_seq_len=64)
-    model = Transformer(cfg).eval()
-    assert model.num_params() == cfg.num_params() and model.num_params(False) == cfg.num_params(False)
-    x = torch.randint(0, 64, (2, 40))
+    model = Transformer(cfg).double().eval()
+    tokens, perm = torch.randint(0, 64, (2, 16)), torch.randperm(16)
     with torch.no_grad():
-        full = model(x)
-        cache = KVCache()
-        steps = [model(x[:, :20], 0, cache)] + [model(x[:, t:t + 1], t, cache) for t in range(20, 40)]
-    # fp32: the cached and whole products sum in other orders, a few ulp of O(1) logits apart
-    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+        ref, shuffled = model(tokens), model(tokens[:, perm], positions=perm)
+        assert (shuffled - ref[:, perm]).abs().max().item() < 1e-10
+        q, k, v = qkv()
+        pos = torch.arange(12)
+        mask = AttnMask(pos, pos, rel_bias=model.layers["0"].attention.rel_bias)
+        core = model.layers["0"].attention.core
+        assert (merged(core, q, k, v, mask, [0, 5, 9, 12]) - core(q, k, v, mask)).abs().max().item() < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["llama3", "yarn"])
