@@ -145,3 +145,14 @@ def test_train_relative_and_extend_a_rope_model_from_64_to_256(tmp_path, capsys)
     tokens = torch.randint(0, 320, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() < 1e-5
+
+
+def test_planner_counts_the_relative_tables_sharded_with_the_heads():
+    from parallel.planner.shapes import local_shape, param_specs
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, position="relative", rel_buckets=8,
+                      rel_max_distance=16)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    specs = {s.name: s for s in param_specs(cfg)}
+    assert {n: s.shape for n, s in specs.items()} == {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert local_shape(specs["layers.1.attention.rel_bias.embeddings.weight"], tp=2) == (8, 2)   # heads / tp
