@@ -117,8 +117,10 @@ def check_hf_config(config: dict, mc, where: str) -> None:
             "num_key_value_heads", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
     diffs = [f"{k}: {where} has {config.get(k)!r}, this run's model.* gives {mine[k]!r}"
              for k in keys if k in config and config[k] != mine[k]]
+    # A model without RoPE scaling may be continued with one (context extension, as on resume); one
+    # trained with a scaling must keep it (else its positions silently mean something else).
     theirs = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if _scaling_of(theirs) != _scaling_of(mine["rope_parameters"]):
+    if _scaling_of(theirs) and _scaling_of(theirs) != _scaling_of(mine["rope_parameters"]):
         diffs.append(f"rope_parameters: {where} has {_scaling_of(theirs)!r}, this run's model.rope_* give "
                      f"{_scaling_of(mine['rope_parameters'])!r}")
     if diffs:

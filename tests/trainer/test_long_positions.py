@@ -128,14 +128,22 @@ def test_train_relative_and_extend_a_rope_model_from_64_to_256(tmp_path, capsys)
     run = tmp_path / "ext"
     assert main(["train", *TINY, "--model.max_seq_len", "64", "--train.seq_len", "64", "--train.steps", "2",
                  "--run.dir", str(run)]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "hf64")]) == 0
     capsys.readouterr()
-    assert main(["train", *TINY, "--model.max_seq_len", "256", "--train.seq_len", "256", "--train.steps", "4",
-                 "--model.rope_scaling", "yarn", "--model.rope_factor", "4", "--model.rope_original_max_len", "64",
-                 "--run.dir", str(run)]) == 0
+    yarn = ["--model.max_seq_len", "256", "--train.seq_len", "256", "--model.rope_scaling", "yarn",
+            "--model.rope_factor", "4", "--model.rope_original_max_len", "64"]
+    assert main(["train", *TINY, *yarn, "--train.steps", "4", "--run.dir", str(run)]) == 0
     assert "resumed from" in capsys.readouterr().out and sorted(_losses(run)) == [1, 2, 3, 4]
+    # the same extension from an unscaled Llama export (checkpoint.init_from weights)
+    assert main(["train", *TINY, *yarn, "--train.steps", "1", "--run.dir", str(tmp_path / "from_hf"),
+                 "--checkpoint.init_from", str(tmp_path / "hf64")]) == 0
     out = tmp_path / "ext_hf"
     assert main(["export", str(run), "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["rope_parameters"]["rope_type"] == "yarn"
+    capsys.readouterr()        # but a scaled export's positions cannot be silently dropped
+    assert main(["train", *TINY, "--model.max_seq_len", "256", "--train.seq_len", "256", "--train.steps", "1",
+                 "--run.dir", str(tmp_path / "unscaled"), "--checkpoint.init_from", str(out)]) == 2
+    assert "rope_parameters" in capsys.readouterr().err
     from trainer.checkpoint import complete_checkpoints, load_model_weights
     cfg = ModelConfig(vocab_size=320, dim=32, n_layers=1, n_heads=4, n_kv_heads=4, max_seq_len=256,
                       rope_scaling="yarn", rope_factor=4, rope_original_max_len=64)
