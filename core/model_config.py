@@ -23,6 +23,11 @@ def padded_vocab(tokenizer_ids: int) -> int:
     return -(-tokenizer_ids // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def known_tokenizer_eot(tokenizer: str) -> int | None:
+    """A tokenizer's end-of-text id when its name alone tells it: 'bytes' only (256)."""
+    return BYTE_TOKENIZER_IDS - 1 if tokenizer == "bytes" else None
+
+
 def known_tokenizer_ids(tokenizer: str) -> int | None:
     """A tokenizer's id count when its name alone tells it (no file to read): 'bytes' only."""
     return BYTE_TOKENIZER_IDS if tokenizer == "bytes" else None

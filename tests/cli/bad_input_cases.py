@@ -62,6 +62,13 @@ CASES = [
     # non-finite values (validated by the nansync work, issue 17's divergence part)
     train("train-lr-nan", "--optim.lr", "nan", match=r"optim.lr: .*(finite|> 0)"),
     train("train-lr-inf", "--optim.lr", "inf", match=r"optim.lr: .*(finite|> 0)"),
+    train("train-attn-window-negative", "--model.attn_window", "-1", match=r"model.attn_window: must be >= 0"),
+    train("train-global-every-no-window", "--model.attn_global_every", "2",
+          match=r"model.attn_global_every: .*needs model.attn_window > 0"),
+    train("train-eot-id-beyond-vocab", "--model.vocab_size", "320", "--model.eot_id", "400",
+          match=r"model.eot_id: must be -1 \(the tokenizer's\) or an id below model.vocab_size = 320, got 400"),
+    train("train-doc-mask-pp", "--model.doc_mask", "true", "--parallel.pp", "2",
+          match=r"model.doc_mask: not supported with pipeline parallel yet \(parallel.pp = 2\)"),
     train("train-rope-theta-0", "--model.rope_theta", "0", match=r"model.rope_theta: .*> 0"),
     # RoPE scaling and the relative bias (issue 20)
     train("train-rope-scaling-choice", "--model.rope_scaling", "ntk",
