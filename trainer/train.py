@@ -113,7 +113,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
         torch.use_deterministic_algorithms(True)
     run_dir = Path(cfg.run.dir)
     vocab_from = "model.vocab_size"
-    if loader_factory is None or not cfg.model.vocab_size:   # a custom loader brings its own token ids
+    # a custom loader brings its own token ids (but a doc_mask model still needs the tokenizer's end-of-text)
+    if loader_factory is None or not cfg.model.vocab_size or (cfg.model.doc_mask and cfg.model.eot_id < 0):
         vocab_from = resolve_vocab(cfg.model, data_pkg.build_tokenizer(cfg.data), cfg.data.tokenizer)
     # The layout against the model first: its errors (e.g. parallel.ep without experts) name the
     # model's fields, which the world-size arithmetic in build_mesh cannot.
