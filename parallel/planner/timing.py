@@ -14,7 +14,7 @@ from core.model_config import ModelConfig
 from .cluster import ClusterProfile
 from .layout import Layout, Stack
 from .memory import act_bytes, model_state, unsharded_params
-from .shapes import flop_split, stage_layer_count
+from .shapes import flop_split, local_shape, stage_layer_count, stage_param_groups
 
 INF = float("inf")
 
@@ -79,6 +79,35 @@ def elementwise_bytes_per_token(cfg: ModelConfig, layout: Layout, stack: Stack) 
     return x + core, core
 
 
+def _gemm_memory_excess(cfg: ModelConfig, layout: Layout, tokens: int, mm: float, hbm: float) -> float:
+    """Forward seconds the layer's GEMMs spend beyond their FLOP time because they are memory-bound
+    (roofline: a GEMM takes max(FLOPs / matmul rate, bytes / HBM rate)). As the tokens per rank shrink
+    the weight matrix, read once per pass, stops being amortised: few rows per GEMM means low
+    arithmetic intensity. 0 for the large per-rank batches of Table 1."""
+    e, excess = act_bytes(layout.dtype), 0.0
+    for count, specs in stage_param_groups(cfg, 1, 1, 0)[:1]:     # one layer's tensors
+        for spec in specs:
+            if len(spec.shape) != 2:
+                continue
+            out_f, in_f = local_shape(spec, layout.tp)
+            flops = 2 * tokens * out_f * in_f
+            nbytes = (out_f * in_f + tokens * (out_f + in_f)) * e
+            excess += max(0.0, nbytes / hbm - flops / mm)
+    return excess
+
+
+def _dp_collectives(cfg: ModelConfig, layout: Layout, stack: Stack, stage: int, tp_params: int) -> tuple[int, int]:
+    """(all-gathers, reduce-scatters) of one pass over a stage's sharded parameters: one per FSDP
+    unit (each layer, the embedding, the head), one per parameter tensor under stack.dp_gather =
+    "tensor", and gradients in buckets of stack.dp_reduce_bucket elements when set."""
+    if stack.dp_gather == "tensor":
+        gathers = sum(c * len(specs) for c, specs in stage_param_groups(cfg, layout.pp, layout.pp_virtual_stages, stage))
+    else:
+        gathers = stage_layer_count(cfg.n_layers, layout.pp, layout.pp_virtual_stages, stage) + 2
+    reduces = -(-tp_params // stack.dp_reduce_bucket) if stack.dp_reduce_bucket else gathers
+    return gathers, reduces
+
+
 @dataclass(frozen=True)
 class TimeBreakdown:
     compute: float            # forward + backward (+ recompute) of all microbatches on the slowest stage
@@ -105,6 +134,7 @@ def _stage_microbatch_time(cfg: ModelConfig, layout: Layout, stack: Stack, clust
     mm, at, hbm = cluster.matmul_flops(layout.dtype), cluster.attention_flops(layout.dtype), cluster.hbm_bytes_per_s
     elem, core = elementwise_bytes_per_token(cfg, layout, stack)
     dense_f = tokens * fl.dense_per_layer / 3 / t / mm         # forward = one third of the 3 passes
+    dense_f += _gemm_memory_excess(cfg, layout, tokens, mm, hbm)
     attn_f = tokens * fl.attention_per_layer / 3 / t / at
     elem_f = tokens * elem / hbm
     tp_link = group_link(cluster, t, 1)
@@ -171,11 +201,11 @@ def _data_parallel(cfg, layout: Layout, stack: Stack, cluster: ClusterProfile, t
     grad = stack.grad_bytes
     total = exposed = 0.0
     if ns > 1:
-        # one collective per FSDP unit (a layer, the embedding, the head): latency paid per unit
-        units = stage_layer_count(cfg.n_layers, layout.pp, layout.pp_virtual_stages, stage) + 2
-        extra_latency = (units - 1) * (ns - 1) * shard_link.latency_s
-        ag = all_gather(tp_params * gather_bytes, ns, shard_link) + extra_latency
-        rs = all_gather(tp_params * grad, ns, shard_link) + extra_latency
+        # every collective pays the ring's (n - 1) steps of latency: with thousands of ranks and one
+        # gather per tensor this, not bandwidth, is what stops data parallelism scaling
+        gathers, reduces = _dp_collectives(cfg, layout, stack, stage, tp_params)
+        ag = all_gather(tp_params * gather_bytes, ns, shard_link) + (gathers - 1) * (ns - 1) * shard_link.latency_s
+        rs = all_gather(tp_params * grad, ns, shard_link) + (reduces - 1) * (ns - 1) * shard_link.latency_s
         if layout.pp > 1:     # gathered once, reduced once per step (no resync between microbatches)
             total += ag + rs
             exposed += max(0.0, ag + rs - t_mb) if stack.dp_overlap else ag + rs
