@@ -17,6 +17,7 @@ from torch import nn
 
 from core.model_config import ModelConfig
 from trainer import moe
+from trainer.attention import AttentionCore, AttnMask
 
 
 # ---- positions ------------------------------------------------------------------------------
@@ -29,9 +30,12 @@ def rope_cache(head_dim: int, max_len: int, theta: float, device=None) -> torch.
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of x [B, T, H, D] by the angles in cache [T, D/2, 2]."""
+    """Rotate pairs of x [B, T, H, D] by the angles in cache [T, D/2, 2] (or [B, T, D/2, 2]: the
+    angles of each row's own positions)."""
     xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = cache[None, :, None, :, 0], cache[None, :, None, :, 1]
+    if cache.dim() == 3:
+        cache = cache[None]
+    cos, sin = cache[:, :, None, :, 0], cache[:, :, None, :, 1]
     out = torch.stack([xf[..., 0] * cos - xf[..., 1] * sin, xf[..., 0] * sin + xf[..., 1] * cos], dim=-1)
     return out.flatten(-2).type_as(x)
 
@@ -110,12 +114,15 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
+        self.core = AttentionCore(cfg.attn_scale)   # context parallel swaps this (trainer/attention.py)
         if cfg.position == "alibi":
             # One slope per head; a tensor-parallel plan shards this buffer with the heads.
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None, start_pos: int = 0,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions`: the absolute positions of x's tokens ([T] or [B, T]); None = start_pos,
+        start_pos + 1, ... (`rope` is then already the angles of exactly those)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
@@ -125,19 +132,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        gqa = q.shape[1] != k.shape[1]
-        mask, causal = None, True
-        if self.position == "alibi" or (cache is not None and start_pos > 0):
-            causal = False
-            qpos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
-            kpos = torch.arange(k.shape[2], device=x.device)
-            dist = (qpos[:, None] - kpos[None, :]).to(torch.float32)  # i - j, >= 0 where visible
-            mask = torch.where(dist >= 0, 0.0, float("-inf"))
-            if self.position == "alibi":
-                mask = mask - self.alibi_slopes.to(x.device)[:, None, None] * dist.clamp(min=0)
-            mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa,
-                                             scale=self.scale)
+        q_pos = positions if positions is not None else torch.arange(start_pos, start_pos + seqlen, device=x.device)
+        k_pos = torch.arange(k.shape[2], device=x.device) if cache is not None else q_pos
+        mask = AttnMask(q_pos, k_pos, getattr(self, "alibi_slopes", None) if self.position == "alibi" else None,
+                        aligned=positions is None and (cache is None or start_pos == 0))
+        out = self.core(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -166,11 +165,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = make_norm(cfg)
         self.ffn_norm = make_norm(cfg)
 
-    def forward(self, x, rope=None, start_pos: int = 0, cache: KVCache | None = None):
+    def forward(self, x, rope=None, start_pos: int = 0, cache: KVCache | None = None, positions=None):
         if self.pre_norm:
-            h = x + self.attention(self.attention_norm(x), rope, start_pos, cache)
+            h = x + self.attention(self.attention_norm(x), rope, start_pos, cache, positions)
             return h + self.feed_forward(self.ffn_norm(h))
-        h = self.attention_norm(x + self.attention(x, rope, start_pos, cache))
+        h = self.attention_norm(x + self.attention(x, rope, start_pos, cache, positions))
         return self.ffn_norm(h + self.feed_forward(h))
 
 
@@ -236,21 +235,29 @@ class Transformer(nn.Module):
         for fqn, p in real:
             p.copy_(self.initial_value(fqn, p.shape, p.device, p.dtype, seed=seed))
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V]; on a pipeline stage, hidden states in or out."""
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V]; on a pipeline stage, hidden states in or out.
+        `positions` ([T] or [B, T], optional): the tokens' absolute positions, for a sequence that
+        is not 0..T-1 (a context-parallel rank's chunks); the default is start_pos, start_pos + 1, ..."""
+        seqlen = tokens.shape[1]
+        pos = positions if positions is not None else torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(tokens)
-            seqlen = tokens.shape[1]
             if self.pos_embeddings is not None:
-                h = h + self.pos_embeddings(torch.arange(start_pos, start_pos + seqlen, device=h.device))
+                h = h + self.pos_embeddings(pos)
             if self.sinusoidal is not None:
-                h = h + self.sinusoidal[start_pos:start_pos + seqlen].to(h.dtype)
+                h = h + self.sinusoidal[pos].to(h.dtype)
         else:
             h = tokens
-        seqlen = h.shape[1]
-        rope = self.rope[start_pos:start_pos + seqlen] if self.rope is not None else None
+        if self.rope is None:
+            rope = None
+        elif positions is None:
+            rope = self.rope[start_pos:start_pos + seqlen]
+        else:
+            rope = self.rope[positions]
         for layer in self.layers.values():
-            h = layer(h, rope, start_pos, cache)
+            h = layer(h, rope, start_pos, cache, positions)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

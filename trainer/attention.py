@@ -1,0 +1,75 @@
+"""The attention core: softmax(q k^T * scale + bias) v, with the mask described by positions.
+
+`AttnMask` says what each query may see in terms of the queries' and keys' absolute positions
+(and, where set, their document indices, a window and ALiBi slopes) rather than as a dense
+matrix, so the same description yields the mask of any (query block, key block) pair. That is
+the seam for context parallel: parallel/ may replace a block's `attention.core` with a module
+that calls `core.block(q, k_block, v_block, mask_for_that_block)` for K/V blocks held by other
+ranks and merges the partial results with their log-sum-exp (online softmax). The model itself
+never splits anything.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttnMask:
+    q_pos: torch.Tensor                         # [T] or [B, T]: absolute positions of the queries
+    k_pos: torch.Tensor                         # [S] or [B, S]: absolute positions of the keys
+    alibi_slopes: torch.Tensor | None = None    # [H] (this rank's heads): bias -slope * (i - j)
+    # q_pos == k_pos == 0..T-1 and nothing else set: plain causal, SDPA's own causal kernel
+    aligned: bool = False
+
+    def keys(self, k_pos: torch.Tensor) -> "AttnMask":
+        """The same rule for another block of keys (context parallel: K/V from another rank)."""
+        return replace(self, k_pos=k_pos, aligned=False)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive mask [B or 1, H or 1, T, S]: 0 where visible, -inf where not, minus the ALiBi
+        term; None for the aligned causal case (SDPA's is_causal)."""
+        if self.aligned and self.alibi_slopes is None:
+            return None
+        q = self.q_pos if self.q_pos.dim() == 2 else self.q_pos[None]
+        k = self.k_pos if self.k_pos.dim() == 2 else self.k_pos[None]
+        dist = (q[:, :, None] - k[:, None, :]).to(torch.float32)[:, None]   # [B|1, 1, T, S], i - j
+        mask = torch.where(dist >= 0, 0.0, float("-inf"))
+        if self.alibi_slopes is not None:
+            mask = mask - self.alibi_slopes.to(dist.device)[:, None, None] * dist.clamp(min=0)
+        return mask.to(dtype)
+
+
+class AttentionCore(nn.Module):
+    """No parameters: q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D]."""
+
+    def __init__(self, scale: float | None):
+        super().__init__()
+        self.scale = scale          # None: SDPA's 1/sqrt(head_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) -> torch.Tensor:
+        bias = mask.bias(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
+                                              enable_gqa=q.shape[1] != k.shape[1], scale=self.scale)
+
+    def block(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q over one block of keys: (output [B, H, T, D], log-sum-exp [B, H, T]),
+        in at least fp32 arithmetic, so blocks merge by their log-sum-exps without a low-precision round. A query row that sees no
+        key of the block gets output 0 and log-sum-exp -inf (it contributes nothing to a merge)."""
+        if q.shape[1] != k.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        work = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+        bias = mask.bias(work)
+        if bias is None:   # aligned causal: build it (a block computation always needs it explicitly)
+            bias = replace(mask, aligned=False).bias(work)
+        scores = scores + bias
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
+        return torch.matmul(probs, v.to(work)).to(q.dtype), lse
