@@ -27,6 +27,14 @@ class ParallelPlan:
     mlp_in: tuple[str, ...]     # column-wise: MLP input projections (gate and up for swiglu)
     mlp_out: str                # row-wise: MLP output projection
     head_buffers: tuple[str, ...] = ()  # per-head buffers on the attention module, sharded with the heads
+    # Mixture of Experts, inside a block (a block holding `moe_router` is a MoE block): the router and
+    # the routed experts are replicated over TP and run on the rank's own tokens; the shared experts
+    # are an MLP split like a dense one (column-wise in, row-wise out).
+    moe_router: str = ""
+    moe_experts: str = ""
+    moe_shared: str = ""
+    moe_shared_in: tuple[str, ...] = ()
+    moe_shared_out: str = ""
 
     @property
     def colwise(self) -> tuple[str, ...]:
