@@ -73,6 +73,8 @@ TWO_RANKS = {
     "ds_zero3": "--parallel.engine deepspeed --parallel.zero_stage 3",
     "ds_zero3_offload": "--parallel.engine deepspeed --parallel.zero_stage 3 --parallel.offload_optimizer cpu "
                         "--parallel.offload_param cpu",
+    "ds_zero2_moe": "--parallel.engine deepspeed --parallel.zero_stage 2 --train.grad_accum 2 " + MOE +
+                    " --model.moe_shared_experts 1 --model.moe_hidden 32",   # aux and after_step in DeepSpeed's step
     "ds_zero2_epoch_end": "--parallel.engine deepspeed --parallel.zero_stage 2 " + EPOCH_END,
 }
 # Weights from a safetensors file (layouts.py writes it: another seed's initial weights): ZeRO-3
