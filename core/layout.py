@@ -70,6 +70,10 @@ def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int, seq_len: in
         if tp > 1 and shared % tp:   # the shared experts are split like a dense MLP; routed experts are not
             raise ConfigError(f"parallel.tp: {tp} does not divide the MoE shared experts' width "
                               f"(model.moe_shared_experts x expert width = {shared}); pick a tp that divides it")
+        if cfg.pp > 1 and cfg.pp_schedule == "zero_bubble":
+            # torch's split backward (input gradients first, weights later) fails on the MoE blocks (tried)
+            raise ConfigError("parallel.pp_schedule: 'zero_bubble' is not supported with model.moe_experts > 0 yet; "
+                              "use gpipe, 1f1b or interleaved_1f1b")
         if cfg.engine == "deepspeed" and cfg.zero_stage == 3:
             # ZeRO-3 gathers a parameter in its module's forward; the router's weight is read by the
             # MoE module around it (trainer/moe.py: route), never gathered

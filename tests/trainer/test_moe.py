@@ -169,7 +169,7 @@ def test_activation_checkpointing_does_not_count_tokens_twice():
 
 def test_layouts_moe_cannot_take_and_the_llama_export_refuse_moe():
     """TP, PP and DeepSpeed ZeRO 0-2 take MoE (parity: tests/parallel/test_parity.py); a TP that does not
-    divide the shared experts' width and ZeRO-3 are refused in one line."""
+    divide the shared experts' width, ZeRO-3 and the zero-bubble schedule are refused in one line."""
     from core.errors import CheckpointError, ConfigError
     from core.layout import validate_layout
     from core.parallel_config import ParallelConfig
@@ -180,7 +180,9 @@ def test_layouts_moe_cannot_take_and_the_llama_export_refuse_moe():
     for kw, model, what in (
             (dict(tp=2), small(moe_shared_experts=1, moe_hidden=15),
              r"parallel.tp: 2 does not divide the MoE shared experts' width \(model.moe_shared_experts x expert width = 15\)"),
-            (dict(engine="deepspeed", zero_stage=3), cfg, "parallel.zero_stage: 3 is not supported with model.moe_experts")):
+            (dict(engine="deepspeed", zero_stage=3), cfg, "parallel.zero_stage: 3 is not supported with model.moe_experts"),
+            (dict(pp=2, pp_schedule="zero_bubble", pp_virtual_stages=2), small(n_layers=4),
+             "parallel.pp_schedule: 'zero_bubble' is not supported with model.moe_experts")):
         with pytest.raises(ConfigError, match=what):
             validate_layout(ParallelConfig(**kw), model, batch_size=4, seq_len=16)
     with pytest.raises(CheckpointError, match="model.moe_experts = 4"):
