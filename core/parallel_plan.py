@@ -27,6 +27,9 @@ class ParallelPlan:
     mlp_in: tuple[str, ...]     # column-wise: MLP input projections (gate and up for swiglu)
     mlp_out: str                # row-wise: MLP output projection
     head_buffers: tuple[str, ...] = ()  # per-head buffers on the attention module, sharded with the heads
+    # inside a block: embedding tables [*, heads] (learned per-head biases), column-wise: each rank holds
+    # and looks up its own heads' columns, a parameter sharded with the heads
+    head_tables: tuple[str, ...] = ()
     # Mixture of Experts, inside a block (a block holding `moe_router` is a MoE block): the router and
     # the routed experts are replicated over TP and run on the rank's own tokens; the shared experts
     # are an MLP split like a dense one (column-wise in, row-wise out).
@@ -38,7 +41,7 @@ class ParallelPlan:
 
     @property
     def colwise(self) -> tuple[str, ...]:
-        return (*self.qkv, *self.mlp_in)
+        return (*self.qkv, *self.mlp_in, *self.head_tables)
 
     @property
     def rowwise(self) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 
 from core.parallel_plan import ParallelPlan
 
-BLOCK_ARGS = 4          # TransformerBlock.forward / Attention.forward: (x, rope, start_pos, cache)
+BLOCK_ARGS = 6          # TransformerBlock.forward / Attention.forward: (x, rope, start_pos, cache, positions, doc)
 
 
 def _mlp_plan(module: str, mlp_in, mlp_out: str, seq) -> dict:
@@ -38,7 +38,7 @@ def _mlp_plan(module: str, mlp_in, mlp_out: str, seq) -> dict:
 
 def _block_plan(plan: ParallelPlan, sp: bool, block: nn.Module) -> dict:
     seq = Shard(1) if sp else Replicate()
-    styles: dict = {name: ColwiseParallel() for name in plan.qkv}
+    styles: dict = {name: ColwiseParallel() for name in (*plan.qkv, *plan.head_tables)}
     styles[plan.attention_out] = RowwiseParallel(output_layouts=seq)
     rest = (None,) * (BLOCK_ARGS - 1)
     # One entry point per half-block (Megatron's "f"/"g"): q/k/v (and w1/w3) take the same
