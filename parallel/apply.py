@@ -15,6 +15,7 @@ broadcast (parallel/sharded_init.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -68,11 +69,17 @@ class Parallelized:
                                    local_rank=local_rank)
         if self.pipeline is not None:
             return PipelineEngine(self.model_parts, *common, dims=self.dims, vocab_parallel=self.vocab_parallel,
-                                  ddp=False, pipeline=self.pipeline)   # the schedule handles DDP's no_sync
+                                  ddp=False, pipeline=self.pipeline,   # the schedule handles DDP's no_sync
+                                  seq_shards=self.seq_shards)
         if self.dims.world_size == 1:
             return LocalEngine(self.model_parts[0], *common)
         return DistEngine(self.model_parts, *common, dims=self.dims, vocab_parallel=self.vocab_parallel,
-                          ddp=self.dims.ddp_enabled)
+                          ddp=self.dims.ddp_enabled, seq_shards=self.seq_shards)
+
+    @property
+    def seq_shards(self) -> int:
+        """TP ranks that each hold a slice of a micro-batch's sequence (sequence parallel), else 1."""
+        return self.dims.tp if self.dims.tp_enabled and self.pcfg is not None and self.pcfg.sp else 1
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: ParallelConfig,
@@ -97,11 +104,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: 
     vocab_parallel = False
     tp_mesh = dims.tp_mesh if dims.tp_enabled else None
     if dims.tp_enabled:
+        # Under expert parallel the routed experts are EP's (replicated over TP there), not TP's.
+        tp_plan = dataclasses.replace(plan, moe_experts="") if dims.ep_enabled else plan
         for part in parts:
-            vocab_parallel = apply_tensor_parallel(part, tp_mesh, plan, pcfg.sp) or vocab_parallel
+            vocab_parallel = apply_tensor_parallel(part, tp_mesh, tp_plan, pcfg.sp) or vocab_parallel
     if dims.ep_enabled:
         for part in parts:
-            apply_expert_parallel(part, plan, dims.ep_mesh)
+            apply_expert_parallel(part, plan, dims, pcfg.sp)
     parts = [convert_for_training(part, precision, tp_mesh) or part for part in parts]
     for part in parts:
         apply_activation_checkpointing(part, plan.blocks, pcfg.ac)

@@ -24,13 +24,13 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from core.parallel_plan import ParallelPlan
 
 
 def expert_modules(part: nn.Module, plan: ParallelPlan) -> list[nn.Module]:
-    """The experts module of every MoE block this part holds (dense blocks have none)."""
+    """The routed experts module of every MoE block this part holds (dense blocks have none)."""
     if not plan.moe_experts:
         return []
     found = []
@@ -42,21 +42,30 @@ def expert_modules(part: nn.Module, plan: ParallelPlan) -> list[nn.Module]:
     return found
 
 
-def apply_expert_parallel(part: nn.Module, plan: ParallelPlan, ep_mesh) -> None:
-    """Split every experts module's stacked weights over `ep_mesh` (dim 0) and route its calls."""
+def apply_expert_parallel(part: nn.Module, plan: ParallelPlan, dims, sp: bool) -> None:
+    """Split every experts module's stacked weights over ep (dim 0) and route its calls. With tensor
+    parallel the experts are not TP-split: Replicate over tp on the 2-D (ep, tp) mesh; each TP rank
+    dispatches its own tokens (its sequence shard under SP, so its gradient is a Partial share
+    over tp, as for the router: parallel/tensor.py) among the ep ranks of its own tp index."""
+    ep_mesh = dims.ep_mesh
     group, ep = ep_mesh.get_group(), ep_mesh.size()
+    mesh, placements, grads = ep_mesh, [Shard(0)], None
+    if dims.tp_enabled:
+        mesh, placements = dims.submesh("ep", "tp"), [Shard(0), Replicate()]
+        grads = [Shard(0), Partial() if sp else Replicate()]
     for experts in expert_modules(part, plan):
         for name, p in list(experts.named_parameters(recurse=False)):
             # src_data_rank=None: each rank keeps its own chunk, no communication (works on meta too;
             # the values come later from parallel/sharded_init.py, drawn as the unsplit tensor).
-            local = distribute_tensor(p.data, ep_mesh, [Shard(0)], src_data_rank=None)
+            local = distribute_tensor(p.data, mesh, placements, src_data_rank=None)
             experts.register_parameter(name, nn.Parameter(local, requires_grad=p.requires_grad))
         # An instance attribute wins over the class's forward; nn.Module.__call__ (and FSDP's
         # hooks around it) still run as before.
-        experts.forward = partial(ep_forward, experts, type(experts).forward, group, ep)
+        experts.forward = partial(ep_forward, experts, type(experts).forward, group, ep, grads)
 
 
-def ep_forward(experts: nn.Module, forward, group, ep: int, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def ep_forward(experts: nn.Module, forward, group, ep: int, grad_placements, x: torch.Tensor,
+               offs: torch.Tensor) -> torch.Tensor:
     """`experts(x, offs)` with the experts spread over the `ep` ranks of `group` (see the module doc)."""
     n_experts = offs.numel()
     local_e = n_experts // ep
@@ -69,7 +78,7 @@ def ep_forward(experts: nn.Module, forward, group, ep: int, x: torch.Tensor, off
     tokens = AllToAll.apply(x, send_splits, recv_splits, group)
     perm = by_local_expert(recv)
     local_offs = torch.cumsum(recv.sum(0), 0).to(torch.int32)
-    with local_weights(experts, 1.0 / ep):
+    with local_weights(experts, 1.0 / ep, grad_placements):
         y = forward(experts, tokens[perm], local_offs)
     back = torch.empty_like(perm)
     back[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -108,7 +117,7 @@ def by_local_expert(recv: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def local_weights(experts: nn.Module, grad_scale: float):
+def local_weights(experts: nn.Module, grad_scale: float, grad_placements=None):
     """Let the model's forward see this rank's slices as plain tensors (the grouped GEMM takes no
     DTensor). Written into `_parameters` directly, as FSDP2 swaps its gathered parameters in:
     `setattr` refuses a non-Parameter there; to_local() keeps the autograd path to the DTensor.
@@ -121,7 +130,7 @@ def local_weights(experts: nn.Module, grad_scale: float):
     try:
         for name, p in saved.items():
             if isinstance(p, DTensor):
-                experts._parameters[name] = ScaleGrad.apply(p.to_local(), grad_scale)
+                experts._parameters[name] = ScaleGrad.apply(p.to_local(grad_placements=grad_placements), grad_scale)
         yield
     finally:
         experts._parameters.update(saved)

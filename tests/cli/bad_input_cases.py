@@ -133,6 +133,8 @@ CASES = [
     train("train-ep-0", "--parallel.ep", "0", match=r"parallel.ep: must be >= 1"),
     train("train-ds-tp", "--parallel.engine", "deepspeed", "--parallel.tp", "2",
           match=r"parallel.engine = deepspeed: .*parallel.tp, parallel.pp and parallel.dp_replicate to 1"),
+    train("train-ds-zero3-moe", "--parallel.engine", "deepspeed", "--parallel.zero_stage", "3", "--model.moe_experts", "4",
+          match=r"parallel.zero_stage: 3 is not supported with model.moe_experts > 0 under parallel.engine = 'deepspeed'"),
     train("train-ds-zero-stage-4", "--parallel.engine", "deepspeed", "--parallel.zero_stage", "4",
           match=r"parallel.zero_stage: must be 0, 1, 2 or 3, got 4"),
     train("train-ds-offload-param-stage-2", "--parallel.engine", "deepspeed", "--parallel.offload_param", "cpu",

@@ -28,8 +28,10 @@ RTOL = 1e-5
 # first two microbatches (rows 0-1, 2-3) have none. The evaluation covers the whole (padded) pass.
 EPOCH_END = "--data.urls CORPUS --data.val_urls CORPUS --train.seq_len 7 --train.grad_accum 2 --train.eval_batches 4"
 
-MOE = "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_bias_rate 0.01 --model.moe_shared_experts 1 " \
-      "--model.moe_hidden 32"
+MOE = "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_z_coef 0.1 --model.moe_bias_rate 0.01"
+# the MoE of fsdp2_moe_bias_shared (z-loss at its default 1e-3), for the expert-parallel rows
+MOE_SHARED = "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_bias_rate 0.01 --model.moe_shared_experts 1 " \
+             "--model.moe_hidden 32"
 TWO_RANKS = {
     "ddp2": "--parallel.dp_replicate 2 --parallel.dp_shard 1",
     "fsdp2": "--parallel.dp_shard 2",
@@ -63,13 +65,19 @@ TWO_RANKS = {
     "tp2_no_sp_epoch_end": "--parallel.tp 2 --parallel.sp false " + EPOCH_END,   # SP needs seq_len % tp == 0
     # MoE (issue 19): z-loss and the DeepSeek-V3 bias (loads summed over ranks) are layout-independent;
     # the Switch aux loss is per micro-batch by design (parallel/README.md), so it is off here.
-    "fsdp2_moe_bias_shared": "--parallel.dp_shard 2 " + MOE,
+    "fsdp2_moe_bias_shared": "--parallel.dp_shard 2 " + MOE_SHARED,
     "ddp2_accum2_moe_sigmoid_every2": "--parallel.dp_replicate 2 --parallel.dp_shard 1 --train.grad_accum 2 "
                                       "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_router sigmoid "
                                       "--model.moe_every 2",
+    # MoE under TP+SP (issue 19): router and routed experts replicated, run on the rank's sequence shard
+    # (Partial gradients summed over TP, loads summed over dp x tp, z-loss weighted 1/tp), shared experts
+    # split like a dense MLP; and under PP (the z-loss of stage 0's blocks through AttachAux). z-loss
+    # raised to 0.1 so a wrong weight of it shows in the gradient norm.
+    "tp2_sp_moe": "--parallel.tp 2 " + MOE + " --model.moe_shared_experts 1 --model.moe_hidden 32",
+    "pp2_1f1b_moe": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4 " + MOE,
     # Expert parallel (parallel/expert.py): each rank holds 2 of the 4 experts, tokens go by all-to-all;
     # the same MoE (z-loss and bias on, Switch aux off as above) and the same reference as fsdp2_moe.
-    "ep2": "--parallel.ep 2 " + MOE,
+    "ep2": "--parallel.ep 2 " + MOE_SHARED,
     # ... with gradient accumulation, sigmoid routing, dense blocks between MoE ones and full activation
     # checkpointing (the recompute runs the all-to-alls again); ddp2_accum2_moe_sigmoid_every2's reference
     "ep2_accum2_ac_sigmoid_every2": "--parallel.ep 2 --parallel.ac full --train.grad_accum 2 --model.moe_experts 4 "
@@ -81,6 +89,8 @@ TWO_RANKS = {
     "ds_zero3": "--parallel.engine deepspeed --parallel.zero_stage 3",
     "ds_zero3_offload": "--parallel.engine deepspeed --parallel.zero_stage 3 --parallel.offload_optimizer cpu "
                         "--parallel.offload_param cpu",
+    "ds_zero2_moe": "--parallel.engine deepspeed --parallel.zero_stage 2 --train.grad_accum 2 " + MOE +
+                    " --model.moe_shared_experts 1 --model.moe_hidden 32",   # aux and after_step in DeepSpeed's step
     "ds_zero2_epoch_end": "--parallel.engine deepspeed --parallel.zero_stage 2 " + EPOCH_END,
 }
 # Weights from a safetensors file (layouts.py writes it: another seed's initial weights): ZeRO-3
@@ -98,8 +108,8 @@ RESUMES = {
     "ds_zero3_to_fsdp": f"{DS} 3{CONST} --checkpoint.deepspeed_native true RESUME --parallel.dp_shard 2{CONST}",
     # Expert weights keep their unsplit [E, ...] names and shapes (Shard(0) DTensors), so DCP moves a
     # checkpoint between ep and no ep both ways, expert biases and AdamW moments included.
-    "ep2_to_fsdp2": f"--parallel.ep 2 {MOE}{CONST} RESUME --parallel.dp_shard 2 {MOE}{CONST}",
-    "fsdp2_to_ep2": f"--parallel.dp_shard 2 {MOE}{CONST} RESUME --parallel.ep 2 {MOE}{CONST}",
+    "ep2_to_fsdp2": f"--parallel.ep 2 {MOE_SHARED}{CONST} RESUME --parallel.dp_shard 2 {MOE_SHARED}{CONST}",
+    "fsdp2_to_ep2": f"--parallel.dp_shard 2 {MOE_SHARED}{CONST} RESUME --parallel.ep 2 {MOE_SHARED}{CONST}",
     "fsdp_to_ds_zero3_offload": f"--parallel.dp_shard 2{CONST} RESUME {DS} 3 --parallel.offload_optimizer cpu "
                                 f"--parallel.offload_param cpu{CONST}",
 }
@@ -107,10 +117,17 @@ RESUMES = {
 # expert parallel keeps each rank's micro-batch and routing, so it must drop what FSDP drops
 # (compared with each other only: 3 steps are enough and keep the launch short).
 CAPACITY_STEPS = 3
-CAPACITY = {"ep2_capacity": f"--parallel.ep 2 --model.moe_capacity_factor 1 --train.steps {CAPACITY_STEPS} {MOE}",
-            "fsdp2_capacity": f"--parallel.dp_shard 2 --model.moe_capacity_factor 1 --train.steps {CAPACITY_STEPS} {MOE}"}
+CAPACITY = {"ep2_capacity": f"--parallel.ep 2 --model.moe_capacity_factor 1 --train.steps {CAPACITY_STEPS} {MOE_SHARED}",
+            "fsdp2_capacity": f"--parallel.dp_shard 2 --model.moe_capacity_factor 1 --train.steps {CAPACITY_STEPS} {MOE_SHARED}"}
+# The Switch aux loss ON under PP: its value is per micro-batch, so the reference cuts its global batch
+# into the same micro-batches (accumulation of 4 x 2 rows = the pipeline's 4 microbatches of 2 rows):
+# the aux of both stages' blocks reaches the gradient with each microbatch's weight.
+ALIGNED = {"pp2_gpipe_moe_aux": ("--parallel.pp 2 --parallel.pp_schedule gpipe --parallel.pp_microbatches 4 "
+                                 "--model.moe_experts 4 --model.moe_aux_coef 0.1 --model.moe_z_coef 0.1 "
+                                 "--model.moe_bias_rate 0.01", "--train.batch_size 2 --train.grad_accum 4")}
 TWO_RANKS.update(RESUMES)
 TWO_RANKS.update(CAPACITY)
+TWO_RANKS.update({name: layout for name, (layout, _) in ALIGNED.items()})
 TWO_RANKS.update(INIT_FROM)
 FOUR_RANKS = {
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
@@ -118,8 +135,15 @@ FOUR_RANKS = {
     "pp2_tp2": "--parallel.pp 2 --parallel.tp 2",
     "pp2_fsdp2": "--parallel.pp 2 --parallel.dp_shard 2",
     "pp2_ddp2": "--parallel.pp 2 --parallel.dp_replicate 2 --parallel.dp_shard 1",
+    # MoE: the aux weights and loads of TP+SP inside pipeline stages; FSDP reducing the Partial gradients
+    "pp2_tp2_moe": "--parallel.pp 2 --parallel.tp 2 " + MOE + " --model.moe_shared_experts 1 --model.moe_hidden 32",
+    "tp2_fsdp2_moe": "--parallel.tp 2 --parallel.dp_shard 2 " + MOE + " --model.moe_every 2",
     # experts split over ep 2 and FSDP-sharded over the other 2 (edp_shard); dense parts over all 4
-    "ep2_fsdp2": "--parallel.dp_shard 4 --parallel.ep 2 " + MOE,
+    "ep2_fsdp2": "--parallel.dp_shard 4 --parallel.ep 2 " + MOE_SHARED,
+    # Expert parallel with the dense parts' TP+SP (experts Replicate over tp on the (ep, tp) mesh, each TP
+    # rank dispatching its sequence shard) and inside pipeline stages; tp2_sp_moe's and pp2_1f1b_moe's references
+    "ep2_tp2": "--parallel.tp 2 --parallel.ep 2 " + MOE + " --model.moe_shared_experts 1 --model.moe_hidden 32",
+    "pp2_ep2": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4 --parallel.ep 2 " + MOE,
 }
 EIGHT_RANKS = {
     "pp2_tp2_fsdp2": "--parallel.pp 2 --parallel.tp 2 --parallel.dp_shard 2",
@@ -213,7 +237,8 @@ def test_reference_trains(reference):
     assert len(reference["loss"]) == STEPS and reference["loss"][-1] < reference["loss"][0]
 
 
-@pytest.mark.parametrize("name", [n for n in TWO_RANKS if n not in RESUMES and n not in INIT_FROM and n not in CAPACITY])
+@pytest.mark.parametrize("name", [n for n in TWO_RANKS
+                                  if n not in RESUMES and n not in INIT_FROM and n not in ALIGNED and n not in CAPACITY])
 def test_two_rank_parity(name, two_rank_results, references):
     check(name, two_rank_results[name], references(TWO_RANKS[name]))
 
@@ -228,6 +253,13 @@ def test_resume_across_engines(name, two_rank_results, references):
     assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), name
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), name
     assert got["val_loss"][-1] == pytest.approx(ref["val_loss"][-1], rel=RTOL), name
+
+
+@pytest.mark.parametrize("name", list(ALIGNED))
+def test_aux_loss_under_pipeline(name, two_rank_results, references):
+    """Against the single process whose micro-batches are the pipeline's microbatches."""
+    layout, reference_args = ALIGNED[name]
+    check(name, two_rank_results[name], references(f"{layout} {reference_args}"))
 
 
 def test_expert_parallel_drops_what_fsdp_drops(two_rank_results):
