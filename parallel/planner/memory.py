@@ -78,17 +78,23 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, layout: Layout, stack: St
 
 
 def moe_extra_bytes_per_token(cfg: ModelConfig, e: int, tp: int = 1) -> float:
-    """What a MoE model keeps beyond a dense one's MLP, per token and block (the mean over blocks):
-    each of the top-k expert MLPs and the shared experts keep their activations as a dense MLP of
-    width moe_hidden does (top_k + shared widths in place of the dense width), plus the token
-    copies sorted by expert (the experts' input) and their outputs before the gate weighting
-    (k x dim each), and the fp32 router logits and scores (2 x experts); the dense MLP term it
-    replaces (split over TP) is taken back out."""
+    """What a MoE block keeps beyond a dense block's MLP, per token, as the mean over blocks
+    (trainer/moe.py's forward; tests/planner/test_activations.py checks it against autograd):
+    - the top-k experts' and the shared experts' activations, as a dense MLP of width moe_hidden
+      keeps them (top_k + shared widths in place of the dense width, which is taken back out);
+    - the token copies sorted by expert (the experts' input) and their outputs before the gate
+      weighting: k x dim each;
+    - the router: an fp32 copy of its input (below fp32; the input itself then stays only if shared
+      experts use it), the fp32 scores twice (the choice and
+      the aux loss), the int64 expert ids, sort order and its inverse (4 x k x 8 bytes), and small
+      per-token fp32/bf16 terms (gates, their sum, the z-loss logsumexp: 12 + 4k + e x k bytes)."""
     if not cfg.moe_experts:
         return 0.0
-    acts = 4 if cfg.activation == "swiglu" else 2
-    moe = (acts * (cfg.moe_top_k + cfg.moe_shared_experts) * cfg.expert_hidden * e
-           + 2 * cfg.moe_top_k * cfg.dim * e + 2 * 4 * cfg.moe_experts)
+    acts, k, d = (4 if cfg.activation == "swiglu" else 2), cfg.moe_top_k, cfg.dim
+    moe = acts * (k + cfg.moe_shared_experts) * cfg.expert_hidden * e + 2 * k * d * e
+    moe += (4 * d if e != 4 else 0) + 2 * 4 * cfg.moe_experts + 4 * k * 8 + 12 + 4 * k + e * k
+    if not cfg.moe_shared_experts and e != 4:    # the block's input itself is kept only by shared experts
+        moe -= d * e                             # (or as the fp32 router's input): the dense count has it
     share = cfg.n_moe_layers / cfg.n_layers
     return share * (moe - acts * cfg.hidden * e / tp)
 
