@@ -35,6 +35,9 @@ def cmd_plan(a) -> int:
               f"{r.C:9.3g} {r.steps_planned:6d} {r.lr:8.3g}  {r.parent or ''}")
     acc = accounting(runs)
     print(f"\n{acc['runs']} runs, {acc['points']} (N, D) points, compute {acc['compute_spent']:.3g} FLOPs (6ND)")
+    if spec.moe_variants:
+        held = ", ".join(sorted({f"{r.size} {r.n_params_all}" for r in runs if r.variant == "moe"}))
+        print(f"[moe]: N is the ACTIVE parameter count (a token's top-k experts); all parameters held: {held}")
     if acc["branches"]:
         print(f"cooldown branches: {acc['branch_compute']:.3g} FLOPs for {acc['branches']} points that "
               f"would cost {acc['branch_points_from_scratch']:.3g} from scratch "

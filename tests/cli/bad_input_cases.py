@@ -283,6 +283,9 @@ CASES = [
     cmd("mup-steps-0", "mup", "check", "--steps", "0", match=r"--steps 0: must be >= 1"),
     # ---- sweep
     cmd("sweep-mup-base-0", "sweep", "plan", "{sweep_mup_bad}", match=r"\[mup\] base_dim = 0: must be a positive width"),
+    cmd("sweep-moe-top-k", "sweep", "plan", "{sweep_moe_bad}", match=r"\[moe\] experts = 4, top_k = 5: need"),
+    cmd("sweep-moe-every", "sweep", "plan", "{sweep_moe_every}",
+        match=r"\[moe\] size d32l1: model.moe_every: must be between 1 and model.n_layers = 1"),
     cmd("sweep-spec-missing", "sweep", "plan", "{w}/nope-sweep.toml", match=r"nope-sweep.toml does not exist"),
     cmd("sweep-spec-not-toml", "sweep", "plan", "{bad_toml}", match=r"bad.toml.* not valid TOML"),
     cmd("sweep-spec-bad-value", "sweep", "plan", "{sweep_bad_budget}", match=r"budgets must be a non-empty list of positive"),
