@@ -49,6 +49,9 @@ def moe_format(mc) -> str:
     if wrong:
         raise CheckpointError("only MoE models with Llama's attention and MLPs (rope, rmsnorm, pre-norm, swiglu, "
                               "no bias) can be exported to Hugging Face; this model has " + "; ".join(wrong))
+    if getattr(mc, "attn_window", 0):     # Qwen2-MoE and Glm4-MoE window otherwise or not at all; Mixtral untried
+        raise CheckpointError(f"model.attn_window = {mc.attn_window}: sliding-window attention is exported for dense "
+                              "models only (Mistral); a MoE export needs model.attn_window = 0")
     if mc.moe_router == "sigmoid":
         layers = moe_layers(mc)
         if layers != list(range(layers[0], mc.n_layers)):
