@@ -15,8 +15,11 @@ included); the format is chosen by the routing maths, each checked against trans
   attention (use_qk_norm false, partial_rotary_factor 1). Its dense blocks are the first
   first_k_dense_replace only. DeepSeek-V3 routes the same way but its attention is MLA (an RMSNorm on
   the compressed KV and one RoPE key shared by all heads): no weights of ours give it our attention.
-- a softmax router with an expert bias (moe_bias_rate > 0): no format here picks experts by
-  softmax + bias; refused, naming the key.
+- a softmax router with an expert bias (moe_bias_rate > 0) -> Ernie-4.5-MoE (Ernie4_5_MoeTopKRouter:
+  topk over softmax + moe_statics.e_score_correction_bias, gates the unbiased softmax, always
+  divided by their sum clamped at moe_norm_min, set to our 1e-20; MoE blocks where (layer + 1) %
+  moe_layer_interval == 0). Its RoPE rotates interleaved pairs as ours does: q and k are written
+  unpermuted. Without moe_norm_topk no format has this routing: refused, naming the key.
 Experts are written one tensor per expert (`experts.<i>.gate_proj.weight`, Mixtral `w1/w3/w2`):
 the layout of the published checkpoints, which transformers 5 fuses on load and older versions,
 vLLM and llama.cpp read as they are. Hugging Face runs dropless: an export of a run with
@@ -31,10 +34,13 @@ import torch
 
 from trainer import model_plan as M
 from trainer.checkpoint_state import CheckpointError
-from trainer.hf_llama import check_llama_shaped, hf_config, llama_problems, llama_tensor, to_hf
+from trainer.hf_llama import (K_WEIGHT, Q_WEIGHT, check_llama_shaped, hf_config, hf_name, llama_problems, llama_tensor,
+                              q_fold, to_hf)
 
-MIXTRAL, QWEN2_MOE, GLM4_MOE = "mixtral", "qwen2_moe", "glm4_moe"
-ARCHITECTURES = {MIXTRAL: "MixtralForCausalLM", QWEN2_MOE: "Qwen2MoeForCausalLM", GLM4_MOE: "Glm4MoeForCausalLM"}
+MIXTRAL, QWEN2_MOE, GLM4_MOE, ERNIE_MOE = "mixtral", "qwen2_moe", "glm4_moe", "ernie4_5_moe"
+ARCHITECTURES = {MIXTRAL: "MixtralForCausalLM", QWEN2_MOE: "Qwen2MoeForCausalLM", GLM4_MOE: "Glm4MoeForCausalLM",
+                 ERNIE_MOE: "Ernie4_5_MoeForCausalLM"}
+NORM_MIN = 1e-20            # trainer/moe.py's clamp of the top-k sum
 SHARED_GATE_FOLD = 2.0      # 1 / sigmoid(0): Qwen2-MoE's shared expert gate at a zero weight
 
 
@@ -62,9 +68,12 @@ def moe_format(mc) -> str:
             raise CheckpointError(f"model.moe_experts = {mc.moe_experts}: Glm4-MoE (sigmoid router) needs >= 2")
         return GLM4_MOE
     if mc.moe_bias_rate > 0:
-        raise CheckpointError(
-            f"model.moe_bias_rate = {mc.moe_bias_rate}: no Hugging Face MoE format picks experts by softmax + an "
-            "expert bias; export needs moe_bias_rate = 0 with moe_router = 'softmax', or moe_router = 'sigmoid' (Glm4-MoE)")
+        if not mc.moe_norm_topk:
+            raise CheckpointError(
+                f"model.moe_norm_topk = false: no Hugging Face MoE format picks experts by softmax + an expert bias "
+                "(moe_bias_rate > 0) without renormalising the gates (Ernie-4.5-MoE always does); export needs "
+                "moe_norm_topk = true, moe_bias_rate = 0, or moe_router = 'sigmoid' (Glm4-MoE)")
+        return ERNIE_MOE
     if mc.moe_every == 1 and not mc.moe_shared_experts and mc.moe_norm_topk:
         return MIXTRAL
     return QWEN2_MOE
@@ -78,6 +87,15 @@ def _names(fmt: str) -> dict:
             "shared": "shared_expert" if fmt == QWEN2_MOE else "shared_experts"}
 
 
+def _ernie_attention(k: str, v: torch.Tensor, mc) -> tuple[str, torch.Tensor] | None:
+    """Ernie's RoPE is ours (interleaved pairs): q and k keep their row order (muP's q fold stays)."""
+    if k.endswith(Q_WEIGHT):
+        return hf_name(k), (v * q_fold(mc) if q_fold(mc) != 1.0 else v).detach().contiguous()
+    if k.endswith(K_WEIGHT):
+        return hf_name(k), v.detach().contiguous()
+    return llama_tensor(k, v, mc)
+
+
 def moe_to_hf(sd: dict, mc) -> dict:
     """Our full state dict -> the format's tensors (contiguous, HF's [out, in] per expert)."""
     fmt = moe_format(mc)
@@ -88,7 +106,7 @@ def moe_to_hf(sd: dict, mc) -> dict:
         parts = k.split(".")
         moe_layer = parts[0] == M.BLOCKS and parts[2] == M.FEED_FORWARD and mc.is_moe_layer(int(parts[1]))
         if not moe_layer:
-            pair = llama_tensor(k, v, mc)
+            pair = (_ernie_attention if fmt == ERNIE_MOE else llama_tensor)(k, v, mc)
             if pair is not None:
                 out[pair[0]] = pair[1]
             continue
@@ -99,6 +117,8 @@ def moe_to_hf(sd: dict, mc) -> dict:
         elif rest == "expert_bias":
             if fmt == GLM4_MOE:
                 out[f"{block}.gate.e_score_correction_bias"] = v.float().contiguous()
+            elif fmt == ERNIE_MOE:          # one expert group: [1, E]
+                out[f"{block}.gate.moe_statics.e_score_correction_bias"] = v.float()[None].contiguous()
         elif rest.startswith("experts."):
             which = {"w1": "gate", "w3": "up", "w2": "down"}[parts[4]]
             for e in range(mc.moe_experts):      # ours [in, out] per expert; HF's Linear is [out, in]
@@ -110,7 +130,7 @@ def moe_to_hf(sd: dict, mc) -> dict:
             out[f"{block}.{n['shared']}.{which}.weight"] = v.contiguous()
         else:
             raise CheckpointError(f"{k}: a MoE tensor the Hugging Face export does not know")
-    if fmt != MIXTRAL and not mc.moe_shared_experts:     # the format's shared expert, width 0
+    if fmt in (QWEN2_MOE, GLM4_MOE) and not mc.moe_shared_experts:     # the format's shared expert, width 0
         for i in moe_layers(mc):
             block = f"model.layers.{i}.mlp.{n['shared']}"
             out[f"{block}.gate_proj.weight"] = out[f"{block}.up_proj.weight"] = torch.zeros(0, mc.dim)
@@ -134,6 +154,11 @@ def moe_hf_config(mc, dtype: str = "float32") -> dict:
         cfg.update(num_experts=mc.moe_experts, moe_intermediate_size=mc.expert_hidden, intermediate_size=mc.hidden,
                    shared_expert_intermediate_size=shared, decoder_sparse_step=mc.moe_every, mlp_only_layers=[],
                    norm_topk_prob=mc.moe_norm_topk, qkv_bias=False, use_sliding_window=False)
+    elif fmt == ERNIE_MOE:
+        cfg.update(moe_num_experts=mc.moe_experts, moe_k=mc.moe_top_k, moe_intermediate_size=mc.expert_hidden,
+                   intermediate_size=mc.hidden, moe_num_shared_experts=mc.moe_shared_experts, moe_layer_start_index=0,
+                   moe_layer_end_index=mc.n_layers - 1, moe_layer_interval=mc.moe_every, moe_norm_min=NORM_MIN,
+                   use_bias=False)
     else:
         cfg.update(n_routed_experts=mc.moe_experts, moe_intermediate_size=mc.expert_hidden, intermediate_size=mc.hidden,
                    n_shared_experts=mc.moe_shared_experts, first_k_dense_replace=moe_layers(mc)[0],

@@ -69,6 +69,8 @@ def random_model(*extra):
     (["--model.moe_norm_topk", "false"], "qwen2_moe"),       # Mixtral always renormalises
     (["--model.moe_router", "sigmoid", "--model.moe_bias_rate", "1e-3", "--model.moe_norm_topk", "false"], "glm4_moe"),
     (["--model.moe_router", "sigmoid", "--model.moe_every", "3", "--model.moe_shared_experts", "2"], "glm4_moe"),
+    (["--model.moe_bias_rate", "1e-3"], "ernie4_5_moe"),
+    (["--model.moe_bias_rate", "1e-3", "--model.moe_every", "2", "--model.moe_shared_experts", "1"], "ernie4_5_moe"),
 ])
 def test_each_moe_format_gives_our_logits(tmp_path, extra, fmt):
     from safetensors.torch import save_file
@@ -78,14 +80,15 @@ def test_each_moe_format_gives_our_logits(tmp_path, extra, fmt):
     (tmp_path / "config.json").write_text(json.dumps(moe_hf_config(mc)))
     hf = hf_load(tmp_path)
     assert type(hf).__name__ == {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                                 "glm4_moe": "Glm4MoeForCausalLM"}[fmt]
+                                 "glm4_moe": "Glm4MoeForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}[fmt]
     with torch.no_grad():
         want, got = ours(TOKENS), hf(TOKENS).logits
         assert (got - want).abs().max().item() < 1e-5 and want.std() > 0.1
         if mc.moe_bias_rate:          # the bias matters: without it transformers routes elsewhere
             for layer in hf.model.layers:
-                if hasattr(layer.mlp, "gate"):
-                    layer.mlp.gate.e_score_correction_bias.zero_()
+                gate = getattr(layer.mlp, "gate", None)
+                if gate is not None and not isinstance(gate, torch.nn.Linear):
+                    (gate.moe_statics if fmt == "ernie4_5_moe" else gate).e_score_correction_bias.zero_()
             assert (hf(TOKENS).logits - want).abs().max().item() > 1e-3
         if mc.moe_shared_experts and fmt == "qwen2_moe":
             # sigmoid(0) = 0.5 times the x2 down projection: the shared expert bit for bit
@@ -96,7 +99,8 @@ def test_each_moe_format_gives_our_logits(tmp_path, extra, fmt):
 
 
 @pytest.mark.parametrize("extra, key", [
-    (["--model.moe_bias_rate", "1e-3"], "model.moe_bias_rate = 0.001: no Hugging Face MoE format"),
+    (["--model.moe_bias_rate", "1e-3", "--model.moe_norm_topk", "false"],
+     "model.moe_norm_topk = false: no Hugging Face MoE format picks experts by softmax"),
     (["--model.moe_router", "sigmoid", "--model.moe_every", "2", "--model.n_layers", "4"],
      r"model.moe_every = 2: a sigmoid router exports to Glm4-MoE, whose dense blocks must come first"),
     (["--model.activation", "gelu"], "model.activation = 'gelu'"),

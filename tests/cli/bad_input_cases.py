@@ -250,7 +250,7 @@ CASES = [
     cmd("export-bad-dtype", "export", "{run}", "--out", "{w}/x/{id}", "--dtype", "int8", match=r"--dtype.*'int8'"),
     cmd("export-out-not-empty", "export", "{run}", "--out", "{shards}", match=r"--out .* not empty"),
     cmd("export-moe-softmax-bias", "export", "{moe_softmax_bias}", "--out", "{w}/x/{id}",
-        match=r"model.moe_bias_rate = 0.001: no Hugging Face MoE format picks experts by softmax \+ an expert bias"),
+        match=r"model.moe_norm_topk = false: no Hugging Face MoE format picks experts by softmax \+ an expert bias"),
     cmd("export-moe-sigmoid-dense-between", "export", "{moe_sigmoid_dense_between}", "--out", "{w}/x/{id}",
         match=r"model.moe_every = 2: a sigmoid router exports to Glm4-MoE, whose dense blocks must come first"),
     cmd("export-out-is-file", "export", "{run}", "--out", "{a_file}", match=r"--out .*a_file.* (is a file|not a folder)"),

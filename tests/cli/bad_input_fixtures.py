@@ -121,7 +121,7 @@ def build_fixtures(w: Path) -> dict:
     p["run"] = str(w / "trained")
     if not (w / "trained" / "summary.json").exists():
         _train_one_step(p)
-    for name, model in (("moe_softmax_bias", {"moe_experts": 4, "moe_bias_rate": 1e-3}),
+    for name, model in (("moe_softmax_bias", {"moe_experts": 4, "moe_bias_rate": 1e-3, "moe_norm_topk": False}),
                         ("moe_sigmoid_dense_between", {"moe_experts": 4, "moe_router": "sigmoid", "n_layers": 4,
                                                        "moe_every": 2})):
         p[name] = str(_model_edited_checkpoint(w / "trained", w / name, model))
