@@ -170,7 +170,7 @@ def stage_param_groups(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> l
     first, last = stage == 0, stage == pp - 1
     if cfg.moe_experts:      # MoE and dense blocks differ: one group of each kind
         n_moe = sum(cfg.is_moe_layer(i) for i in stage_layers(cfg, pp, virtual, stage))
-        groups = [(n_layers - n_moe, _layer_kind_specs(cfg, False)), (n_moe, _layer_kind_specs(cfg, True))]
+        groups = [(c, _layer_kind_specs(cfg, moe)) for c, moe in ((n_layers - n_moe, False), (n_moe, True)) if c]
     else:
         groups = [(n_layers, [s for s in one if s.place == "layer"])]
     edges = [s for s in one if (s.place == "first" and first) or (s.place == "last" and last)]
