@@ -249,7 +249,7 @@ CASES = [
     cmd("export-three-paths", "export", "{run}", "{w}/x/{id}", "{w}/y", match=r"got 3 path\(s\)"),
     cmd("export-bad-dtype", "export", "{run}", "--out", "{w}/x/{id}", "--dtype", "int8", match=r"--dtype.*'int8'"),
     cmd("export-out-not-empty", "export", "{run}", "--out", "{shards}", match=r"--out .* not empty"),
-    cmd("export-moe-softmax-bias", "export", "{moe_softmax_bias}", "--out", "{w}/x/{id}",
+    cmd("export-moe-softmax-bias-unnormed", "export", "{moe_softmax_bias}", "--out", "{w}/x/{id}",
         match=r"model.moe_norm_topk = false: no Hugging Face MoE format picks experts by softmax \+ an expert bias"),
     cmd("export-moe-sigmoid-dense-between", "export", "{moe_sigmoid_dense_between}", "--out", "{w}/x/{id}",
         match=r"model.moe_every = 2: a sigmoid router exports to Glm4-MoE, whose dense blocks must come first"),
