@@ -39,21 +39,25 @@ TOP_NAMES = {f"{M.EMBEDDING}.weight": "model.embed_tokens.weight", f"{M.FINAL_NO
 Q_WEIGHT, K_WEIGHT, HEAD_WEIGHT, EMBEDDING_WEIGHT = f"{M.Q}.weight", f"{M.K}.weight", f"{M.HEAD}.weight", f"{M.EMBEDDING}.weight"
 
 
-def check_llama_shaped(mc) -> None:
-    wrong = []
+def llama_problems(mc) -> list[str]:
+    """What keeps the attention, norms and MLPs from Llama's form (the MoE formats share it)."""
     if mc.position == "relative":   # no Llama (nor other decoder format transformers loads) has T5's bias table
         raise CheckpointError("model.position = 'relative' cannot be exported: Hugging Face Llama has no learned "
                               "relative bias (T5's format is encoder-decoder); train with model.position = 'rope' "
                               "(with model.rope_scaling for long context) to export")
-    for field, want in (("position", "rope"), ("norm", "rmsnorm"), ("norm_position", "pre"),
-                        ("activation", "swiglu"), ("bias", False)):
-        if getattr(mc, field) != want:
-            wrong.append(f"model.{field} = {getattr(mc, field)!r} (Llama needs {want!r})")
-    if getattr(mc, "moe_experts", 0):     # a Mixtral / Qwen-MoE layout is not written yet
-        wrong.append(f"model.moe_experts = {mc.moe_experts} (Llama is dense: 0)")
+    wrong = [f"model.{field} = {getattr(mc, field)!r} (Llama needs {want!r})"
+             for field, want in (("position", "rope"), ("norm", "rmsnorm"), ("norm_position", "pre"),
+                                 ("activation", "swiglu"), ("bias", False)) if getattr(mc, field) != want]
     if getattr(mc, "attn_global_every", 0):
         wrong.append(f"model.attn_global_every = {mc.attn_global_every} (Mistral's sliding_window windows every "
                      "layer: 0)")
+    return wrong
+
+
+def check_llama_shaped(mc) -> None:
+    wrong = llama_problems(mc)
+    if getattr(mc, "moe_experts", 0):     # MoE models go to the MoE formats of trainer/hf_moe.py (export only)
+        wrong.append(f"model.moe_experts = {mc.moe_experts} (Llama is dense: 0)")
     if wrong:
         raise CheckpointError("only Llama-shaped models (rope, rmsnorm, pre-norm, swiglu, no bias) can be exported "
                               "to or imported from Hugging Face Llama; this model has " + "; ".join(wrong))
@@ -88,20 +92,23 @@ def _rope_permute(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch
 def to_hf(sd: dict, mc) -> dict:
     """Our full state dict -> HF Llama tensors (contiguous; the tied head is left out, as HF does)."""
     check_llama_shaped(mc)
-    out = {}
-    for k, v in sd.items():
-        if k == HEAD_WEIGHT and mc.tie_embeddings and not untied_head(mc):
-            continue
-        if k.endswith(Q_WEIGHT):
-            v = _rope_permute(v, mc.n_heads)
-            if q_fold(mc) != 1.0:
-                v = v * q_fold(mc)
-        elif k.endswith(K_WEIGHT):
-            v = _rope_permute(v, mc.kv_heads)
-        elif k == HEAD_WEIGHT and mc.output_mult != 1.0:
-            v = v * mc.output_mult
-        out[hf_name(k)] = v.detach().contiguous()
-    return out
+    pairs = (llama_tensor(k, v, mc) for k, v in sd.items())
+    return dict(p for p in pairs if p is not None)
+
+
+def llama_tensor(k: str, v: torch.Tensor, mc) -> tuple[str, torch.Tensor] | None:
+    """One of our non-expert tensors in HF Llama's name and form; None for a tied head HF leaves out."""
+    if k == HEAD_WEIGHT and mc.tie_embeddings and not untied_head(mc):
+        return None
+    if k.endswith(Q_WEIGHT):
+        v = _rope_permute(v, mc.n_heads)
+        if q_fold(mc) != 1.0:
+            v = v * q_fold(mc)
+    elif k.endswith(K_WEIGHT):
+        v = _rope_permute(v, mc.kv_heads)
+    elif k == HEAD_WEIGHT and mc.output_mult != 1.0:
+        v = v * mc.output_mult
+    return hf_name(k), v.detach().contiguous()
 
 
 def hf_config(mc, dtype: str = "float32") -> dict:
