@@ -27,6 +27,7 @@ import torch
 
 from trainer import model_plan as M
 from trainer.checkpoint_state import CheckpointError, expected_model_shapes
+from trainer.rope_scaling import hf_rope_parameters
 
 # Our module names come from trainer/model_plan.py (the one place that names the model's modules).
 LAYER_NAMES = {f"{ours}.weight": f"{theirs}.weight" for ours, theirs in (
@@ -40,6 +41,10 @@ Q_WEIGHT, K_WEIGHT, HEAD_WEIGHT, EMBEDDING_WEIGHT = f"{M.Q}.weight", f"{M.K}.wei
 
 def check_llama_shaped(mc) -> None:
     wrong = []
+    if mc.position == "relative":   # no Llama (nor other decoder format transformers loads) has T5's bias table
+        raise CheckpointError("model.position = 'relative' cannot be exported: Hugging Face Llama has no learned "
+                              "relative bias (T5's format is encoder-decoder); train with model.position = 'rope' "
+                              "(with model.rope_scaling for long context) to export")
     for field, want in (("position", "rope"), ("norm", "rmsnorm"), ("norm_position", "pre"),
                         ("activation", "swiglu"), ("bias", False)):
         if getattr(mc, field) != want:
@@ -112,6 +117,8 @@ def hf_config(mc, dtype: str = "float32") -> dict:
         "rms_norm_eps": mc.norm_eps, "rope_theta": mc.rope_theta, "tie_word_embeddings": mc.tie_embeddings and not untied_head(mc),
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": mc.init_std,
         "torch_dtype": dtype, "use_cache": True,
+        # transformers 5 reads rope_parameters (4.x's rope_scaling, with rope_theta beside it)
+        "rope_parameters": hf_rope_parameters(mc),
     }
 
 
@@ -124,10 +131,20 @@ def check_hf_config(config: dict, mc, where: str) -> None:
     if (config.get("sliding_window") or 0) != (getattr(mc, "attn_window", 0) or 0):
         diffs.append(f"sliding_window: {where} has {config.get('sliding_window')!r}, this run's model.attn_window "
                      f"gives {getattr(mc, 'attn_window', 0) or None!r}")
-    if config.get("rope_scaling"):
-        diffs.append(f"rope_scaling: {where} uses {config['rope_scaling']!r}; not supported")
+    # A model without RoPE scaling may be continued with one (context extension, as on resume); one
+    # trained with a scaling must keep it (else its positions silently mean something else).
+    theirs = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if _scaling_of(theirs) and _scaling_of(theirs) != _scaling_of(mine["rope_parameters"]):
+        diffs.append(f"rope_parameters: {where} has {_scaling_of(theirs)!r}, this run's model.rope_* give "
+                     f"{_scaling_of(mine['rope_parameters'])!r}")
     if diffs:
         raise CheckpointError("the exported model's config differs from this run's model config:\n  " + "\n  ".join(diffs))
+
+
+def _scaling_of(params: dict) -> dict:
+    """The RoPE scaling keys of a rope_parameters / rope_scaling dict (rope_theta is compared apart)."""
+    kind = params.get("rope_type", params.get("type", "default"))
+    return {} if kind == "default" else {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
 
 
 def find_weights_files(path: Path) -> list[Path]:

@@ -40,6 +40,8 @@ TWO_RANKS = {
     "tp2_sp_learned_gelu_ln": "--parallel.tp 2 --model.position learned --model.norm layernorm --model.bias true "
                               "--model.activation gelu",
     "tp2_sp_alibi_postnorm": "--parallel.tp 2 --model.position alibi --model.norm_position post",
+    # T5 relative bias: the [buckets, heads] table a parameter sharded with the heads (ColwiseParallel)
+    "tp2_sp_relative": "--parallel.tp 2 --model.position relative --model.rel_buckets 8 --model.rel_max_distance 16",
     "tp2_sp_sinusoidal_tied": "--parallel.tp 2 --model.position sinusoidal --model.tie_embeddings true",
     # muP under TP+SP: the 1/m logit multiplier on a tied vocab-parallel head, the sqrt(base)/head_dim
     # attention scale on sharded heads, the hidden matrices' own LR group over DTensors
