@@ -25,7 +25,7 @@ def test_doc_ids_end_documents_after_eot():
     assert doc.tolist() == [[0, 0, 0, 1, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("position", ["rope", "learned", "sinusoidal", "alibi"])
+@pytest.mark.parametrize("position", ["rope", "learned", "sinusoidal", "alibi", "relative"])
 def test_packed_row_equals_its_documents_alone(position):
     """Loss summed over a packed row under doc_mask == the documents' losses, each run alone from
     position 0, and so are the gradients. fp64: both sides sum the same terms in another order,
