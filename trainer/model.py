@@ -274,8 +274,9 @@ class Transformer(nn.Module):
         treats what it is fed as one document (generate refuses a prompt holding end-of-text)."""
         seqlen = tokens.shape[1]
         if self.cfg.doc_mask and cache is None and doc is None:
-            if tokens.dim() != 2:
-                raise ValueError("model.doc_mask: a stage fed hidden states needs `doc` and `positions` passed in")
+            if tokens.dim() != 2 or positions is not None:   # a chunk's own numbering would be wrong
+                raise ValueError("model.doc_mask: pass `doc` with `positions` (both from trainer.attention.doc_ids "
+                                 "of whole rows) for a chunk of a row or a stage fed hidden states")
             positions, doc = doc_ids(tokens, self.cfg.eot_id)
         pos = positions if positions is not None else torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
         if self.tok_embeddings is not None:

@@ -139,3 +139,16 @@ def test_meshformer_train_and_generate_with_doc_mask_and_window(tmp_path, capsys
     assert "eot_id = 256" in saved and "attn_window = 8" in saved     # generate/export read them back
     assert main(["generate", str(run), "--prompt", "def ", "--tokens", "40", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+
+
+def test_given_doc_ids_match_the_models_own_and_positions_alone_are_refused():
+    """What a context-parallel engine passes (doc ids and positions of whole rows) gives what the
+    model computes itself; positions without doc ids (a chunk numbered on its own) are refused."""
+    m = tiny(doc_mask=True).eval()
+    row = torch.tensor([[9, 10, 11, EOT, 12, 13, EOT, 14, 15, 16, 17, 18]])
+    with torch.no_grad():
+        whole = m(row)
+        positions, doc = doc_ids(row, EOT)
+        assert torch.allclose(m(row, positions=positions, doc=doc), whole, rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="pass `doc` with `positions`"):
+            m(row[:, 6:], positions=positions[:, 6:])
