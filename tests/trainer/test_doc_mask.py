@@ -13,6 +13,15 @@ from trainer.model import KVCache, Transformer
 EOT = 7
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread than on two shared ones (no thread hand-offs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**kw) -> Transformer:
     torch.manual_seed(0)
     cfg = dict(vocab_size=32, dim=32, n_layers=2, n_heads=2, max_seq_len=64, eot_id=EOT)
@@ -113,6 +122,7 @@ def test_windowed_generate_keeps_flat_cache_and_matches_recompute():
     assert all(s[0] == s[1] == window - 1 for s in sizes)              # windowed layers: flat
     assert [s[2] for s in sizes] == list(range(6, 26))                  # the global layer: everything
     assert len(cache) == 25
+    assert cache.attended() == (window + window + 25) / 3      # what a step reads, for decode_bench
     out = generate(m, prompt, 20, temperature=0)
     assert torch.equal(out, seq)
 
