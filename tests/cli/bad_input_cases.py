@@ -259,6 +259,10 @@ CASES = [
     cmd("export-three-paths", "export", "{run}", "{w}/x/{id}", "{w}/y", match=r"got 3 path\(s\)"),
     cmd("export-bad-dtype", "export", "{run}", "--out", "{w}/x/{id}", "--dtype", "int8", match=r"--dtype.*'int8'"),
     cmd("export-out-not-empty", "export", "{run}", "--out", "{shards}", match=r"--out .* not empty"),
+    cmd("export-moe-softmax-bias-unnormed", "export", "{moe_softmax_bias}", "--out", "{w}/x/{id}",
+        match=r"model.moe_norm_topk = false: no Hugging Face MoE format picks experts by softmax \+ an expert bias"),
+    cmd("export-moe-sigmoid-dense-between", "export", "{moe_sigmoid_dense_between}", "--out", "{w}/x/{id}",
+        match=r"model.moe_every = 2: a sigmoid router exports to Glm4-MoE, whose dense blocks must come first"),
     cmd("export-out-is-file", "export", "{run}", "--out", "{a_file}", match=r"--out .*a_file.* (is a file|not a folder)"),
     # ---- plan
     cmd("plan-no-cluster", "plan", "--config", "{tiny}", "--gpus", "8", match=r"--cluster"),
@@ -328,6 +332,9 @@ CASES = [
     cmd("mup-steps-0", "mup", "check", "--steps", "0", match=r"--steps 0: must be >= 1"),
     # ---- sweep
     cmd("sweep-mup-base-0", "sweep", "plan", "{sweep_mup_bad}", match=r"\[mup\] base_dim = 0: must be a positive width"),
+    cmd("sweep-moe-top-k", "sweep", "plan", "{sweep_moe_bad}", match=r"\[moe\] experts = 4, top_k = 5: need"),
+    cmd("sweep-moe-every", "sweep", "plan", "{sweep_moe_every}",
+        match=r"\[moe\] size d32l1: model.moe_every: must be between 1 and model.n_layers = 1"),
     cmd("sweep-spec-missing", "sweep", "plan", "{w}/nope-sweep.toml", match=r"nope-sweep.toml does not exist"),
     cmd("sweep-spec-not-toml", "sweep", "plan", "{bad_toml}", match=r"bad.toml.* not valid TOML"),
     cmd("sweep-spec-bad-value", "sweep", "plan", "{sweep_bad_budget}", match=r"budgets must be a non-empty list of positive"),
