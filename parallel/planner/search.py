@@ -85,7 +85,9 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int, seq_len: i
                             continue
                         scheds = ["interleaved_1f1b"] if v > 1 else (["1f1b", "zero_bubble"] if pp > 1 else ["1f1b"])
                         for sched in scheds:
-                            for ac, ep in ((a, e) for a in AC_MODES for e in _ep_sizes(cfg, shard)):
+                            # selective AC is refused with ep by the trainer (core/layout.py)
+                            for ac, ep in ((a, e) for a in AC_MODES for e in _ep_sizes(cfg, shard)
+                                           if not (a == "selective" and e > 1)):
                                 out.append(Layout(tp=tp, pp=pp, pp_virtual_stages=v, dp_replicate=rep,
                                                   dp_shard=shard, micro_batch=mb, microbatches=m,
                                                   pp_schedule=sched, sp=tp > 1, ac=ac, dtype=dtype,
