@@ -17,22 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from parallel.cross_entropy import IGNORE_INDEX, token_loss_sum  # noqa: F401 (re-exported: the engines' loss)
 from parallel.precision import autocast_context, post_optimizer_hook
-
-IGNORE_INDEX = -100   # F.cross_entropy's default; the data loader labels padding with it (data.plan.IGNORE)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss over the labelled positions (in fp32 whatever the logits' dtype); NaN
-    when no position is labelled: the engines use `token_loss_sum` and a global count instead."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the next-token losses of the labelled positions (fp32); 0 when none is labelled.
-    Divided by the count of labelled positions it equals `cross_entropy` bit for bit (the mean is
-    the same sum divided by the same count)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+    when no position is labelled: the engines use `token_loss_sum` and a global count instead.
+    The same sum divided by the same count as the engines' loss, so the two agree bit for bit."""
+    if isinstance(logits, DTensor):     # vocab-parallel: torch's loss_parallel rule
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    return token_loss_sum(logits, labels) / (labels != IGNORE_INDEX).sum()
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
