@@ -48,7 +48,7 @@ def hf_model(ours: Transformer, mc):
 
 def hf_step(model, opt, sched, x, y, clip, dtype):
     opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=AUTOCAST[dtype], enabled=AUTOCAST[dtype] is not None):
+    with torch.autocast(x.device.type, dtype=AUTOCAST[dtype], enabled=AUTOCAST[dtype] is not None):
         loss = model(input_ids=x, labels=None).logits.float()
     loss = torch.nn.functional.cross_entropy(loss.flatten(0, 1), y.flatten())
     loss.backward()
