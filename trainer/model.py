@@ -17,21 +17,20 @@ from torch import nn
 
 from core.model_config import ModelConfig
 from trainer import moe
+from trainer.attention import AttentionCore, AttnMask, doc_ids
+from trainer.relative_bias import RelativeBias
+from trainer.rope_scaling import rope_cache
 
 
 # ---- positions ------------------------------------------------------------------------------
 
-def rope_cache(head_dim: int, max_len: int, theta: float, device=None) -> torch.Tensor:
-    """[max_len, head_dim/2, 2] of (cos, sin) for rotary embeddings."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of x [B, T, H, D] by the angles in cache [T, D/2, 2]."""
+    """Rotate pairs of x [B, T, H, D] by the angles in cache [T, D/2, 2] (or [B, T, D/2, 2]: the
+    angles of each row's own positions)."""
     xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = cache[None, :, None, :, 0], cache[None, :, None, :, 1]
+    if cache.dim() == 3:
+        cache = cache[None]
+    cos, sin = cache[:, :, None, :, 0], cache[:, :, None, :, 1]
     out = torch.stack([xf[..., 0] * cos - xf[..., 1] * sin, xf[..., 0] * sin + xf[..., 1] * cos], dim=-1)
     return out.flatten(-2).type_as(x)
 
@@ -74,35 +73,57 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class KVCache:
-    """Keys and values of earlier positions, per layer, for incremental decoding."""
+    """Keys and values of earlier positions, per layer, for incremental decoding. A layer with a
+    sliding window keeps only the last `window - 1` positions (all its next query can see), plus
+    `keep_extra` for a caller that rolls back (speculative decoding), so its memory stays flat with
+    length; a global layer keeps everything."""
 
-    def __init__(self):
+    def __init__(self, keep_extra: int = 0):
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
+        self.first: dict[int, int] = {}     # absolute position of each layer's first cached entry
+        self.keep_extra = keep_extra
+        self.length = 0                     # positions fed so far
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
+        """Append k/v [B, T, H, D]; returns (all keys, all values, position of the first) to attend
+        to now, then forgets what no later query of a `window` layer can see."""
+        first = self.first.get(layer, 0)
         if layer in self.k:
             k = torch.cat([self.k[layer], k], dim=1)
             v = torch.cat([self.v[layer], v], dim=1)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+        end = first + k.shape[1]
+        self.length = max(self.length, end)
+        keep = k.shape[1] if window is None else min(k.shape[1], window - 1 + self.keep_extra)
+        self.k[layer], self.v[layer] = k[:, k.shape[1] - keep:], v[:, k.shape[1] - keep:]
+        self.first[layer] = end - keep
+        return k, v, first
 
     def __len__(self) -> int:
-        """Positions cached (the same in every layer)."""
-        return next(iter(self.k.values())).shape[1] if self.k else 0
+        """Positions fed (cached or, in a windowed layer, seen and dropped)."""
+        return self.length
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on: speculative decoding rolls back the keys and
         values of draft tokens the target rejected, so the next step overwrites them."""
         for d in (self.k, self.v):
             for layer, t in d.items():
-                d[layer] = t[:, :length]
+                if length < self.first[layer]:
+                    raise ValueError(f"KVCache.truncate: layer {layer} no longer holds position {length} "
+                                     f"(keep_extra={self.keep_extra} is too small for this rollback)")
+                d[layer] = t[:, :length - self.first[layer]]
+        self.length = min(self.length, length)
+
+    def entries(self) -> int:
+        """Key (= value) vectors held over all layers, per row: the cache's memory in positions."""
+        return sum(t.shape[1] for t in self.k.values())
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
+        self.window = cfg.layer_window(layer_id)     # None: full causal attention
         self.head_dim = cfg.head_dim
         self.position = cfg.position
         self.scale = cfg.attn_scale         # None under sp: SDPA's own 1/sqrt(head_dim)
@@ -110,34 +131,36 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
+        self.core = AttentionCore(cfg.attn_scale)   # context parallel swaps this (trainer/attention.py)
         if cfg.position == "alibi":
             # One slope per head; a tensor-parallel plan shards this buffer with the heads.
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        # T5 bias table [buckets, heads]; a tensor-parallel plan shards it with the heads
+        self.rel_bias = RelativeBias(cfg.rel_buckets, cfg.rel_max_distance, cfg.n_heads) \
+            if cfg.position == "relative" else None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None, start_pos: int = 0,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                doc: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions`: the positions of x's tokens ([T] or [B, T]); None = start_pos,
+        start_pos + 1, ... (`rope` is then already the angles of exactly those). `doc` [B, T]:
+        the document index of each token (doc masking; positions are then per document)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        first = 0
         if cache is not None:
-            k, v = cache.update(self.layer_id, k, v)
+            k, v, first = cache.update(self.layer_id, k, v, self.window)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        gqa = q.shape[1] != k.shape[1]
-        mask, causal = None, True
-        if self.position == "alibi" or (cache is not None and start_pos > 0):
-            causal = False
-            qpos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
-            kpos = torch.arange(k.shape[2], device=x.device)
-            dist = (qpos[:, None] - kpos[None, :]).to(torch.float32)  # i - j, >= 0 where visible
-            mask = torch.where(dist >= 0, 0.0, float("-inf"))
-            if self.position == "alibi":
-                mask = mask - self.alibi_slopes.to(x.device)[:, None, None] * dist.clamp(min=0)
-            mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa,
-                                             scale=self.scale)
+        q_pos = positions if positions is not None else torch.arange(start_pos, start_pos + seqlen, device=x.device)
+        k_pos = torch.arange(first, first + k.shape[2], device=x.device) if cache is not None else q_pos
+        mask = AttnMask(q_pos, k_pos, getattr(self, "alibi_slopes", None) if self.position == "alibi" else None,
+                        aligned=positions is None and (cache is None or start_pos == 0),
+                        q_doc=doc, k_doc=doc, window=self.window, rel_bias=self.rel_bias)
+        out = self.core(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -166,11 +189,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = make_norm(cfg)
         self.ffn_norm = make_norm(cfg)
 
-    def forward(self, x, rope=None, start_pos: int = 0, cache: KVCache | None = None):
+    def forward(self, x, rope=None, start_pos: int = 0, cache: KVCache | None = None, positions=None, doc=None):
         if self.pre_norm:
-            h = x + self.attention(self.attention_norm(x), rope, start_pos, cache)
+            h = x + self.attention(self.attention_norm(x), rope, start_pos, cache, positions, doc)
             return h + self.feed_forward(self.ffn_norm(h))
-        h = self.attention_norm(x + self.attention(x, rope, start_pos, cache))
+        h = self.attention_norm(x + self.attention(x, rope, start_pos, cache, positions, doc))
         return self.ffn_norm(h + self.feed_forward(h))
 
 
@@ -181,6 +204,9 @@ class Transformer(nn.Module):
         if not cfg.vocab_size:      # 0 = auto is resolved from the tokenizer first (trainer/vocab.py)
             raise ValueError("model.vocab_size: 0 (auto) must be resolved from the tokenizer before building the "
                              "model (trainer.vocab.resolve_vocab), or set a number")
+        if cfg.doc_mask and cfg.eot_id < 0:
+            raise ValueError("model.eot_id: -1 (the tokenizer's) must be resolved before building a doc_mask model "
+                             "(trainer.vocab.resolve_vocab), or set the end-of-text id")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.position == "learned" else None
@@ -199,7 +225,7 @@ class Transformer(nn.Module):
         they are not weights (not saved, not random), so a model built on the meta device gets
         them here before it is split, and sharding slices them like any tensor."""
         c = self.cfg
-        self.rope = rope_cache(c.head_dim, c.max_seq_len, c.rope_theta, device) if c.position == "rope" else None
+        self.rope = rope_cache(c, device) if c.position == "rope" else None
         self.sinusoidal = sinusoidal_table(c.max_seq_len, c.dim, device) if c.position == "sinusoidal" else None
         for layer in self.layers.values():
             if hasattr(layer.attention, "alibi_slopes"):
@@ -221,7 +247,7 @@ class Transformer(nn.Module):
         c = self.cfg
         residual = fqn.endswith(("wo.weight", "w2.weight", "experts.w2"))   # experts.w2: [E, h, dim]
         std = c.init_std / math.sqrt(2 * c.n_layers) if residual else c.init_std
-        if fqn.startswith("layers."):
+        if fqn.startswith("layers.") and ".rel_bias." not in fqn:   # a bias table, not a hidden matrix
             std *= c.hidden_init_mult
         return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=param_generator(seed, fqn, device))
 
@@ -236,21 +262,38 @@ class Transformer(nn.Module):
         for fqn, p in real:
             p.copy_(self.initial_value(fqn, p.shape, p.device, p.dtype, seed=seed))
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V]; on a pipeline stage, hidden states in or out."""
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V]; on a pipeline stage, hidden states in or out.
+        `positions` ([T] or [B, T], optional): the tokens' absolute positions, for a sequence that
+        is not 0..T-1 (a context-parallel rank's chunks); the default is start_pos, start_pos + 1, ...
+        Under model.doc_mask, `doc` [B, T] numbers each token's document and `positions` restart per
+        document; both are computed here from the tokens (trainer.attention.doc_ids) unless given
+        (a context-parallel rank holds chunks of a row: it passes those of the whole row). The model
+        derives them itself so every engine (DDP, FSDP, TP) needs nothing; decoding with a cache
+        treats what it is fed as one document (generate refuses a prompt holding end-of-text)."""
+        seqlen = tokens.shape[1]
+        if self.cfg.doc_mask and cache is None and doc is None:
+            if tokens.dim() != 2:
+                raise ValueError("model.doc_mask: a stage fed hidden states needs `doc` and `positions` passed in")
+            positions, doc = doc_ids(tokens, self.cfg.eot_id)
+        pos = positions if positions is not None else torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(tokens)
-            seqlen = tokens.shape[1]
             if self.pos_embeddings is not None:
-                h = h + self.pos_embeddings(torch.arange(start_pos, start_pos + seqlen, device=h.device))
+                h = h + self.pos_embeddings(pos)
             if self.sinusoidal is not None:
-                h = h + self.sinusoidal[start_pos:start_pos + seqlen].to(h.dtype)
+                h = h + self.sinusoidal[pos].to(h.dtype)
         else:
             h = tokens
-        seqlen = h.shape[1]
-        rope = self.rope[start_pos:start_pos + seqlen] if self.rope is not None else None
+        if self.rope is None:
+            rope = None
+        elif positions is None:
+            rope = self.rope[start_pos:start_pos + seqlen]
+        else:
+            rope = self.rope[positions]
         for layer in self.layers.values():
-            h = layer(h, rope, start_pos, cache)
+            h = layer(h, rope, start_pos, cache, positions, doc)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:
