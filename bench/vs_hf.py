@@ -174,11 +174,11 @@ def main(argv=None) -> int:
         r = run(cfg, dtype, args.blocks, args.steps_per_block, args.warmup, not args.no_compile)
         s = r["step_s"]
         print(f"{dtype}: first loss " + " ".join(f"{who} {v:.5f}" for who, v in r["first_loss"].items())
-              + f" | bare GEMMs {r['gflops'] / s['gemm']:.0f} GFLOP/s")
+              + f" | bare GEMMs {r['gflops'] / s['gemm']:.3g} GFLOP/s")
         for who in r["first_loss"]:
             vs = f"ratio {who}/hf {r['ratio'][who]:.3f} | " if who != "hf" else ""
             print(f"  {who:14s} tokens/s {r['tokens'] / s[who]:8,.0f} | {vs}matmul roofline share {r['share'][who]:.0%} "
-                  f"({r['gflops'] / s[who]:.0f} GFLOP/s)")
+                  f"({r['gflops'] / s[who]:.3g} GFLOP/s)")
     return 0
 
 
