@@ -11,9 +11,8 @@ with ratios against bf16 measured in the same invocation.
 cannot die on a typo: bf16, compile (per block, as parallel/ does), the fused AdamW, fp8 conversion
 through torchao (compiled), FSDP2 `fully_shard` on a one-rank process group (nccl on a GPU, gloo on
 the CPU) with bf16 parameters, and transformers' LlamaForCausalLM at the same shape for the
-side-by-side ratio. On a CPU the compiled modes use the `aot_eager` backend: dynamo's trace and AOT
-autograd's joint graph are what a typo or an untraceable op breaks, while inductor's C++ codegen
-costs minutes on 2 cores and is not what the GPU run uses (it generates Triton there).
+side-by-side ratio. On a CPU the compiled modes use `aot_eager`: dynamo's trace and AOT autograd's
+joint graph are what a typo breaks; inductor's C++ codegen costs minutes on 2 cores (Triton on a GPU).
 
 Needs only torch and this repository (torchao / transformer-engine are used where installed):
 the GPU host has no network. Each mode runs in its own subprocess with a time box, so a missing
@@ -33,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,12 +170,7 @@ class HFLoop:
     def train_step(self, batches):
         from bench.vs_hf import hf_step
         (x, y), = batches
-        return StepLoss(hf_step(self.model, self.optimizer, self.scheduler, x, y, self.grad_clip, "bf16"))
-
-
-class StepLoss:
-    def __init__(self, loss):
-        self.loss = loss
+        return types.SimpleNamespace(loss=hf_step(self.model, self.optimizer, self.scheduler, x, y, self.grad_clip, "bf16"))
 
 
 def shard_one_rank(model, device) -> None:
@@ -183,7 +178,6 @@ def shard_one_rank(model, device) -> None:
     apply_fsdp, with bf16 parameters (bf16_mode = params): the sharding, all-gather and
     reduce-scatter code runs, even though one rank has nothing to exchange."""
     import tempfile
-    import types
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from core.parallel_config import ParallelConfig
@@ -259,11 +253,10 @@ def run_mode(mode: str, args) -> dict:
 
 
 def finish_mode(mode: str) -> dict:
-    """Leave the process group of bf16-fsdp as torch wants it left (barrier, then destroy)."""
+    """Leave bf16-fsdp's process group as torch wants it left (barrier, then destroy)."""
     import torch.distributed as dist
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier(), dist.destroy_process_group()
     return {}
 
 
