@@ -16,7 +16,8 @@ class ParallelConfig:
     tp: int = option("tensor-parallel degree (keep it within a node)", 1)
     pp: int = option("pipeline stages", 1)
     cp: int = option("context-parallel degree (reserved; must be 1 for now)", 1)
-    ep: int = option("expert-parallel degree (reserved; must be 1 for now)", 1)
+    ep: int = option("expert-parallel degree: MoE experts split over this many ranks, carved out of dp_shard "
+                     "(must divide dp_shard and model.moe_experts)", 1)
     sp: bool = option("sequence parallel on norms/dropout when tp > 1", True)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = option("pipeline schedule", "1f1b")
     pp_microbatches: int = option("microbatches per step under pipeline parallel (0 = pp x pp_virtual_stages)", 0)
@@ -51,8 +52,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.pp_layers: every stage needs >= 1 layer, got {self.pp_layers}")
         if self.engine == "deepspeed":
             self._validate_deepspeed()
-        if self.cp != 1 or self.ep != 1:
-            raise ValueError("parallel.cp and parallel.ep: context and expert parallel are not built yet; use 1")
+        if self.cp != 1:
+            raise ValueError("parallel.cp: context parallel is not built yet; use 1")
 
     def _validate_deepspeed(self) -> None:
         if self.tp != 1 or self.pp != 1 or self.dp_replicate != 1:

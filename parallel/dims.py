@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.layout import MESH_DIMS, resolve_sizes  # noqa: F401 (MESH_DIMS: the mesh's dimension names)
+from core.layout import EP_MESH_DIMS, MESH_DIMS, resolve_sizes  # noqa: F401 (the mesh's dimension names)
 from core.parallel_config import ParallelConfig
 
 
@@ -25,12 +25,14 @@ class ParallelDims:
     pp_rank: int = 0
     tp_rank: int = 0
     dp_flat_mesh: object = None  # 1-D mesh over dp_replicate x dp_shard
+    ep: int = 1                  # expert parallel: a factor of dp_shard (the mesh is then EP_MESH_DIMS)
+    dp_shard_mesh: object = None  # with ep > 1: dp_shard flattened from (edp_shard, ep)
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
         s = resolve_sizes(cfg, world_size)
         return cls(pp=s.pp, dp_replicate=s.dp_replicate, dp_shard=s.dp_shard, tp=s.tp, world_size=world_size,
-                   dp_size=s.dp_size)
+                   dp_size=s.dp_size, ep=s.ep)
 
     # ---- which wrappers are on ----------------------------------------------------------------
     @property
@@ -40,6 +42,10 @@ class ParallelDims:
     @property
     def pp_enabled(self) -> bool:
         return self.pp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
 
     @property
     def dp_enabled(self) -> bool:
@@ -85,5 +91,17 @@ class ParallelDims:
         """1-D shard mesh for FSDP, 2-D (replicate, shard) for HSDP."""
         if self.dp_replicate > 1:
             return self.submesh("dp_replicate", "dp_shard")
-        return self.submesh("dp_shard")
+        return self.dp_shard_mesh if self.ep_enabled else self.submesh("dp_shard")
+
+    @property
+    def ep_mesh(self):
+        """The ranks that split the experts among them (consecutive dp_shard ranks)."""
+        return self.submesh("ep")
+
+    @property
+    def expert_fsdp_mesh(self):
+        """FSDP for the experts: what dp_shard leaves after ep (and dp_replicate for HSDP)."""
+        if self.dp_replicate > 1:
+            return self.submesh("dp_replicate", "edp_shard")
+        return self.submesh("edp_shard")
 
