@@ -173,22 +173,22 @@ class HFLoop:
         return types.SimpleNamespace(loss=hf_step(self.model, self.optimizer, self.scheduler, x, y, self.grad_clip, "bf16"))
 
 
-def shard_one_rank(model, device) -> None:
+def shard_one_rank(model, cfg, device) -> None:
     """FSDP2 on a one-rank process group (nccl on a GPU, gloo on the CPU) through the trainer's own
     apply_fsdp, with bf16 parameters (bf16_mode = params): the sharding, all-gather and
     reduce-scatter code runs, even though one rank has nothing to exchange."""
-    import tempfile
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from core.parallel_config import ParallelConfig
     from core.precision_config import PrecisionConfig
     from parallel.data_parallel import apply_fsdp
+    from trainer.model_plan import parallel_plan
     store = tempfile.NamedTemporaryFile(prefix="gpu-bench-pg-", delete=False).name
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
                             rank=0, world_size=1)
     mesh = init_device_mesh(device.type, (1,), mesh_dim_names=("dp_shard",))
-    # apply_fsdp reads only the shard mesh from the layout's dims
-    apply_fsdp(model, "layers", types.SimpleNamespace(fsdp_mesh=mesh), ParallelConfig(),
+    # apply_fsdp reads only the shard mesh (and whether experts are split) from the layout's dims
+    apply_fsdp(model, parallel_plan(cfg), types.SimpleNamespace(fsdp_mesh=mesh, ep_enabled=False), ParallelConfig(),
                PrecisionConfig(dtype="bf16", bf16_mode="params"))
 
 
@@ -207,7 +207,7 @@ def run_mode(mode: str, args) -> dict:
     else:
         model, cfg, dtype = build_mode(mode, args, device)
     if mode == "bf16-fsdp":
-        shard_one_rank(model, device)
+        shard_one_rank(model, cfg, device)
     # the fused AdamW kernel exists for CUDA and (torch >= 2.4) the CPU: the path the GPU run takes
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
