@@ -27,6 +27,7 @@ class ParallelPlan:
     mlp_in: tuple[str, ...]     # column-wise: MLP input projections (gate and up for swiglu)
     mlp_out: str                # row-wise: MLP output projection
     head_buffers: tuple[str, ...] = ()  # per-head buffers on the attention module, sharded with the heads
+    attention_core: str = "core"        # inside the attention module: softmax(qk)v, swapped by context parallel
 
     @property
     def colwise(self) -> tuple[str, ...]:

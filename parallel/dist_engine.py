@@ -1,5 +1,6 @@
 """Engines for parallel layouts: the trainer's LocalEngine with the loss normalised over the whole
-data-parallel job, DDP no_sync accumulation, vocab-parallel loss, and a global gradient norm."""
+data-parallel job, DDP no_sync accumulation, vocab-parallel loss, a global gradient norm, and the
+context-parallel cut of each micro-batch (this cp rank's chunks of every row, labels alike)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
+from parallel.context import zigzag_index
 from parallel.dims import ParallelDims
 from parallel.grad_norm import clip_grads_, settle_partial_grads
 from parallel.local_engine import LocalEngine, full_value  # noqa: F401 (full_value: used by pipeline.py)
@@ -21,7 +23,24 @@ class DistEngine(LocalEngine):
         super().__init__(model_parts[0], optimizer, scheduler, device, precision, grad_clip, bf16_mode)
         self.model_parts, self.dims = model_parts, dims
         self.vocab_parallel, self.ddp = vocab_parallel, ddp
-        self.dp_size = dims.dp_size   # DDP and FSDP average gradients over these ranks
+        # DDP and FSDP average gradients over these ranks: data parallel x context parallel (the cp
+        # ranks' losses are parts of one sum over each row's tokens, each labelled token once)
+        self.dp_size = dims.grad_reduce_size
+        self.positions = None         # context parallel: this rank's tokens' positions in the row
+
+    def to_device(self, batches):
+        """Under context parallel: this cp rank's zigzag chunks of every row (inputs and labels
+        alike, so each label stays with its input), their positions kept for the forward."""
+        batches = super().to_device(batches)
+        if not self.dims.cp_enabled:
+            return batches
+        self.positions = zigzag_index(batches[0][0].shape[1], self.dims.cp, self.dims.cp_rank, self.device)
+        return [(x.index_select(1, self.positions), y.index_select(1, self.positions)) for x, y in batches]
+
+    def run_model(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.positions is None:
+            return self.model(inputs)
+        return self.model(inputs, positions=self.positions)
 
     def parameters(self):
         return [p for m in self.model_parts for p in m.parameters()]
@@ -36,11 +55,11 @@ class DistEngine(LocalEngine):
         return contextlib.nullcontext()
 
     def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over data-parallel ranks (each saw its own slice of the global batch)."""
+        """Sum over data-parallel (x context-parallel) ranks (each saw its own slice of the global batch)."""
         t = t.detach()
-        if self.dims.dp_enabled:
+        if self.dp_size > 1:
             t = t.clone()
-            dist.all_reduce(t, group=self.dims.dp_mesh.get_group())
+            dist.all_reduce(t, group=self.dims.dp_cp_mesh.get_group())
         return t
 
     def all_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:

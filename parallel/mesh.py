@@ -12,7 +12,8 @@ from parallel.dims import ParallelDims
 
 def build_mesh(cfg: ParallelConfig, ctx) -> ParallelDims:
     """Resolve the sizes against the world and, for world > 1, build one DeviceMesh named
-    (pp, dp_replicate, dp_shard, tp) with a flattened "dp" (replicate x shard) sub-mesh."""
+    (pp, dp_replicate, dp_shard, cp, tp) with flattened "dp" (replicate x shard), "dp_cp" and
+    "dp_shard_cp" sub-meshes."""
     dims = ParallelDims.resolve(cfg, ctx.world_size)
     if ctx.world_size == 1:
         return dims
@@ -23,8 +24,13 @@ def build_mesh(cfg: ParallelConfig, ctx) -> ParallelDims:
     # Private but stable since torch 2.6 and what torchtitan uses; the public replacement is not in 2.11.
     # Kept on dims: slicing a flattened dim from the root mesh is deprecated.
     dims.dp_flat_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    dims.dp_cp_flat_mesh = dims.dp_flat_mesh
+    if dims.cp > 1:   # new groups only where context parallel needs them (each costs a rendezvous)
+        dims.dp_cp_flat_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        dims.shard_cp_flat_mesh = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     dims.mesh = mesh
     dims.dp_rank = dims.dp_flat_mesh.get_local_rank()
     dims.pp_rank = mesh["pp"].get_local_rank()
     dims.tp_rank = mesh["tp"].get_local_rank()
+    dims.cp_rank = mesh["cp"].get_local_rank()
     return dims
