@@ -24,10 +24,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # AttnMask fields that describe the keys and so travel with a K/V block (k_doc: document ids
 # under document masking, where the mask has them)
 KEY_FIELDS = ("k_pos", "k_doc")
+# Queries per attention tile: its [tile, keys] scores are what one block holds at once
+QUERY_TILE = 256
 
 
 def zigzag_index(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -68,6 +71,13 @@ class _RingPass(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return ring_pass([grad], ctx.group, forward=False)[0], None
+
+
+def select_rows(mask, idx: torch.Tensor):
+    """The mask for the queries `idx` only (positions and, where set, document ids)."""
+    doc = getattr(mask, "q_doc", None)
+    return replace(mask, q_pos=mask.q_pos.index_select(-1, idx),
+                   **({"q_doc": doc.index_select(-1, idx)} if doc is not None else {}))
 
 
 def key_meta(mask) -> dict[str, torch.Tensor]:
@@ -113,7 +123,7 @@ class RingAttention(nn.Module):
         the queries that may see some key (causal: position order), the rest 0 and -inf."""
         q_pos, k_pos = mask.q_pos, mask.k_pos
         if q_pos.dim() != 1 or k_pos.dim() != 1:   # per-row positions: no skipping
-            return self.inner.block(q, kv[0], kv[1], mask)
+            return self.tiled(q, kv, mask)
         keys = torch.nonzero(k_pos <= q_pos.max()).flatten()
         rows = torch.nonzero(q_pos >= k_pos.min()).flatten()
         shape = (*q.shape[:-1],)
@@ -121,18 +131,30 @@ class RingAttention(nn.Module):
             # nothing visible; the zero term keeps the block in the autograd graph so every rank
             # runs the same backward passes round the ring
             zero = kv.sum() * 0
-            return q.new_zeros(q.shape) + zero, q.new_full(shape, float("-inf"), dtype=torch.float32)
+            return q.new_zeros(q.shape) + zero, q.new_full(shape, float("-inf"),
+                                                                 dtype=torch.promote_types(q.dtype, torch.float32))
         if len(keys) < len(k_pos):
             kv = kv.index_select(3, keys)
             mask = replace(mask, **{n: t.index_select(-1, keys) for n, t in key_meta(mask).items()})
         if len(rows) == len(q_pos):
-            return self.inner.block(q, kv[0], kv[1], mask)
-        sub = replace(mask, q_pos=q_pos.index_select(0, rows),
-                      **({"q_doc": mask.q_doc.index_select(-1, rows)} if getattr(mask, "q_doc", None) is not None else {}))
-        o, lse = self.inner.block(q.index_select(2, rows), kv[0], kv[1], sub)
+            return self.tiled(q, kv, mask)
+        o, lse = self.tiled(q.index_select(2, rows), kv, select_rows(mask, rows))
         out = q.new_zeros(q.shape).index_copy(2, rows, o)
         full = torch.full(shape, float("-inf"), dtype=lse.dtype, device=q.device).index_copy(2, rows, lse)
         return out, full
+
+    def tiled(self, q: torch.Tensor, kv: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """core.block over tiles of QUERY_TILE queries, each recomputed in backward (checkpoint):
+        what backward keeps is q, K/V and the outputs, not the tiles' [T, S] probabilities, and
+        the scores held at once are one tile's, as in flash attention."""
+        outs, lses = [], []
+        for lo in range(0, q.shape[2], QUERY_TILE):
+            idx = torch.arange(lo, min(lo + QUERY_TILE, q.shape[2]), device=q.device)
+            sub = mask if len(idx) == q.shape[2] else select_rows(mask, idx)
+            o, lse = checkpoint(self.inner.block, q[:, :, lo:lo + QUERY_TILE], kv[0], kv[1], sub, use_reentrant=False)
+            outs.append(o)
+            lses.append(lse)
+        return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
     def all_gathered(self, q, k, v, mask) -> torch.Tensor:
         """Every rank's K/V at once (autograd-aware all_gather), then the core over all keys."""

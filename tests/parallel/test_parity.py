@@ -86,12 +86,20 @@ RESUMES = {
 }
 TWO_RANKS.update(RESUMES)
 TWO_RANKS.update(INIT_FROM)
+# Context parallel (parallel/context.py) at a long sequence: 1024 tokens in 2 x cp chunks, so the
+# ring's blocks, the skipped future keys and several query tiles (QUERY_TILE 256) all take part.
+CP_SEQ = "--train.seq_len 1024 --model.max_seq_len 1024"
+TWO_RANKS["cp2"] = f"--parallel.cp 2 {CP_SEQ}"
+TWO_RANKS["cp2_allgather"] = f"--parallel.cp 2 --parallel.cp_kv allgather {CP_SEQ}"
 FOUR_RANKS = {
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
     "tp2_fsdp2": "--parallel.tp 2 --parallel.dp_shard 2",
     "pp2_tp2": "--parallel.pp 2 --parallel.tp 2",
     "pp2_fsdp2": "--parallel.pp 2 --parallel.dp_shard 2",
     "pp2_ddp2": "--parallel.pp 2 --parallel.dp_replicate 2 --parallel.dp_shard 1",
+    "cp4": f"--parallel.cp 4 {CP_SEQ}",
+    "cp2_fsdp2": f"--parallel.cp 2 --parallel.dp_shard 2 {CP_SEQ}",
+    "cp2_tp2": f"--parallel.cp 2 --parallel.tp 2 {CP_SEQ}",   # heads over tp, the sequence over cp, SP on
 }
 EIGHT_RANKS = {
     "pp2_tp2_fsdp2": "--parallel.pp 2 --parallel.tp 2 --parallel.dp_shard 2",
