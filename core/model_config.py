@@ -44,6 +44,13 @@ class ModelConfig:
     norm_eps: float = option("epsilon of the norm layers", 1e-5)
     position: Literal["rope", "alibi", "sinusoidal", "learned", "none"] = option("position encoding", "rope")
     rope_theta: float = option("RoPE base frequency", 10000.0)
+    doc_mask: bool = option("document masking of packed rows: a token attends only within its own document (each "
+                            "ends with end-of-text) and positions restart at 0 after each end-of-text", False)
+    eot_id: int = option("the end-of-text id that ends each document (doc_mask); -1 = the tokenizer's", -1)
+    attn_window: int = option("sliding-window (local) attention: each token sees its last N positions, itself "
+                              "included (Mistral's sliding_window); 0 = full causal attention", 0)
+    attn_global_every: int = option("with attn_window: every k-th block (k-1, 2k-1, ...) attends globally, the "
+                                    "others locally (Gemma); 0 = every block windowed", 0)
     max_seq_len: int = option("longest sequence (size of learned/sinusoidal tables and the RoPE cache)", 2048)
     tie_embeddings: bool = option("share the input embedding with the output head", False)
     bias: bool = option("biases in linear and norm layers (GPT-2 style)", False)
@@ -91,6 +98,13 @@ class ModelConfig:
     @property
     def expert_hidden(self) -> int:
         return self.moe_hidden or self.hidden
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of block `layer`, None where it attends to every earlier position."""
+        if not self.attn_window:
+            return None
+        k = self.attn_global_every
+        return None if k and layer % k == k - 1 else self.attn_window
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe_experts > 0 and layer % self.moe_every == self.moe_every - 1
@@ -156,7 +170,20 @@ class ModelConfig:
                              f"got {self.mup_base_head_dim}")
         if self.rope_theta <= 0:    # the RoPE frequencies are rope_theta ** (-2i/d): inf or nan otherwise
             raise ValueError(f"model.rope_theta: must be > 0 (10000 is usual), got {self.rope_theta}")
+        self._validate_attention_mask()
         self._validate_moe()
+
+    def _validate_attention_mask(self) -> None:
+        if self.attn_window < 0:
+            raise ValueError(f"model.attn_window: must be >= 0 (0 = full attention; e.g. 256 positions), "
+                             f"got {self.attn_window}")
+        if self.attn_global_every < 0 or (self.attn_global_every and not self.attn_window):
+            raise ValueError(f"model.attn_global_every: must be >= 0 and needs model.attn_window > 0 (every k-th "
+                             f"block global, the others windowed), got {self.attn_global_every} with "
+                             f"attn_window = {self.attn_window}")
+        if self.eot_id < -1 or (self.vocab_size and self.eot_id >= self.vocab_size):
+            raise ValueError(f"model.eot_id: must be -1 (the tokenizer's) or an id below model.vocab_size = "
+                             f"{self.vocab_size}, got {self.eot_id}")
 
     def _validate_moe(self) -> None:
         if self.moe_experts < 0:

@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 
 from core.parallel_plan import ParallelPlan
 
-BLOCK_ARGS = 5          # TransformerBlock.forward / Attention.forward: (x, rope, start_pos, cache, positions)
+BLOCK_ARGS = 6          # TransformerBlock.forward / Attention.forward: (x, rope, start_pos, cache, positions, doc)
 
 
 def _block_plan(plan: ParallelPlan, sp: bool) -> dict:

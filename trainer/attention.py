@@ -7,6 +7,16 @@ the seam for context parallel: parallel/ may replace a block's `attention.core` 
 that calls `core.block(q, k_block, v_block, mask_for_that_block)` for K/V blocks held by other
 ranks and merges the partial results with their log-sum-exp (online softmax). The model itself
 never splits anything.
+
+The contract with such a caller: everything the mask depends on is per-token data that travels
+with the tokens, or a constant. Per query: `q_pos` (and `q_doc`); per key: `k_pos` (and `k_doc`);
+constants: `window`, `alibi_slopes`. A rank that receives another rank's K/V block must receive
+that block's positions and document ids with it and call `mask.keys(k_pos, k_doc)`; positions are
+those the model used (per document under doc masking: they restart at 0 after each end-of-text),
+and document ids are global to the row (`doc_ids` numbers them over the whole, unsplit row, so
+chunks of one row agree). The rule: key j is visible to query i iff
+    k_pos[j] <= q_pos[i]  and  q_doc[i] == k_doc[j] (doc ids set)  and  q_pos[i] - k_pos[j] < window (set).
+Comparing positions is only meaningful within one document, which the doc test guarantees.
 """
 from __future__ import annotations
 
@@ -24,23 +34,56 @@ class AttnMask:
     alibi_slopes: torch.Tensor | None = None    # [H] (this rank's heads): bias -slope * (i - j)
     # q_pos == k_pos == 0..T-1 and nothing else set: plain causal, SDPA's own causal kernel
     aligned: bool = False
+    q_doc: torch.Tensor | None = None           # [B, T] document index of each query (doc masking)
+    k_doc: torch.Tensor | None = None           # [B, S] document index of each key
+    window: int | None = None                   # sliding window: a query sees its last `window` positions
 
-    def keys(self, k_pos: torch.Tensor) -> "AttnMask":
-        """The same rule for another block of keys (context parallel: K/V from another rank)."""
-        return replace(self, k_pos=k_pos, aligned=False)
+    def keys(self, k_pos: torch.Tensor, k_doc: torch.Tensor | None = None) -> "AttnMask":
+        """The same rule for another block of keys (context parallel: K/V from another rank),
+        given that block's positions and, under doc masking, its document ids."""
+        if self.q_doc is not None and k_doc is None:
+            raise ValueError("AttnMask.keys: this mask is document-masked; pass the key block's document ids (k_doc)")
+        return replace(self, k_pos=k_pos, k_doc=k_doc, aligned=False)
+
+    def visible(self) -> torch.Tensor:
+        """Boolean [B or 1, 1, T, S]: True where key j may be seen by query i."""
+        q = self.q_pos if self.q_pos.dim() == 2 else self.q_pos[None]
+        k = self.k_pos if self.k_pos.dim() == 2 else self.k_pos[None]
+        dist = q[:, :, None] - k[:, None, :]                                 # [B|1, T, S], i - j
+        ok = dist >= 0
+        if self.window is not None:
+            ok = ok & (dist < self.window)
+        if self.q_doc is not None:
+            ok = ok & (self.q_doc[:, :, None] == self.k_doc[:, None, :])
+        return ok[:, None]
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """Additive mask [B or 1, H or 1, T, S]: 0 where visible, -inf where not, minus the ALiBi
         term; None for the aligned causal case (SDPA's is_causal)."""
-        if self.aligned and self.alibi_slopes is None:
+        if self.aligned and self.alibi_slopes is None and self.window is None and self.q_doc is None:
             return None
         q = self.q_pos if self.q_pos.dim() == 2 else self.q_pos[None]
         k = self.k_pos if self.k_pos.dim() == 2 else self.k_pos[None]
         dist = (q[:, :, None] - k[:, None, :]).to(torch.float32)[:, None]   # [B|1, 1, T, S], i - j
-        mask = torch.where(dist >= 0, 0.0, float("-inf"))
+        mask = torch.where(self.visible(), 0.0, float("-inf"))
         if self.alibi_slopes is not None:
             mask = mask - self.alibi_slopes.to(dist.device)[:, None, None] * dist.clamp(min=0)
         return mask.to(dtype)
+
+
+def doc_ids(tokens: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, document ids), both [B, T] int64, of packed rows `tokens` [B, T] in which each
+    document is followed by end-of-text (data/loader.py): the end-of-text token belongs to the
+    document it ends (it is that document's last input; what it predicts is the next one's first
+    token, as in torchtitan), the next token starts a new document at position 0. A context-parallel
+    engine calls this on whole rows before splitting them, so every chunk gets the row's numbering."""
+    ends = tokens == eot_id
+    doc = torch.cumsum(ends.long(), dim=1) - ends.long()                   # eot ends, not starts, its doc
+    idx = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    # start of each token's document: the index after the last eot strictly before it (cummax of those)
+    after_eot = torch.where(ends, idx + 1, torch.zeros_like(idx))
+    start = torch.cummax(torch.cat([torch.zeros_like(idx[:, :1]), after_eot[:, :-1]], dim=1), dim=1).values
+    return idx - start, doc
 
 
 class AttentionCore(nn.Module):

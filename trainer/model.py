@@ -17,7 +17,7 @@ from torch import nn
 
 from core.model_config import ModelConfig
 from trainer import moe
-from trainer.attention import AttentionCore, AttnMask
+from trainer.attention import AttentionCore, AttnMask, doc_ids
 
 
 # ---- positions ------------------------------------------------------------------------------
@@ -78,35 +78,57 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class KVCache:
-    """Keys and values of earlier positions, per layer, for incremental decoding."""
+    """Keys and values of earlier positions, per layer, for incremental decoding. A layer with a
+    sliding window keeps only the last `window - 1` positions (all its next query can see), plus
+    `keep_extra` for a caller that rolls back (speculative decoding), so its memory stays flat with
+    length; a global layer keeps everything."""
 
-    def __init__(self):
+    def __init__(self, keep_extra: int = 0):
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
+        self.first: dict[int, int] = {}     # absolute position of each layer's first cached entry
+        self.keep_extra = keep_extra
+        self.length = 0                     # positions fed so far
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
+        """Append k/v [B, T, H, D]; returns (all keys, all values, position of the first) to attend
+        to now, then forgets what no later query of a `window` layer can see."""
+        first = self.first.get(layer, 0)
         if layer in self.k:
             k = torch.cat([self.k[layer], k], dim=1)
             v = torch.cat([self.v[layer], v], dim=1)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+        end = first + k.shape[1]
+        self.length = max(self.length, end)
+        keep = k.shape[1] if window is None else min(k.shape[1], window - 1 + self.keep_extra)
+        self.k[layer], self.v[layer] = k[:, k.shape[1] - keep:], v[:, k.shape[1] - keep:]
+        self.first[layer] = end - keep
+        return k, v, first
 
     def __len__(self) -> int:
-        """Positions cached (the same in every layer)."""
-        return next(iter(self.k.values())).shape[1] if self.k else 0
+        """Positions fed (cached or, in a windowed layer, seen and dropped)."""
+        return self.length
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on: speculative decoding rolls back the keys and
         values of draft tokens the target rejected, so the next step overwrites them."""
         for d in (self.k, self.v):
             for layer, t in d.items():
-                d[layer] = t[:, :length]
+                if length < self.first[layer]:
+                    raise ValueError(f"KVCache.truncate: layer {layer} no longer holds position {length} "
+                                     f"(keep_extra={self.keep_extra} is too small for this rollback)")
+                d[layer] = t[:, :length - self.first[layer]]
+        self.length = min(self.length, length)
+
+    def entries(self) -> int:
+        """Key (= value) vectors held over all layers, per row: the cache's memory in positions."""
+        return sum(t.shape[1] for t in self.k.values())
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
+        self.window = cfg.layer_window(layer_id)     # None: full causal attention
         self.head_dim = cfg.head_dim
         self.position = cfg.position
         self.scale = cfg.attn_scale         # None under sp: SDPA's own 1/sqrt(head_dim)
@@ -120,22 +142,26 @@ class Attention(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None, start_pos: int = 0,
-                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """`positions`: the absolute positions of x's tokens ([T] or [B, T]); None = start_pos,
-        start_pos + 1, ... (`rope` is then already the angles of exactly those)."""
+                cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                doc: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions`: the positions of x's tokens ([T] or [B, T]); None = start_pos,
+        start_pos + 1, ... (`rope` is then already the angles of exactly those). `doc` [B, T]:
+        the document index of each token (doc masking; positions are then per document)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        first = 0
         if cache is not None:
-            k, v = cache.update(self.layer_id, k, v)
+            k, v, first = cache.update(self.layer_id, k, v, self.window)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         q_pos = positions if positions is not None else torch.arange(start_pos, start_pos + seqlen, device=x.device)
-        k_pos = torch.arange(k.shape[2], device=x.device) if cache is not None else q_pos
+        k_pos = torch.arange(first, first + k.shape[2], device=x.device) if cache is not None else q_pos
         mask = AttnMask(q_pos, k_pos, getattr(self, "alibi_slopes", None) if self.position == "alibi" else None,
-                        aligned=positions is None and (cache is None or start_pos == 0))
+                        aligned=positions is None and (cache is None or start_pos == 0),
+                        q_doc=doc, k_doc=doc, window=self.window)
         out = self.core(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -165,11 +191,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = make_norm(cfg)
         self.ffn_norm = make_norm(cfg)
 
-    def forward(self, x, rope=None, start_pos: int = 0, cache: KVCache | None = None, positions=None):
+    def forward(self, x, rope=None, start_pos: int = 0, cache: KVCache | None = None, positions=None, doc=None):
         if self.pre_norm:
-            h = x + self.attention(self.attention_norm(x), rope, start_pos, cache, positions)
+            h = x + self.attention(self.attention_norm(x), rope, start_pos, cache, positions, doc)
             return h + self.feed_forward(self.ffn_norm(h))
-        h = self.attention_norm(x + self.attention(x, rope, start_pos, cache, positions))
+        h = self.attention_norm(x + self.attention(x, rope, start_pos, cache, positions, doc))
         return self.ffn_norm(h + self.feed_forward(h))
 
 
@@ -180,6 +206,9 @@ class Transformer(nn.Module):
         if not cfg.vocab_size:      # 0 = auto is resolved from the tokenizer first (trainer/vocab.py)
             raise ValueError("model.vocab_size: 0 (auto) must be resolved from the tokenizer before building the "
                              "model (trainer.vocab.resolve_vocab), or set a number")
+        if cfg.doc_mask and cfg.eot_id < 0:
+            raise ValueError("model.eot_id: -1 (the tokenizer's) must be resolved before building a doc_mask model "
+                             "(trainer.vocab.resolve_vocab), or set the end-of-text id")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.position == "learned" else None
@@ -236,11 +265,20 @@ class Transformer(nn.Module):
             p.copy_(self.initial_value(fqn, p.shape, p.device, p.dtype, seed=seed))
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]; on a pipeline stage, hidden states in or out.
         `positions` ([T] or [B, T], optional): the tokens' absolute positions, for a sequence that
-        is not 0..T-1 (a context-parallel rank's chunks); the default is start_pos, start_pos + 1, ..."""
+        is not 0..T-1 (a context-parallel rank's chunks); the default is start_pos, start_pos + 1, ...
+        Under model.doc_mask, `doc` [B, T] numbers each token's document and `positions` restart per
+        document; both are computed here from the tokens (trainer.attention.doc_ids) unless given
+        (a context-parallel rank holds chunks of a row: it passes those of the whole row). The model
+        derives them itself so every engine (DDP, FSDP, TP) needs nothing; decoding with a cache
+        treats what it is fed as one document (generate refuses a prompt holding end-of-text)."""
         seqlen = tokens.shape[1]
+        if self.cfg.doc_mask and cache is None and doc is None:
+            if tokens.dim() != 2:
+                raise ValueError("model.doc_mask: a stage fed hidden states needs `doc` and `positions` passed in")
+            positions, doc = doc_ids(tokens, self.cfg.eot_id)
         pos = positions if positions is not None else torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(tokens)
@@ -257,7 +295,7 @@ class Transformer(nn.Module):
         else:
             rope = self.rope[positions]
         for layer in self.layers.values():
-            h = layer(h, rope, start_pos, cache, positions)
+            h = layer(h, rope, start_pos, cache, positions, doc)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

@@ -101,7 +101,8 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: torch.
         raise UsageError(f"--draft-tokens: {draft_tokens}; give >= 1 tokens the draft proposes per round")
     target.eval()
     draft.eval()
-    tcache, dcache, stats = KVCache(), KVCache(), SpecStats()
+    # a windowed layer's cache keeps draft_tokens + 1 positions more than its window: a round rolls back at most that
+    tcache, dcache, stats = KVCache(draft_tokens + 1), KVCache(draft_tokens + 1), SpecStats()
     out, goal = prompt, prompt.shape[1] + max_new_tokens
     while out.shape[1] < goal:
         k = min(draft_tokens, goal - out.shape[1] - 1)      # never past prompt + max_new_tokens

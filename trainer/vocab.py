@@ -21,6 +21,8 @@ def resolve_vocab(model: ModelConfig, tokenizer, tokenizer_name: str) -> str:
         raise ConfigError(f"model.vocab_size: {model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({ids} for data.tokenizer={tokenizer_name!r}); use at least {ids}, or 0 to follow "
                           "the tokenizer")
+    if model.doc_mask and model.eot_id < 0:     # documents end where the data stream puts end-of-text
+        model.eot_id = tokenizer.eot_id
     if model.vocab_size == padded_vocab(ids):   # auto, or set to what auto gives: the same words hold
         return f"the {ids} ids of data.tokenizer {tokenizer_name!r} rounded up to a multiple of {VOCAB_MULTIPLE}"
     return f"model.vocab_size; data.tokenizer {tokenizer_name!r} has {ids} ids"
