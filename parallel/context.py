@@ -86,8 +86,8 @@ def key_meta(mask) -> dict[str, torch.Tensor]:
 
 
 def retarget(mask, meta: dict[str, torch.Tensor]):
-    """The mask's rule for another key block (AttnMask.keys, with the block's document ids too)."""
-    return replace(mask, aligned=False, **meta)
+    """The mask's rule for another key block, given that block's positions and document ids."""
+    return mask.keys(**meta)
 
 
 def merge(blocks: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
@@ -108,24 +108,28 @@ class RingAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
         if self.kv == "allgather":
             return self.all_gathered(q, k, v, mask)
-        size = dist.get_world_size(self.group)
+        size, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        seq = q.shape[2] * size
+        q_abs = zigzag_index(seq, size, rank, q.device)
         kv, meta = torch.stack([k, v]), key_meta(mask)
         blocks = []
         for step in range(size):
-            blocks.append(self.partial(q, kv, retarget(mask, meta)))
+            k_abs = zigzag_index(seq, size, (rank - step) % size, q.device)
+            blocks.append(self.partial(q, kv, retarget(mask, meta), q_abs, k_abs))
             if step < size - 1:   # the block of the rank `step + 1` places before this one, next
                 kv = _RingPass.apply(kv, self.group)
                 meta = dict(zip(meta, ring_pass(list(meta.values()), self.group)))
         return merge(blocks, q.dtype)
 
-    def partial(self, q: torch.Tensor, kv: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """(output, lse) of q over one K/V block, computing only the keys some query may see and
-        the queries that may see some key (causal: position order), the rest 0 and -inf."""
-        q_pos, k_pos = mask.q_pos, mask.k_pos
-        if q_pos.dim() != 1 or k_pos.dim() != 1:   # per-row positions: no skipping
-            return self.tiled(q, kv, mask)
-        keys = torch.nonzero(k_pos <= q_pos.max()).flatten()
-        rows = torch.nonzero(q_pos >= k_pos.min()).flatten()
+    def partial(self, q: torch.Tensor, kv: torch.Tensor, mask, q_abs: torch.Tensor, k_abs: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, lse) of q over one K/V block. `q_abs`/`k_abs`: the tokens' places in the row
+        (the mask's positions restart per document under doc masking, so they do not order the
+        row). Attention is causal in row order whatever else the mask says, so only the keys that
+        some query follows and the queries that follow some key are computed; the rest are 0 and
+        -inf."""
+        keys = torch.nonzero(k_abs <= q_abs.max()).flatten()
+        rows = torch.nonzero(q_abs >= k_abs.min()).flatten()
         shape = (*q.shape[:-1],)
         if len(keys) == 0 or len(rows) == 0:
             # nothing visible; the zero term keeps the block in the autograd graph so every rank
@@ -133,10 +137,10 @@ class RingAttention(nn.Module):
             zero = kv.sum() * 0
             return q.new_zeros(q.shape) + zero, q.new_full(shape, float("-inf"),
                                                                  dtype=torch.promote_types(q.dtype, torch.float32))
-        if len(keys) < len(k_pos):
+        if len(keys) < len(k_abs):
             kv = kv.index_select(3, keys)
             mask = replace(mask, **{n: t.index_select(-1, keys) for n, t in key_meta(mask).items()})
-        if len(rows) == len(q_pos):
+        if len(rows) == len(q_abs):
             return self.tiled(q, kv, mask)
         o, lse = self.tiled(q.index_select(2, rows), kv, select_rows(mask, rows))
         out = q.new_zeros(q.shape).index_copy(2, rows, o)

@@ -4,6 +4,7 @@ context-parallel cut of each micro-batch (this cp rank's chunks of every row, la
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -12,7 +13,15 @@ from torch.distributed.tensor.parallel import loss_parallel
 from parallel.context import zigzag_index
 from parallel.dims import ParallelDims
 from parallel.grad_norm import clip_grads_, settle_partial_grads
-from parallel.local_engine import LocalEngine, full_value  # noqa: F401 (full_value: used by pipeline.py)
+from parallel.local_engine import LocalEngine, full_value, unwrapped  # noqa: F401 (full_value: used by pipeline.py)
+
+
+class CPChunk(NamedTuple):
+    """A context-parallel rank's part of a micro-batch's inputs, with what the model needs to
+    place its tokens in their rows."""
+    tokens: torch.Tensor           # [B, T/cp]: chunks r and 2cp-1-r of every row
+    positions: torch.Tensor        # [T/cp] or, under doc masking, [B, T/cp]
+    doc: torch.Tensor | None       # [B, T/cp] document ids under doc masking
 
 
 class DistEngine(LocalEngine):
@@ -26,21 +35,27 @@ class DistEngine(LocalEngine):
         # DDP and FSDP average gradients over these ranks: data parallel x context parallel (the cp
         # ranks' losses are parts of one sum over each row's tokens, each labelled token once)
         self.dp_size = dims.grad_reduce_size
-        self.positions = None         # context parallel: this rank's tokens' positions in the row
 
     def to_device(self, batches):
         """Under context parallel: this cp rank's zigzag chunks of every row (inputs and labels
-        alike, so each label stays with its input), their positions kept for the forward."""
+        alike, so each label stays with its input) with the chunks' positions and document ids,
+        which the model gives the whole row (doc masking numbers a row's documents from its start)."""
         batches = super().to_device(batches)
         if not self.dims.cp_enabled:
             return batches
-        self.positions = zigzag_index(batches[0][0].shape[1], self.dims.cp, self.dims.cp_rank, self.device)
-        return [(x.index_select(1, self.positions), y.index_select(1, self.positions)) for x, y in batches]
+        out = []
+        for x, y in batches:
+            idx = zigzag_index(x.shape[1], self.dims.cp, self.dims.cp_rank, self.device)
+            pos, doc = unwrapped(self.model).row_positions(x)
+            chunk = CPChunk(x.index_select(1, idx), pos.index_select(-1, idx),
+                            None if doc is None else doc.index_select(-1, idx))
+            out.append((chunk, y.index_select(1, idx)))
+        return out
 
-    def run_model(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.positions is None:
-            return self.model(inputs)
-        return self.model(inputs, positions=self.positions)
+    def run_model(self, inputs) -> torch.Tensor:
+        if isinstance(inputs, CPChunk):
+            return self.model(inputs.tokens, positions=inputs.positions, doc=inputs.doc)
+        return self.model(inputs)
 
     def parameters(self):
         return [p for m in self.model_parts for p in m.parameters()]

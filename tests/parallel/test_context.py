@@ -12,7 +12,7 @@ from core.model_config import ModelConfig
 from core.parallel_config import ParallelConfig
 from parallel import context
 from parallel.context import RingAttention, merge, zigzag_index
-from trainer.attention import AttentionCore, AttnMask
+from trainer.attention import AttentionCore, AttnMask, doc_ids
 from trainer.model import alibi_slopes
 
 
@@ -24,40 +24,44 @@ def test_zigzag_chunks_cover_the_sequence_evenly():
         assert len({int(i.sum()) for i in idx}) == 1
 
 
-@pytest.mark.parametrize("slopes", [False, True])
-def test_a_ranks_blocks_merge_to_full_attention(slopes, monkeypatch):
-    """Rank r of cp = 2 at T = 24, its blocks from ranks r, r-1 as the ring brings them: the
-    outputs and the gradients of q, k, v are full attention's rows. float64, the same maths in
-    another order: 1e-10 is far above its rounding (~1e-15) and far below any masking error."""
+@pytest.mark.parametrize("kind", ["causal", "alibi", "doc_window"])
+def test_a_ranks_blocks_merge_to_full_attention(kind, monkeypatch):
+    """Each rank of cp = 2 at T = 24, its blocks in the order the ring brings them: the outputs
+    and the gradients of q, k, v are full attention's. doc_window: packed documents (positions
+    restart per document, ids travel with the keys) and a sliding window. float64, the same maths
+    in another order: 1e-10 is far above its rounding (~1e-15) and far below any masking error."""
     monkeypatch.setattr(context, "QUERY_TILE", 5)   # several tiles, one of them partial
     t, cp, core = 24, 2, AttentionCore(None)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, t, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, 2, t, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    s = alibi_slopes(4).double() if slopes else None
-    pos = torch.arange(t)
-    full = core(q, k, v, AttnMask(pos, pos, s))
+    s = alibi_slopes(4).double() if kind == "alibi" else None
+    pos, doc, window = torch.arange(t), None, None
+    if kind == "doc_window":
+        tokens = torch.randint(1, 9, (2, t), generator=g)
+        tokens[0, [3, 10, 17]] = tokens[1, [13]] = 0          # end-of-text id 0
+        (pos, doc), window = doc_ids(tokens, 0), 6
+
+    def mask(qi, ki):
+        return AttnMask(pos[..., qi], pos[..., ki], s, q_doc=None if doc is None else doc[:, qi],
+                        k_doc=None if doc is None else doc[:, ki], window=window)
+    everything = torch.arange(t)
+    full = core(q, k, v, mask(everything, everything))
     want = torch.autograd.grad(full.pow(2).sum(), (q, k, v))
     ring = RingAttention(core, group=None)
+    loss = 0
     for rank in range(cp):
         mine = zigzag_index(t, cp, rank)
-        qr = q.index_select(2, mine)
         blocks = []
         for step in range(cp):
             other = zigzag_index(t, cp, (rank - step) % cp)
             kv = torch.stack([k.index_select(2, other), v.index_select(2, other)])
-            blocks.append(ring.partial(qr, kv, AttnMask(mine, other, s)))
+            blocks.append(ring.partial(q.index_select(2, mine), kv, mask(mine, other), mine, other))
         out = merge(blocks, q.dtype)
         assert (out - full.index_select(2, mine)).abs().max().item() < 1e-10
+        loss = loss + out.pow(2).sum()
     # gradients of the sum over ranks of their rows' loss: the full loss's
-    outs = []
-    for rank in range(cp):
-        mine = zigzag_index(t, cp, rank)
-        blocks = [ring.partial(q.index_select(2, mine), torch.stack([k.index_select(2, o), v.index_select(2, o)]),
-                               AttnMask(mine, o, s))
-                  for o in (zigzag_index(t, cp, (rank - step) % cp) for step in range(cp))]
-        outs.append(merge(blocks, q.dtype).pow(2).sum())
-    got = torch.autograd.grad(sum(outs), (q, k, v))
+    got = torch.autograd.grad(loss, (q, k, v))
     for a, b in zip(got, want):
         assert torch.isfinite(a).all() and (a - b).abs().max().item() < 1e-10
 
