@@ -108,6 +108,8 @@ FOUR_RANKS = {
     "cp4_doc": f"--parallel.cp 4 {CP_DOC}",
     "cp2_fsdp2_doc": f"--parallel.cp 2 --parallel.dp_shard 2 {CP_DOC}",
     "cp2_tp2_doc": f"--parallel.cp 2 --parallel.tp 2 {CP_DOC}",
+    # HSDP x CP (FSDP's 2-D mesh: dp_replicate x dp_shard_cp), at a short sequence: cheap
+    "cp2_hsdp2": "--parallel.cp 2 --parallel.dp_replicate 2 --parallel.dp_shard 1 --train.seq_len 64",
 }
 EIGHT_RANKS = {
     "pp2_tp2_fsdp2": "--parallel.pp 2 --parallel.tp 2 --parallel.dp_shard 2",
