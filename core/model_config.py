@@ -23,6 +23,11 @@ def padded_vocab(tokenizer_ids: int) -> int:
     return -(-tokenizer_ids // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def known_tokenizer_eot(tokenizer: str) -> int | None:
+    """A tokenizer's end-of-text id when its name alone tells it: 'bytes' only (256)."""
+    return BYTE_TOKENIZER_IDS - 1 if tokenizer == "bytes" else None
+
+
 def known_tokenizer_ids(tokenizer: str) -> int | None:
     """A tokenizer's id count when its name alone tells it (no file to read): 'bytes' only."""
     return BYTE_TOKENIZER_IDS if tokenizer == "bytes" else None
@@ -42,8 +47,21 @@ class ModelConfig:
     norm: Literal["rmsnorm", "layernorm"] = option("normalisation layer", "rmsnorm")
     norm_position: Literal["pre", "post"] = option("pre-norm (GPT-2/Llama) or post-norm (original Transformer)", "pre")
     norm_eps: float = option("epsilon of the norm layers", 1e-5)
-    position: Literal["rope", "alibi", "sinusoidal", "learned", "none"] = option("position encoding", "rope")
+    position: Literal["rope", "alibi", "sinusoidal", "learned", "relative", "none"] = option(
+        "position encoding; relative = T5's learned bucketed bias per head (one table per layer)", "rope")
     rope_theta: float = option("RoPE base frequency", 10000.0)
+    rope_scaling: Literal["none", "llama3", "yarn"] = option(
+        "RoPE context extension: stretch the frequencies by rope_factor beyond rope_original_max_len "
+        "(Llama 3.1's rule or YaRN, as transformers computes them); may change when resuming", "none")
+    rope_factor: float = option("RoPE scaling: context extension factor (e.g. 8 = 512 -> 4096)", 8.0)
+    rope_original_max_len: int = option("RoPE scaling: the sequence length the model was trained at", 0)
+    rope_low_freq_factor: float = option("llama3 RoPE scaling: wavelengths above original_len / this are interpolated", 1.0)
+    rope_high_freq_factor: float = option("llama3 RoPE scaling: wavelengths below original_len / this are kept", 4.0)
+    rope_beta_fast: float = option("yarn RoPE scaling: rotations above which a dimension is kept", 32.0)
+    rope_beta_slow: float = option("yarn RoPE scaling: rotations below which a dimension is interpolated", 1.0)
+    rope_attention_factor: float = option("yarn RoPE scaling: cos/sin multiplier; 0 = 0.1 ln(rope_factor) + 1", 0.0)
+    rel_buckets: int = option("relative position: buckets (half exact distances, half log-spaced)", 32)
+    rel_max_distance: int = option("relative position: distances from this on share the last bucket", 128)
     doc_mask: bool = option("document masking of packed rows: a token attends only within its own document (each "
                             "ends with end-of-text) and positions restart at 0 after each end-of-text", False)
     eot_id: int = option("the end-of-text id that ends each document (doc_mask); -1 = the tokenizer's", -1)
@@ -170,8 +188,35 @@ class ModelConfig:
                              f"got {self.mup_base_head_dim}")
         if self.rope_theta <= 0:    # the RoPE frequencies are rope_theta ** (-2i/d): inf or nan otherwise
             raise ValueError(f"model.rope_theta: must be > 0 (10000 is usual), got {self.rope_theta}")
+        self._validate_positions()
         self._validate_attention_mask()
         self._validate_moe()
+
+    def _validate_positions(self) -> None:
+        if self.position == "relative":
+            if self.rel_buckets < 2:
+                raise ValueError(f"model.rel_buckets: must be >= 2 (32 is T5's), got {self.rel_buckets}")
+            if self.rel_max_distance <= self.rel_buckets // 2:
+                raise ValueError(f"model.rel_max_distance: must exceed model.rel_buckets / 2 = {self.rel_buckets // 2} "
+                                 f"(the exact buckets; 128 is T5's), got {self.rel_max_distance}")
+        if self.rope_scaling == "none":
+            return
+        if self.position != "rope":
+            raise ValueError(f"model.rope_scaling: {self.rope_scaling!r} needs model.position = 'rope', got "
+                             f"{self.position!r}; set model.rope_scaling = 'none'")
+        if self.rope_factor < 1:
+            raise ValueError(f"model.rope_factor: must be >= 1 (new length / trained length), got {self.rope_factor}")
+        if self.rope_original_max_len < 1:
+            raise ValueError("model.rope_original_max_len: must be set with model.rope_scaling (the sequence length "
+                             f"the model was trained at, e.g. 512), got {self.rope_original_max_len}")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError("model.rope_high_freq_factor: must exceed model.rope_low_freq_factor > 0 (Llama 3.1: 4 and "
+                             f"1), got {self.rope_high_freq_factor} and {self.rope_low_freq_factor}")
+        if self.rope_scaling == "yarn" and not 0 < self.rope_beta_slow < self.rope_beta_fast:
+            raise ValueError("model.rope_beta_fast: must exceed model.rope_beta_slow > 0 (YaRN: 32 and 1), got "
+                             f"{self.rope_beta_fast} and {self.rope_beta_slow}")
+        if self.rope_attention_factor < 0:
+            raise ValueError(f"model.rope_attention_factor: must be >= 0 (0 = automatic), got {self.rope_attention_factor}")
 
     def _validate_attention_mask(self) -> None:
         if self.attn_window < 0:
@@ -226,6 +271,8 @@ class ModelConfig:
     def _layer_other_params(self) -> int:
         """Norm weights and biases: parameters that take part in no matmul."""
         n = 2 * self._norm_params()
+        if self.position == "relative":
+            n += self.rel_buckets * self.n_heads      # the layer's bias table
         if self.bias:
             hd = self.head_dim
             n += self.n_heads * hd + 2 * self.kv_heads * hd + self.dim  # q, k, v, o biases

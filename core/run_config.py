@@ -19,7 +19,7 @@ from core.launch_config import LaunchConfig
 from core.parallel_config import ParallelConfig, check_deepspeed_run
 from core.checkpoint_config import CheckpointConfig
 from core.config_parse import ConfigError, apply_overrides, build_section, describe_keys, did_you_mean, section_to_dict
-from core.model_config import ModelConfig, known_tokenizer_ids, padded_vocab
+from core.model_config import ModelConfig, known_tokenizer_eot, known_tokenizer_ids, padded_vocab
 from core.precision_config import PrecisionConfig
 from core.train_config import MetricsConfig, OptimConfig, RunConfig, TrainConfig
 
@@ -63,6 +63,13 @@ class Config:
             ids = known_tokenizer_ids(self.data.tokenizer)
             if ids is not None:
                 self.model.vocab_size = padded_vocab(ids)
+        if self.model.doc_mask and self.model.eot_id < 0:   # likewise the end-of-text id documents end with
+            eot = known_tokenizer_eot(self.data.tokenizer)
+            if eot is not None:
+                self.model.eot_id = eot
+        if self.model.doc_mask and self.parallel.pp > 1:   # a later stage gets hidden states: no tokens to find documents in
+            raise ConfigError(f"model.doc_mask: not supported with pipeline parallel yet (parallel.pp = "
+                              f"{self.parallel.pp}); set parallel.pp = 1 or model.doc_mask = false")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         steps = self.train.steps

@@ -23,7 +23,7 @@ from webdataset import TarWriter
 from core.cli_args import ArgParser
 from core.errors import DataError, MeshformerError, UsageError, report_errors
 
-from .progress import progress as progress_bar
+from core.progress import progress as progress_bar
 from .textfiles import decompressed, file_format, parquet_texts
 from .tokenizer import tokenizer_from_spec
 

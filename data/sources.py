@@ -22,7 +22,7 @@ from core.data_config import BUILTIN_PREFIX
 
 from .builtin import builtin_shards
 from .documents import scan_source
-from .progress import progress
+from core.progress import progress
 from .shards import DataError, is_local, local_path, shard_name
 from .textfiles import ACCEPTED, file_format, looks_like_shard_list, unknown_file
 from .tokenizer import PretokenizedInfo, tokenizer_from_spec

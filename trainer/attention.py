@@ -20,6 +20,7 @@ Comparing positions is only meaningful within one document, which the doc test g
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,6 +35,8 @@ class AttnMask:
     alibi_slopes: torch.Tensor | None = None    # [H] (this rank's heads): bias -slope * (i - j)
     # q_pos == k_pos == 0..T-1 and nothing else set: plain causal, SDPA's own causal kernel
     aligned: bool = False
+    # learned relative bias (trainer/relative_bias.py): distances i - j [B|1, T, S] -> [B|1, H, T, S]
+    rel_bias: Callable[[torch.Tensor], torch.Tensor] | None = None
     q_doc: torch.Tensor | None = None           # [B, T] document index of each query (doc masking)
     k_doc: torch.Tensor | None = None           # [B, S] document index of each key
     window: int | None = None                   # sliding window: a query sees its last `window` positions
@@ -60,7 +63,8 @@ class AttnMask:
     def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """Additive mask [B or 1, H or 1, T, S]: 0 where visible, -inf where not, minus the ALiBi
         term; None for the aligned causal case (SDPA's is_causal)."""
-        if self.aligned and self.alibi_slopes is None and self.window is None and self.q_doc is None:
+        if (self.aligned and self.alibi_slopes is None and self.window is None and self.q_doc is None
+                and self.rel_bias is None):
             return None
         q = self.q_pos if self.q_pos.dim() == 2 else self.q_pos[None]
         k = self.k_pos if self.k_pos.dim() == 2 else self.k_pos[None]
@@ -68,6 +72,8 @@ class AttnMask:
         mask = torch.where(self.visible(), 0.0, float("-inf"))
         if self.alibi_slopes is not None:
             mask = mask - self.alibi_slopes.to(dist.device)[:, None, None] * dist.clamp(min=0)
+        if self.rel_bias is not None:
+            mask = mask + self.rel_bias(q[:, :, None] - k[:, None, :])
         return mask.to(dtype)
 
 

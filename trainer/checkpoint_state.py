@@ -147,14 +147,20 @@ def expected_model_shapes(model_cfg) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-# Model config fields that do not change what the weights mean.
-HARMLESS_MODEL_FIELDS = {"init_std", "max_seq_len"}
+# Model config fields that do not change what the weights mean. The RoPE scaling keys among them:
+# context extension continues a checkpoint trained at rope_original_max_len with longer sequences
+# and stretched rotary frequencies (no weight changes shape; the model adapts in the new steps).
+ROPE_SCALING_FIELDS = {"rope_scaling", "rope_factor", "rope_original_max_len", "rope_low_freq_factor",
+                       "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor"}
+HARMLESS_MODEL_FIELDS = {"init_std", "max_seq_len", *ROPE_SCALING_FIELDS}
 
 
 def model_config_diff(saved: dict, current: dict) -> list[str]:
     diffs = []
     for key in sorted(set(saved) | set(current)):
         if key in HARMLESS_MODEL_FIELDS and not (key == "max_seq_len" and current.get("position") == "learned"):
+            continue
+        if key.startswith("rel_") and current.get("position") != "relative":   # unused (older checkpoints lack them)
             continue
         if saved.get(key) != current.get(key):
             diffs.append(f"model.{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")

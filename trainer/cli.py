@@ -81,6 +81,9 @@ def prepare_main(argv: list[str], debug: bool = False) -> int:
 
 
 def plan_main(argv: list[str], debug: bool = False) -> int:
+    if argv[:1] == ["calibrate"]:            # runs training, so it lives here, not in parallel/planner
+        from trainer.calibrate import main as calibrate
+        return calibrate(argv[1:], debug=debug)
     from parallel.planner.cli import main
     return main(argv, debug=debug)
 

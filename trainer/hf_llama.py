@@ -12,6 +12,11 @@ export folds them into the weights: lm_head = output_mult x our head, q_proj = (
 sqrt(head_dim)) x our wq; an import divides them out again. A tied muP head cannot be folded into
 the shared matrix without changing the embedding, so it is written untied (lm_head = E / m,
 tie_word_embeddings false); on import a tied model takes its matrix from embed_tokens.
+Sliding-window attention (model.attn_window, every layer windowed) is written as Mistral
+(`MistralForCausalLM`, the same tensor names as Llama plus `sliding_window`, whose rule
+q - k < sliding_window is ours); with global layers (attn_global_every) there is no such format here.
+Document masking (model.doc_mask) is a property of how packed rows were trained, not of the
+weights: an exported model run on one document at a time computes what ours does.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 
 from trainer import model_plan as M
 from trainer.checkpoint_state import CheckpointError, expected_model_shapes
+from trainer.rope_scaling import hf_rope_parameters
 
 # Our module names come from trainer/model_plan.py (the one place that names the model's modules).
 LAYER_NAMES = {f"{ours}.weight": f"{theirs}.weight" for ours, theirs in (
@@ -35,12 +41,19 @@ Q_WEIGHT, K_WEIGHT, HEAD_WEIGHT, EMBEDDING_WEIGHT = f"{M.Q}.weight", f"{M.K}.wei
 
 def check_llama_shaped(mc) -> None:
     wrong = []
+    if mc.position == "relative":   # no Llama (nor other decoder format transformers loads) has T5's bias table
+        raise CheckpointError("model.position = 'relative' cannot be exported: Hugging Face Llama has no learned "
+                              "relative bias (T5's format is encoder-decoder); train with model.position = 'rope' "
+                              "(with model.rope_scaling for long context) to export")
     for field, want in (("position", "rope"), ("norm", "rmsnorm"), ("norm_position", "pre"),
                         ("activation", "swiglu"), ("bias", False)):
         if getattr(mc, field) != want:
             wrong.append(f"model.{field} = {getattr(mc, field)!r} (Llama needs {want!r})")
     if getattr(mc, "moe_experts", 0):     # a Mixtral / Qwen-MoE layout is not written yet
         wrong.append(f"model.moe_experts = {mc.moe_experts} (Llama is dense: 0)")
+    if getattr(mc, "attn_global_every", 0):
+        wrong.append(f"model.attn_global_every = {mc.attn_global_every} (Mistral's sliding_window windows every "
+                     "layer: 0)")
     if wrong:
         raise CheckpointError("only Llama-shaped models (rope, rmsnorm, pre-norm, swiglu, no bias) can be exported "
                               "to or imported from Hugging Face Llama; this model has " + "; ".join(wrong))
@@ -93,14 +106,19 @@ def to_hf(sd: dict, mc) -> dict:
 
 def hf_config(mc, dtype: str = "float32") -> dict:
     check_llama_shaped(mc)
+    window = getattr(mc, "attn_window", 0)
+    arch = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window} if window \
+        else {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        **arch,
         "vocab_size": mc.vocab_size, "hidden_size": mc.dim, "intermediate_size": mc.hidden,
         "num_hidden_layers": mc.n_layers, "num_attention_heads": mc.n_heads, "num_key_value_heads": mc.kv_heads,
         "head_dim": mc.head_dim, "hidden_act": "silu", "max_position_embeddings": mc.max_seq_len,
         "rms_norm_eps": mc.norm_eps, "rope_theta": mc.rope_theta, "tie_word_embeddings": mc.tie_embeddings and not untied_head(mc),
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": mc.init_std,
         "torch_dtype": dtype, "use_cache": True,
+        # transformers 5 reads rope_parameters (4.x's rope_scaling, with rope_theta beside it)
+        "rope_parameters": hf_rope_parameters(mc),
     }
 
 
@@ -110,10 +128,23 @@ def check_hf_config(config: dict, mc, where: str) -> None:
             "num_key_value_heads", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
     diffs = [f"{k}: {where} has {config.get(k)!r}, this run's model.* gives {mine[k]!r}"
              for k in keys if k in config and config[k] != mine[k]]
-    if config.get("rope_scaling"):
-        diffs.append(f"rope_scaling: {where} uses {config['rope_scaling']!r}; not supported")
+    if (config.get("sliding_window") or 0) != (getattr(mc, "attn_window", 0) or 0):
+        diffs.append(f"sliding_window: {where} has {config.get('sliding_window')!r}, this run's model.attn_window "
+                     f"gives {getattr(mc, 'attn_window', 0) or None!r}")
+    # A model without RoPE scaling may be continued with one (context extension, as on resume); one
+    # trained with a scaling must keep it (else its positions silently mean something else).
+    theirs = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if _scaling_of(theirs) and _scaling_of(theirs) != _scaling_of(mine["rope_parameters"]):
+        diffs.append(f"rope_parameters: {where} has {_scaling_of(theirs)!r}, this run's model.rope_* give "
+                     f"{_scaling_of(mine['rope_parameters'])!r}")
     if diffs:
         raise CheckpointError("the exported model's config differs from this run's model config:\n  " + "\n  ".join(diffs))
+
+
+def _scaling_of(params: dict) -> dict:
+    """The RoPE scaling keys of a rope_parameters / rope_scaling dict (rope_theta is compared apart)."""
+    kind = params.get("rope_type", params.get("type", "default"))
+    return {} if kind == "default" else {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
 
 
 def find_weights_files(path: Path) -> list[Path]:

@@ -18,16 +18,11 @@ from torch import nn
 from core.model_config import ModelConfig
 from trainer import moe
 from trainer.attention import AttentionCore, AttnMask, doc_ids
+from trainer.relative_bias import RelativeBias
+from trainer.rope_scaling import rope_cache
 
 
 # ---- positions ------------------------------------------------------------------------------
-
-def rope_cache(head_dim: int, max_len: int, theta: float, device=None) -> torch.Tensor:
-    """[max_len, head_dim/2, 2] of (cos, sin) for rotary embeddings."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
-
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """Rotate pairs of x [B, T, H, D] by the angles in cache [T, D/2, 2] (or [B, T, D/2, 2]: the
@@ -140,6 +135,9 @@ class Attention(nn.Module):
         if cfg.position == "alibi":
             # One slope per head; a tensor-parallel plan shards this buffer with the heads.
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        # T5 bias table [buckets, heads]; a tensor-parallel plan shards it with the heads
+        self.rel_bias = RelativeBias(cfg.rel_buckets, cfg.rel_max_distance, cfg.n_heads) \
+            if cfg.position == "relative" else None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None, start_pos: int = 0,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
@@ -161,7 +159,7 @@ class Attention(nn.Module):
         k_pos = torch.arange(first, first + k.shape[2], device=x.device) if cache is not None else q_pos
         mask = AttnMask(q_pos, k_pos, getattr(self, "alibi_slopes", None) if self.position == "alibi" else None,
                         aligned=positions is None and (cache is None or start_pos == 0),
-                        q_doc=doc, k_doc=doc, window=self.window)
+                        q_doc=doc, k_doc=doc, window=self.window, rel_bias=self.rel_bias)
         out = self.core(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -227,7 +225,7 @@ class Transformer(nn.Module):
         they are not weights (not saved, not random), so a model built on the meta device gets
         them here before it is split, and sharding slices them like any tensor."""
         c = self.cfg
-        self.rope = rope_cache(c.head_dim, c.max_seq_len, c.rope_theta, device) if c.position == "rope" else None
+        self.rope = rope_cache(c, device) if c.position == "rope" else None
         self.sinusoidal = sinusoidal_table(c.max_seq_len, c.dim, device) if c.position == "sinusoidal" else None
         for layer in self.layers.values():
             if hasattr(layer.attention, "alibi_slopes"):
@@ -249,7 +247,7 @@ class Transformer(nn.Module):
         c = self.cfg
         residual = fqn.endswith(("wo.weight", "w2.weight", "experts.w2"))   # experts.w2: [E, h, dim]
         std = c.init_std / math.sqrt(2 * c.n_layers) if residual else c.init_std
-        if fqn.startswith("layers."):
+        if fqn.startswith("layers.") and ".rel_bias." not in fqn:   # a bias table, not a hidden matrix
             std *= c.hidden_init_mult
         return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=param_generator(seed, fqn, device))
 

@@ -12,6 +12,7 @@ from core.parallel_plan import ParallelPlan
 BLOCKS, EMBEDDING, POSITIONS, FINAL_NORM, HEAD = "layers", "tok_embeddings", "pos_embeddings", "norm", "output"
 ATTENTION, FEED_FORWARD, ATTENTION_NORM, FFN_NORM = "attention", "feed_forward", "attention_norm", "ffn_norm"
 Q, K, V, O = (f"{ATTENTION}.{p}" for p in ("wq", "wk", "wv", "wo"))
+REL_BIAS = f"{ATTENTION}.rel_bias.embeddings"      # model.position = "relative": [buckets, heads]
 GATE, DOWN, UP = (f"{FEED_FORWARD}.{p}" for p in ("w1", "w2", "w3"))   # swiglu: w2(silu(w1 x) * w3 x)
 
 
@@ -22,4 +23,4 @@ def parallel_plan(cfg: ModelConfig) -> ParallelPlan:
         tied_head=cfg.tie_embeddings, attention=ATTENTION, feed_forward=FEED_FORWARD,
         attention_norm=ATTENTION_NORM, ffn_norm=FFN_NORM, qkv=(Q, K, V), attention_out=O,
         mlp_in=(GATE, UP) if cfg.activation == "swiglu" else (GATE,), mlp_out=DOWN,
-        head_buffers=("alibi_slopes",))
+        head_buffers=("alibi_slopes",), head_tables=(REL_BIAS,) if cfg.position == "relative" else ())

@@ -114,7 +114,8 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     run_dir = Path(cfg.run.dir)
     dims = build_mesh(cfg.parallel, ctx)
     vocab_from = "model.vocab_size"
-    if loader_factory is None or not cfg.model.vocab_size:   # a custom loader brings its own token ids
+    # a custom loader brings its own token ids (but a doc_mask model still needs the tokenizer's end-of-text)
+    if loader_factory is None or not cfg.model.vocab_size or (cfg.model.doc_mask and cfg.model.eot_id < 0):
         vocab_from = resolve_vocab(cfg.model, data_pkg.build_tokenizer(cfg.data), cfg.data.tokenizer)
     validate_layout(cfg.parallel, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
     check_memory(cfg, ctx)              # before anything large is allocated: refuse a run that cannot fit

@@ -3,6 +3,7 @@
   meshformer plan --config FILE --cluster NAME --gpus N [--global-batch-tokens T | --global-batch B]
                   [--max-memory-fraction F] [--top K] [--section.key value ...]
   meshformer plan predict --config FILE --cluster NAME [--gpus N] [--section.key value ...]
+  meshformer plan calibrate [...]   (trainer/calibrate.py: it runs training, which this package cannot import)
 
 Overrides after the known options change the run config before planning (e.g. the model size);
 under `predict` they also choose the layout (`--parallel.tp 8 --parallel.pp 4 ...`).
@@ -58,7 +59,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     plan = ArgParser(
         prog="meshformer plan", description="rank parallel layouts by predicted throughput",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="`meshformer plan predict ...` gives one layout's figures as JSON. Further `--section.key value`\n"
+        epilog="`meshformer plan predict ...` gives one layout's figures as JSON. `meshformer plan calibrate` times\n"
+               "short runs on this machine's ranks and writes a fitted profile for --cluster. Further `--section.key value`\n"
                "arguments override the run config (e.g. --model.n_layers 48); see parallel/planner/README.md.\n\n"
                + keys_help())
     _common(plan)

@@ -48,6 +48,18 @@ class ClusterProfile:
     host_memory_gib: float = 512.0      # host DRAM per node
     host_memory_gbs: float = 205.0      # peak host DRAM bandwidth per node, GB/s
     pcie_gbps: float = 25.0             # achieved host<->GPU copy bandwidth per GPU per direction, GB/s
+    # [overhead]: host time on the critical path, for devices whose kernels are shorter than their
+    # dispatch (CPU ranks, tiny models). 0 for the GPU profiles: large kernels queue ahead of the host.
+    # Fitted by `meshformer plan calibrate`.
+    layer_overhead_us: float = 0.0      # dispatching one layer's forward (backward: twice)
+    tp_layer_overhead_us: float = 0.0   # extra per layer forward under TP (DTensor's dispatch)
+    step_overhead_ms: float = 0.0       # per optimizer step (optimizer loop, clipping, loss sync)
+    # [network] overlap: whether collectives progress beside compute. False where ranks outnumber
+    # cores (CPU ranks): no core is free to run them, so they add to the step however they are issued.
+    comm_overlap: bool = True
+    # cores the ranks of a node share (CPU ranks); 0 = every rank has its own device. Where ranks
+    # outnumber cores, ranks that wait (a pipeline's fill and drain) lend their cores to the others.
+    cores_per_node: int = 0
 
     @property
     def memory_bytes(self) -> int:
@@ -95,6 +107,7 @@ def load_cluster(name_or_path: str) -> ClusterProfile:
     if missing:
         raise ValueError(f"{path}: missing keys {missing}")
     net, eff, mem, host = t["network"], t["efficiency"], t.get("memory", {}), t.get("host", {})
+    ovh = t.get("overhead", {})
     try:
         efficiency = Efficiency(**{f.name: float(eff[f.name]) for f in fields(Efficiency)})
     except KeyError as e:
@@ -115,11 +128,16 @@ def load_cluster(name_or_path: str) -> ClusterProfile:
             reserved_gib=float(mem.get("reserved_gib", 2.0)), fragmentation=float(mem.get("fragmentation", 0.1)),
             activation_slack=float(mem.get("activation_slack", 0.0)),
             host_memory_gib=float(host.get("memory_gib", 512.0)), host_memory_gbs=float(host.get("memory_gbs", 205.0)),
-            pcie_gbps=float(host.get("pcie_gbps", 25.0)))
+            pcie_gbps=float(host.get("pcie_gbps", 25.0)),
+            layer_overhead_us=float(ovh.get("layer_us", 0.0)), tp_layer_overhead_us=float(ovh.get("tp_layer_us", 0.0)),
+            step_overhead_ms=float(ovh.get("step_ms", 0.0)), comm_overlap=bool(net.get("overlap", True)),
+            cores_per_node=int(t.get("cores_per_node", 0)))
     except KeyError as e:
         raise ValueError(f"{path}: [network] needs {e.args[0]} (GB/s per GPU per direction)") from None
     if profile.gpus_per_node < 1 or profile.gpu_memory_gib <= 0:
         raise ValueError(f"{path}: gpus_per_node and gpu_memory_gib must be positive")
+    if min(profile.layer_overhead_us, profile.tp_layer_overhead_us, profile.step_overhead_ms) < 0:
+        raise ValueError(f"{path}: [overhead] layer_us, tp_layer_us and step_ms must be >= 0")
     if min(profile.host_memory_gib, profile.host_memory_gbs, profile.pcie_gbps) <= 0:
         raise ValueError(f"{path}: [host] memory_gib, memory_gbs and pcie_gbps must be positive")
     return profile

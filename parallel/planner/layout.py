@@ -145,6 +145,13 @@ class Stack:
     grad_bytes: int = 4                 # gradients as accumulated and reduced
     optimizer_bytes: int = 8            # Adam m and v in fp32
     fused_elementwise: bool = False     # bias-GELU / bias-dropout-add / scale-mask-softmax fused kernels
+    # How sharded data parallelism issues its collectives: "unit" = one all-gather / reduce-scatter per
+    # FSDP unit (a layer; torch FSDP2), "tensor" = one per parameter tensor (DeepSpeed ZeRO-3 as of
+    # 2021). Each collective pays the ring's latency over all its ranks, so this decides how fast
+    # latency grows with the number of GPUs. dp_reduce_bucket > 0: gradients reduce-scattered in
+    # buckets of that many elements instead (DeepSpeed's reduce_bucket_size).
+    dp_gather: str = "unit"
+    dp_reduce_bucket: int = 0
 
 
 def megatron_sc21() -> Stack:
@@ -152,3 +159,12 @@ def megatron_sc21() -> Stack:
     # reduced after backward (no overlap yet), materialised softmax with fused kernels, dropout 0.1.
     return Stack(flash_attention=False, dropout=True, dp_overlap=False, master_weights_bytes=4,
                  model_weights_bytes=2, grad_bytes=4, optimizer_bytes=8, fused_elementwise=True)
+
+
+def deepspeed_zero3_sc21() -> Stack:
+    # The ZeRO-3 rows of Narayanan et al. Table 2: the same Megatron model code under DeepSpeed's
+    # ZeRO-3 of 2021, which all-gathered each parameter tensor separately
+    # (partition_parameters._allgather_param; coalesced gathers came later), reduce-scattered fp16
+    # gradients in buckets of reduce_bucket_size = 5e8 elements (its default), and waited for each
+    # gather before the module ran (no overlap assumed, as for the Megatron stack).
+    return replace(megatron_sc21(), dp_gather="tensor", dp_reduce_bucket=500_000_000, grad_bytes=2)

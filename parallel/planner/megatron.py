@@ -17,7 +17,7 @@ from pathlib import Path
 from core.model_config import ModelConfig
 
 from .cluster import ClusterProfile, load_cluster
-from .layout import Layout, megatron_sc21
+from .layout import Layout, deepspeed_zero3_sc21, megatron_sc21
 from .predict import Prediction, predict
 
 TABLE1 = Path(__file__).resolve().parent / "refdata" / "megatron_table1.csv"   # shipped with the package
@@ -98,11 +98,13 @@ def compare_table2(cluster: ClusterProfile | None = None) -> list[tuple[dict, Pr
             cfg, mbs, mp = gpt_config(*_TABLE2_SHAPES[P]), int(r["microbatch_size"]), int(r["model_parallel_size"])
             if mp == 1:
                 lay = Layout(dp_shard=n, micro_batch=mbs, microbatches=B // (n * mbs), ac="full", seq_len=SEQ)
+                stack = deepspeed_zero3_sc21()
             else:
                 dp = n // mp
                 lay = Layout(tp=8, pp=mp // 8, dp_replicate=dp, micro_batch=mbs, microbatches=B // (dp * mbs),
                              ac="full", seq_len=SEQ)
-            out.append((r, predict(cfg, lay, cluster, megatron_sc21())))
+                stack = megatron_sc21()
+            out.append((r, predict(cfg, lay, cluster, stack)))
     return out
 
 

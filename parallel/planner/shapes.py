@@ -75,6 +75,9 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
             specs.append(ParamSpec(p + name + ".weight", (out_f, in_f), style, "layer", i))
             if cfg.bias:
                 specs.append(ParamSpec(p + name + ".bias", (out_f,), style if style == "colwise" else "replicate", "layer", i))
+        if cfg.position == "relative":   # the T5 bias table [buckets, heads]: dim 1 sharded with the heads
+            specs.append(ParamSpec(p + "attention.rel_bias.embeddings.weight", (cfg.rel_buckets, cfg.n_heads),
+                                   "rowwise", "layer", i))
         for norm in ("attention_norm", "ffn_norm"):
             specs.append(ParamSpec(p + norm + ".weight", (d,), "replicate", "layer", i))
             if norm_bias:

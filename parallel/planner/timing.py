@@ -14,7 +14,7 @@ from core.model_config import ModelConfig
 from .cluster import ClusterProfile
 from .layout import Layout, Stack
 from .memory import act_bytes, model_state, unsharded_params
-from .shapes import flop_split, stage_layer_count
+from .shapes import flop_split, local_shape, stage_layer_count, stage_param_groups
 
 INF = float("inf")
 
@@ -79,6 +79,49 @@ def elementwise_bytes_per_token(cfg: ModelConfig, layout: Layout, stack: Stack) 
     return x + core, core
 
 
+def _gemm_memory_excess(cfg: ModelConfig, layout: Layout, tokens: int, mm: float, hbm: float) -> float:
+    """Forward seconds the layer's GEMMs spend beyond their FLOP time because they are memory-bound
+    (roofline: a GEMM takes max(FLOPs / matmul rate, bytes / HBM rate)). As the tokens per rank shrink
+    the weight matrix, read once per pass, stops being amortised: few rows per GEMM means low
+    arithmetic intensity. 0 for the large per-rank batches of Table 1."""
+    e, excess = act_bytes(layout.dtype), 0.0
+    for count, specs in stage_param_groups(cfg, 1, 1, 0)[:1]:     # one layer's tensors
+        for spec in specs:
+            if len(spec.shape) != 2:
+                continue
+            out_f, in_f = local_shape(spec, layout.tp)
+            flops = 2 * tokens * out_f * in_f
+            nbytes = (out_f * in_f + tokens * (out_f + in_f)) * e
+            excess += max(0.0, nbytes / hbm - flops / mm)
+    return excess
+
+
+def _dp_collectives(cfg: ModelConfig, layout: Layout, stack: Stack, stage: int, tp_params: int) -> tuple[int, int]:
+    """(all-gathers, reduce-scatters) of one pass over a stage's sharded parameters: one per FSDP
+    unit (each layer, the embedding, the head), one per parameter tensor under stack.dp_gather =
+    "tensor", and gradients in buckets of stack.dp_reduce_bucket elements when set."""
+    if stack.dp_gather == "tensor":
+        gathers = sum(c * len(specs) for c, specs in stage_param_groups(cfg, layout.pp, layout.pp_virtual_stages, stage))
+    else:
+        gathers = stage_layer_count(cfg.n_layers, layout.pp, layout.pp_virtual_stages, stage) + 2
+    reduces = -(-tp_params // stack.dp_reduce_bucket) if stack.dp_reduce_bucket else gathers
+    return gathers, reduces
+
+
+def _shared_core_bubble(cluster: ClusterProfile, layout: Layout) -> float:
+    """The part of the pipeline bubble that costs time when ranks share fewer cores than they are
+    (1 for devices of their own). In ramp step j of the fill (and drain) j stages of g ranks run: on
+    devices the machine is j / p used; on c shared cores it is min(1, j g / c) used, the waiting ranks
+    lending their cores to the running ones. The bubble's cost scales with the idle machine share."""
+    c, p, world = cluster.cores_per_node, layout.pp, cluster.gpus_per_node
+    if not 0 < c < world or p == 1:
+        return 1.0
+    g = layout.gpus // p
+    shared = sum(1 - min(1.0, j * g / c) for j in range(1, p)) / (p - 1)
+    own = sum(1 - j / p for j in range(1, p)) / (p - 1)
+    return shared / own
+
+
 @dataclass(frozen=True)
 class TimeBreakdown:
     compute: float            # forward + backward (+ recompute) of all microbatches on the slowest stage
@@ -105,6 +148,7 @@ def _stage_microbatch_time(cfg: ModelConfig, layout: Layout, stack: Stack, clust
     mm, at, hbm = cluster.matmul_flops(layout.dtype), cluster.attention_flops(layout.dtype), cluster.hbm_bytes_per_s
     elem, core = elementwise_bytes_per_token(cfg, layout, stack)
     dense_f = tokens * fl.dense_per_layer / 3 / t / mm         # forward = one third of the 3 passes
+    dense_f += _gemm_memory_excess(cfg, layout, tokens, mm, hbm)
     attn_f = tokens * fl.attention_per_layer / 3 / t / at
     elem_f = tokens * elem / hbm
     tp_link = group_link(cluster, t, 1)
@@ -112,14 +156,13 @@ def _stage_microbatch_time(cfg: ModelConfig, layout: Layout, stack: Stack, clust
     comm_f = 2 * all_reduce(act, t, tp_link)                   # attention and MLP outputs (SP: AG + RS, same volume)
     # context parallel: K/V pass cp-1 times round the ring forward, their gradients as often
     # backward (parallel/context.py does not overlap them with the blocks: counted in full)
-    ring = 0.0
     if layout.cp > 1:
         cp_link = group_link(cluster, layout.cp, t)
         kv = 2 * tokens * cfg.kv_heads * cfg.head_dim / t * e
-        ring = (layout.cp - 1) * (kv / cp_link.bytes_per_s + cp_link.latency_s)
-    comm_f += ring
-    fwd = dense_f + attn_f + elem_f + comm_f
-    bwd = 2 * (dense_f + attn_f + elem_f) + comm_f
+        comm_f += (layout.cp - 1) * (kv / cp_link.bytes_per_s + cp_link.latency_s)
+    host = (cluster.layer_overhead_us + (cluster.tp_layer_overhead_us if t > 1 else 0.0)) * 1e-6
+    fwd = dense_f + attn_f + elem_f + comm_f + host
+    bwd = 2 * (dense_f + attn_f + elem_f + host) + comm_f
     rec = {"none": 0.0, "full": fwd, "selective": attn_f + tokens * core / hbm}[layout.ac]
     per_layer = fwd + bwd + rec
     total, recompute, comm, bwd_total = n_layers * per_layer, n_layers * rec, n_layers * 2 * comm_f, n_layers * bwd
@@ -127,12 +170,12 @@ def _stage_microbatch_time(cfg: ModelConfig, layout: Layout, stack: Stack, clust
         comm += n_layers * comm_f
     if first:
         c = all_reduce(act, t, tp_link)                        # vocab-parallel embedding output
-        total, comm = total + c, comm + c
+        total, comm = total + c + 3 * host, comm + c           # the embedding dispatches like a layer
     if last:
         head = tokens * fl.head / t / mm                       # output projection, 3 passes
         loss = tokens * cfg.vocab_size / t * (4 * e + 16) / hbm  # softmax cross-entropy, fwd + bwd
         c = all_reduce(act, t, tp_link)                        # gradient of the head's input
-        total += head + loss + c
+        total += head + loss + c + 3 * host                    # head and loss dispatch like a layer
         comm += c
         bwd_total += 2 / 3 * head + c
     return total, recompute, comm, bwd_total
@@ -153,6 +196,7 @@ def step_time(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterPr
     bubble = (p - 1) / v * t_mean
     if layout.pp_schedule == "zero_bubble":
         bubble /= 3     # ZB-H1: weight gradients fill the drain; bubble (p-1)(F+B-W) with F=B=W
+    bubble *= _shared_core_bubble(cluster, layout)
     p2p = 0.0
     if p > 1:
         link = group_link(cluster, p, layout.tp * layout.dp)
@@ -162,7 +206,7 @@ def step_time(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterPr
         p2p = 2 * (m * v + p - 1) * (nbytes / link.bytes_per_s + link.latency_s)
 
     dp_comm, dp_exposed, opt = _data_parallel(cfg, layout, stack, cluster, t_mb, bwd_mb)
-    step = compute + bubble + p2p + dp_exposed + opt
+    step = compute + bubble + p2p + dp_exposed + opt + cluster.step_overhead_ms * 1e-3
     return TimeBreakdown(compute=compute, recompute=m * rec_mb, tp_comm=m * comm_mb, bubble=bubble, p2p=p2p,
                          dp_comm=dp_comm, dp_exposed=dp_exposed, optimizer=opt, step=step)
 
@@ -178,24 +222,28 @@ def _data_parallel(cfg, layout: Layout, stack: Stack, cluster: ClusterProfile, t
     gather_bytes = 4 if layout.dtype == "fp32" else (1 if layout.dtype == "fp8" else 2)
     grad = stack.grad_bytes
     total = exposed = 0.0
+    overlap = stack.dp_overlap and cluster.comm_overlap
     if ns > 1:
-        # one collective per FSDP unit (a layer, the embedding, the head): latency paid per unit
-        units = stage_layer_count(cfg.n_layers, layout.pp, layout.pp_virtual_stages, stage) + 2
-        extra_latency = (units - 1) * (ns - 1) * shard_link.latency_s
-        ag = all_gather(tp_params * gather_bytes, ns, shard_link) + extra_latency
-        rs = all_gather(tp_params * grad, ns, shard_link) + extra_latency
-        if layout.pp > 1:     # gathered once, reduced once per step (no resync between microbatches)
-            total += ag + rs
-            exposed += max(0.0, ag + rs - t_mb) if stack.dp_overlap else ag + rs
+        # every collective pays the ring's (n - 1) steps of latency: with thousands of ranks and one
+        # gather per tensor this, not bandwidth, is what stops data parallelism scaling
+        gathers, reduces = _dp_collectives(cfg, layout, stack, stage, tp_params)
+        ag = all_gather(tp_params * gather_bytes, ns, shard_link) + (gathers - 1) * (ns - 1) * shard_link.latency_s
+        rs = all_gather(tp_params * grad, ns, shard_link) + (reduces - 1) * (ns - 1) * shard_link.latency_s
+        if layout.pp > 1:
+            # torch's pipelining keeps the stage gathered after each backward (reshard_after_backward
+            # False) and reduces once per step, but FSDP's reshard_after_forward (our default) frees it
+            # after every forward: one gather per microbatch for its backward, one for the first forward
+            total += (m + 1) * ag + rs
+            exposed += (m * max(0.0, ag - t_mb) + max(0.0, ag + rs - t_mb)) if overlap else (m + 1) * ag + rs
         else:                 # per microbatch: gather for forward, again for backward, reduce-scatter
             per_mb = 2 * ag + rs
             total += m * per_mb
             first = all_gather(unit * gather_bytes, ns, shard_link)  # the first unit cannot be prefetched
-            exposed += m * (max(0.0, per_mb - t_mb) + first) if stack.dp_overlap else m * per_mb
+            exposed += m * (max(0.0, per_mb - t_mb) + first) if overlap else m * per_mb
     if nr > 1:
         ar = all_reduce(tp_params / ns * grad, nr, rep_link)
         total += ar
-        exposed += max(0.0, ar - bwd_mb) if stack.dp_overlap else ar
+        exposed += max(0.0, ar - bwd_mb) if overlap else ar
     # Adam: read param, grad, m, v; write param, m, v (fp32) and a low-precision weight copy if kept
     opt_bytes = state.params * (7 * 4 + stack.model_weights_bytes) + state.params * grad  # + grad-norm pass
     opt = opt_bytes / cluster.hbm_bytes_per_s

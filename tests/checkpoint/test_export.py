@@ -1,4 +1,5 @@
 """Export to Hugging Face Llama and import back: same logits, clear refusals."""
+import dataclasses
 import json
 
 import pytest
@@ -115,3 +116,30 @@ def test_mup_export_folds_the_multipliers(tmp_path, extra):
     sd = load_weights(find_weights_files(out), cfg.model)
     for k, v in ours.state_dict().items():
         assert torch.equal(sd[k], v), k
+
+
+def test_sliding_window_exports_as_mistral_and_doc_mask_exports_as_is(tmp_path, capsys):
+    """A windowed (every layer) doc_mask model: transformers' Mistral gives our logits (same 1e-5
+    as the Llama export) on a sequence 4x the window, where the window changes the result; with
+    global layers the export refuses, naming the key."""
+    d, extra = tmp_path / "run", ("--model.attn_window", "4", "--model.doc_mask", "true")
+    run(d, "--train.steps", "3", *extra)
+    out = tmp_path / "hf"
+    assert export_main([str(d), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MistralForCausalLM"] and config["sliding_window"] == 4
+    hf = transformers.MistralForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    ours, cfg = our_model(d, *extra)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))   # one document: no eot
+    with torch.no_grad():
+        want = ours(tokens)
+        got = hf(tokens).logits
+        unwindowed = Transformer(dataclasses.replace(cfg.model, attn_window=0)).eval()
+        unwindowed.load_state_dict(ours.state_dict())
+        full = unwindowed(tokens)
+    assert (got - want).abs().max().item() < 1e-5
+    assert (full - want).abs().max().item() > 1e-3          # the window matters at this length
+    d2 = tmp_path / "run2"
+    run(d2, "--train.steps", "1", *extra, "--model.attn_global_every", "2")
+    assert export_main([str(d2), "--out", str(tmp_path / "hf2")]) == 2
+    assert "model.attn_global_every = 2" in capsys.readouterr().err

@@ -53,7 +53,7 @@ def test_prepare_writes_shards_and_manifest_the_loader_reads(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipped 1 JSON lines" in err
     # stderr is no terminal here: plain progress lines (quarters), no bar redrawn with carriage returns
-    assert "\r" not in err and "prepare: 100% (" in err and err.count("prepare: ") <= 5
+    assert "\r" not in err and "prepare: " in err and " done in " in err and err.count("prepare: ") <= 5
     manifest = json.loads((out / "manifest.json").read_text())
     val = json.loads((out / "val" / "manifest.json").read_text())
     # the default --val-fraction 0.01 holds out every 100th document: of 40, the first
@@ -172,7 +172,7 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
 
     from tqdm import tqdm
 
-    from data.progress import progress
+    from core.progress import progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -185,5 +185,7 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
     with progress(8, "scan", "files", file=log) as p:
         for _ in range(8):
             p.update(1)
-    assert [line.split(",")[0] for line in log.getvalue().splitlines()] == [
-        "scan: 25% (2 of 8 files)", "scan: 50% (4 of 8 files)", "scan: 75% (6 of 8 files)", "scan: 100% (8 of 8 files)"]
+    lines = log.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "scan: 25% (2 of 8 files)", "scan: 50% (4 of 8 files)", "scan: 75% (6 of 8 files)", "scan: 8 files done in 0.0 s"]
+    assert lines[0].endswith("s left") and lines[-1].startswith("scan: 8 files done in ")

@@ -40,10 +40,17 @@ TWO_RANKS = {
     "tp2_sp_learned_gelu_ln": "--parallel.tp 2 --model.position learned --model.norm layernorm --model.bias true "
                               "--model.activation gelu",
     "tp2_sp_alibi_postnorm": "--parallel.tp 2 --model.position alibi --model.norm_position post",
+    # T5 relative bias: the [buckets, heads] table a parameter sharded with the heads (ColwiseParallel)
+    "tp2_sp_relative": "--parallel.tp 2 --model.position relative --model.rel_buckets 8 --model.rel_max_distance 16",
     "tp2_sp_sinusoidal_tied": "--parallel.tp 2 --model.position sinusoidal --model.tie_embeddings true",
     # muP under TP+SP: the 1/m logit multiplier on a tied vocab-parallel head, the sqrt(base)/head_dim
     # attention scale on sharded heads, the hidden matrices' own LR group over DTensors
     "tp2_sp_mup_tied": "--parallel.tp 2 --model.parametrization mup --model.mup_base_dim 16 --model.tie_embeddings true",
+    # document masking + a sliding window with a global layer under TP+SP (issue 20): per-document
+    # positions and doc ids pass the blocks' sequence sharding; CORPUS's 30-byte documents put an
+    # end-of-text in every 32-token row, so the mask matters
+    "tp2_sp_docmask_window": "--parallel.tp 2 --model.doc_mask true --model.attn_window 8 --model.attn_global_every 2 "
+                             "--data.urls CORPUS --data.val_urls CORPUS",
     "ddp2_accum2": "--parallel.dp_replicate 2 --parallel.dp_shard 1 --train.grad_accum 2",   # no_sync path
     "pp2_gpipe": "--parallel.pp 2 --parallel.pp_schedule gpipe",
     "pp2_1f1b": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4",

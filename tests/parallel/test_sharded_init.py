@@ -30,6 +30,7 @@ TWO_RANKS = {
                               "--model.n_layers 5 --parallel.pp_layers 1,2,1,1",   # every stage >= 1 layer
     "tp2_tied_alibi_gelu_ln": "--parallel.tp 2 --model.tie_embeddings true --model.position alibi "
                               "--model.activation gelu --model.norm layernorm --model.bias true",
+    "tp2_relative": "--parallel.tp 2 --model.position relative",      # a [buckets, heads] table sharded on dim 1
     "fsdp2_tied_learned": "--parallel.dp_shard 2 --model.tie_embeddings true --model.position learned",
     "fsdp2_mup": "--parallel.dp_shard 2 --model.parametrization mup --model.mup_base_dim 8",  # hidden std / sqrt(4)
     "fsdp2_offload": "--parallel.dp_shard 2 --parallel.fsdp_cpu_offload true",

@@ -107,9 +107,9 @@ def test_fit_progress_plain_lines_off_a_terminal_and_a_bar_on_one():
     prog("starts", 64, 64)
     assert out.getvalue().splitlines() == [
         "fit: bootstrap resamples: 8 to run",
-        "fit: bootstrap resamples: 2/8, 4 s, about 12 s left",
-        "fit: bootstrap resamples: 4/8, 8 s, about 8 s left",
-        "fit: bootstrap resamples: 6/8, 12 s, about 4 s left",
+        "fit: bootstrap resamples: 25% (2 of 8), 4 s, about 12 s left",
+        "fit: bootstrap resamples: 50% (4 of 8), 8 s, about 8 s left",
+        "fit: bootstrap resamples: 75% (6 of 8), 12 s, about 4 s left",
         "fit: bootstrap resamples: 8 done in 16.0 s"]
     out = io.StringIO()
     prog = FitProgress(stream=out, tty=True, clock=lambda: 0.0)

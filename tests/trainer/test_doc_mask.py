@@ -121,3 +121,21 @@ def test_generate_refuses_a_prompt_spanning_documents():
     m = tiny(doc_mask=True).eval()
     with pytest.raises(UsageError, match="end-of-text"):
         generate(m, torch.tensor([[9, EOT, 10]]), 2, temperature=0)
+
+
+def test_meshformer_train_and_generate_with_doc_mask_and_window(tmp_path, capsys):
+    """`meshformer train` on the built-in corpus (packed Python files, each ending in end-of-text)
+    with both switches, then `meshformer generate` from the run folder on the windowed cache."""
+    from trainer.cli import main
+    run = tmp_path / "run"
+    tiny_run = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "2", "--model.n_kv_heads", "2",
+                "--model.max_seq_len", "64", "--train.seq_len", "64", "--train.batch_size", "2", "--train.steps", "3",
+                "--train.device", "cpu", "--train.threads", "1", "--train.eval_every", "0", "--metrics.progress",
+                "false", "--metrics.tensorboard", "false", "--checkpoint.every", "0", "--optim.warmup_steps", "1"]
+    switches = ["--model.doc_mask", "true", "--model.attn_window", "8", "--model.attn_global_every", "2"]
+    assert main(["train", "--config", "configs/tiny.toml", *tiny_run, *switches, "--run.dir", str(run)]) == 0
+    assert "step 3/3" in capsys.readouterr().out
+    saved = (run / "config.toml").read_text()
+    assert "eot_id = 256" in saved and "attn_window = 8" in saved     # generate/export read them back
+    assert main(["generate", str(run), "--prompt", "def ", "--tokens", "40", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def ")

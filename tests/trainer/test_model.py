@@ -7,7 +7,7 @@ from trainer.generate import generate
 from trainer.model import Transformer
 from core.model_config import ModelConfig
 
-POSITIONS = ["rope", "alibi", "sinusoidal", "learned", "none"]
+POSITIONS = ["rope", "alibi", "sinusoidal", "learned", "relative", "none"]
 
 
 def small(**kw) -> ModelConfig:
