@@ -103,6 +103,8 @@ CP_DOC = f"{CP_SEQ} --model.doc_mask true --data.urls DOCS --data.val_urls DOCS"
 TWO_RANKS["cp2"] = f"--parallel.cp 2 {CP_SEQ}"
 TWO_RANKS["cp2_doc"] = f"--parallel.cp 2 {CP_DOC}"
 TWO_RANKS["cp2_allgather_doc"] = f"--parallel.cp 2 --parallel.cp_kv allgather {CP_DOC}"
+# the learned relative bias (a parameter inside each block's mask) across the ring, short and cheap
+TWO_RANKS["cp2_relative"] = "--parallel.cp 2 --train.seq_len 64 --model.position relative"
 FOUR_RANKS = {
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
     "tp2_fsdp2": "--parallel.tp 2 --parallel.dp_shard 2",
