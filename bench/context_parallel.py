@@ -3,13 +3,13 @@
     PYTHONPATH=. python -m bench.context_parallel [--seq 1024,2048,4096,8192,16384] [--cp 1,2,4]
 
 Each (cp, seq_len) runs in fresh processes (gloo, one thread each) so a process's peak resident
-memory is that configuration's: a small model (dim 64, 4 heads, 2 layers, vocab 320) trains two
-steps of one row of seq_len tokens, rank r holding the zigzag chunks r and 2cp-1-r
-(parallel/context.py); CP 1 is the plain model (SDPA's fused causal kernel). "peak MiB" is the
-growth of the resident set over the steps (peak RSS during them minus the RSS before: imports
-and weights left out), the largest over the ranks; tokens/s is seq_len / the second step's time
-(the whole job's throughput). Weights are replicated and their gradients not reduced: what is
-measured is the sequence's share, activations and attention. On a shared, loaded machine the
+memory is that configuration's: a small model (dim 64, 4 heads, 2 layers, vocab 320) trains one
+step on one row of seq_len tokens (after a warm-up step of a few tokens), rank r holding the
+zigzag chunks r and 2cp-1-r (parallel/context.py); CP 1 is the plain model (SDPA's fused causal kernel). "peak MiB" is the
+growth of the resident set over a training step (peak RSS during it minus the RSS before: imports,
+weights and a first small warm-up step left out), the largest over the ranks; tokens/s is seq_len /
+that step's time (the whole job's throughput). Weights are replicated and their gradients not
+reduced: what is measured is the sequence's share, activations and attention. On a shared, loaded machine the
 times are only indicative. glibc's malloc raises its mmap threshold after freeing a large block
 and then keeps freed attention tiles in its heap, so the resident set would count memory the
 program no longer holds: the workers run with a fixed threshold (MALLOC_MMAP_THRESHOLD_).
@@ -42,6 +42,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
 
+def step(model, x, y, idx, cp: int) -> None:
+    logits = model(x, positions=idx) if cp > 1 else model(x)
+    F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").backward()
+    if cp > 1:
+        dist.barrier()
+
+
 def worker(rank: int, cp: int, seq: int, port: int, out) -> None:
     torch.set_num_threads(1)
     if cp > 1:
@@ -55,15 +62,13 @@ def worker(rank: int, cp: int, seq: int, port: int, out) -> None:
     tokens = torch.randint(0, 320, (1, seq + 1), generator=torch.Generator().manual_seed(1))
     idx = zigzag_index(seq, cp, rank)
     x, y = tokens[:, :-1].index_select(1, idx), tokens[:, 1:].index_select(1, idx)
-    base, times = rss_mib(), []
-    for _ in range(2):
-        t = time.perf_counter()
-        logits = model(x, positions=idx) if cp > 1 else model(x)
-        F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").backward()
-        if cp > 1:
-            dist.barrier()
-        times.append(time.perf_counter() - t)
-    out.put((rank, peak_rss_mib() - base, times[-1]))
+    # one step of 8 x 2cp tokens first: one-time costs are not the sequence's (the first
+    # non-reentrant checkpoint imports torch._dynamo, ~75 MiB; gloo's first messages)
+    small = zigzag_index(16 * cp, cp, rank)
+    step(model, tokens[:, :16 * cp].index_select(1, small), tokens[:, 1:16 * cp + 1].index_select(1, small), small, cp)
+    base, t = rss_mib(), time.perf_counter()
+    step(model, x, y, idx, cp)
+    out.put((rank, peak_rss_mib() - base, time.perf_counter() - t))
     if cp > 1:
         dist.destroy_process_group()
 
