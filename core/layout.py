@@ -68,14 +68,21 @@ def stage_layer_counts(cfg: ParallelConfig, n_layers: int) -> list[int]:
 def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int, seq_len: int = 0) -> None:
     """Checks that need the model and batch as well as the layout; each error names the field."""
     tp = cfg.tp
-    if model_cfg.moe_experts:   # the MoE blocks have no tensor-parallel or pipeline plan yet
-        for name, size in (("tp", tp), ("pp", cfg.pp)):
-            if size > 1:
-                raise ConfigError(f"parallel.{name}: {size} is not supported with model.moe_experts > 0 yet "
-                                  f"(MoE trains with data parallel: ddp, fsdp, hsdp); set parallel.{name} = 1")
-        if cfg.engine == "deepspeed":   # its step does not add the model's aux loss nor call after_step yet
-            raise ConfigError("parallel.engine: 'deepspeed' is not supported with model.moe_experts > 0 yet; "
-                              "use 'torch' (FSDP: parallel.dp_shard)")
+    if model_cfg.moe_experts:
+        shared = model_cfg.moe_shared_experts * model_cfg.expert_hidden
+        if tp > 1 and shared % tp:   # the shared experts are split like a dense MLP; routed experts are not
+            raise ConfigError(f"parallel.tp: {tp} does not divide the MoE shared experts' width "
+                              f"(model.moe_shared_experts x expert width = {shared}); pick a tp that divides it")
+        if cfg.pp > 1 and cfg.pp_schedule == "zero_bubble":
+            # torch's split backward (input gradients first, weights later) fails on the MoE blocks (tried)
+            raise ConfigError("parallel.pp_schedule: 'zero_bubble' is not supported with model.moe_experts > 0 yet; "
+                              "use gpipe, 1f1b or interleaved_1f1b")
+        if cfg.engine == "deepspeed" and cfg.zero_stage == 3:
+            # ZeRO-3 gathers a parameter in its module's forward; the router's weight is read by the
+            # MoE module around it (trainer/moe.py: route), never gathered
+            raise ConfigError("parallel.zero_stage: 3 is not supported with model.moe_experts > 0 under "
+                              "parallel.engine = 'deepspeed' (untested: ZeRO-3 gathers a weight only in its own "
+                              "module's forward); use zero_stage 0-2, or FSDP (parallel.engine = 'torch')")
     if tp > 1:
         for what, value in (("model.n_heads", model_cfg.n_heads), ("model.n_kv_heads", model_cfg.kv_heads),
                             ("the MLP width (model.ffn_hidden)", model_cfg.hidden),

@@ -31,6 +31,14 @@ class ParallelPlan:
     # inside a block: embedding tables [*, heads] (learned per-head biases), column-wise: each rank holds
     # and looks up its own heads' columns, a parameter sharded with the heads
     head_tables: tuple[str, ...] = ()
+    # Mixture of Experts, inside a block (a block holding `moe_router` is a MoE block): the router and
+    # the routed experts are replicated over TP and run on the rank's own tokens; the shared experts
+    # are an MLP split like a dense one (column-wise in, row-wise out).
+    moe_router: str = ""
+    moe_experts: str = ""
+    moe_shared: str = ""
+    moe_shared_in: tuple[str, ...] = ()
+    moe_shared_out: str = ""
 
     @property
     def colwise(self) -> tuple[str, ...]:

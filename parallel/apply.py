@@ -67,11 +67,17 @@ class Parallelized:
                                    local_rank=local_rank)
         if self.pipeline is not None:
             return PipelineEngine(self.model_parts, *common, dims=self.dims, vocab_parallel=self.vocab_parallel,
-                                  ddp=False, pipeline=self.pipeline)   # the schedule handles DDP's no_sync
+                                  ddp=False, pipeline=self.pipeline,   # the schedule handles DDP's no_sync
+                                  seq_shards=self.seq_shards)
         if self.dims.world_size == 1:
             return LocalEngine(self.model_parts[0], *common)
         return DistEngine(self.model_parts, *common, dims=self.dims, vocab_parallel=self.vocab_parallel,
-                          ddp=self.dims.ddp_enabled)
+                          ddp=self.dims.ddp_enabled, seq_shards=self.seq_shards)
+
+    @property
+    def seq_shards(self) -> int:
+        """TP ranks that each hold a slice of a micro-batch's sequence (sequence parallel), else 1."""
+        return self.dims.tp if self.dims.tp_enabled and self.pcfg is not None and self.pcfg.sp else 1
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: ParallelConfig,

@@ -24,7 +24,7 @@ from core.errors import ConfigError
 from parallel.dims import ParallelDims
 from parallel.dist_engine import DistEngine
 from parallel.deepspeed_state import DeepSpeedParts
-from parallel.local_engine import StepOutput, labelled_on_host, token_loss_sum
+from parallel.local_engine import StepOutput, aux_loss, aux_weight, labelled_on_host, token_loss_sum
 
 
 def import_deepspeed():
@@ -81,6 +81,7 @@ class DeepSpeedEngine(DistEngine):
         batches = self.to_device(batches)
         count = self.global_labelled_tokens(batches)
         if not labelled_here and not bool(count):
+            self.after_step()
             self.scheduler.step()
             zero = torch.zeros((), device=self.device)
             return StepOutput(zero, zero, False, True)
@@ -88,10 +89,12 @@ class DeepSpeedEngine(DistEngine):
         total = torch.zeros((), device=self.device)
         for inputs, labels in batches:
             loss = token_loss_sum(self.ds(inputs), labels) / divisor
-            self.ds.backward(loss, scale_wrt_gas=False)
+            aux = aux_loss(self.wrapped)      # MoE balancing, weighted as in LocalEngine.forward_backward
+            self.ds.backward(loss if aux is None else loss + aux * aux_weight(labels, divisor), scale_wrt_gas=False)
             self.ds.step()             # an update only at the accumulation boundary
             total += loss.detach()
         norm = self.ds.get_global_grad_norm()
         norm = torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float32, device=self.device)
+        self.after_step()        # MoE: expert loads summed over data parallel, bias update
         self.scheduler.step()
         return StepOutput(total, norm)

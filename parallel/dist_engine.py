@@ -28,9 +28,10 @@ class DistEngine(LocalEngine):
     """LocalEngine over `model_parts` (one module unless pipelined) on a device mesh."""
 
     def __init__(self, model_parts: list, optimizer, scheduler, device, precision="fp32", grad_clip=0.0,
-                 bf16_mode="autocast", *, dims: ParallelDims, vocab_parallel: bool = False, ddp: bool = False):
+                 bf16_mode="autocast", *, dims: ParallelDims, vocab_parallel: bool = False, ddp: bool = False,
+                 seq_shards: int = 1):
         super().__init__(model_parts[0], optimizer, scheduler, device, precision, grad_clip, bf16_mode)
-        self.model_parts, self.dims = model_parts, dims
+        self.model_parts, self.dims, self.seq_shards = model_parts, dims, seq_shards
         self.vocab_parallel, self.ddp = vocab_parallel, ddp
         # DDP and FSDP average gradients over these ranks: data parallel x context parallel (the cp
         # ranks' losses are parts of one sum over each row's tokens, each labelled token once)
@@ -75,6 +76,14 @@ class DistEngine(LocalEngine):
         if self.dp_size > 1:
             t = t.clone()
             dist.all_reduce(t, group=self.dims.dp_cp_mesh.get_group())
+        return t
+
+    def token_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Over data parallel, then over TP where sequence parallel gave each TP rank its own tokens."""
+        t = self.dp_sum(t)
+        if self.seq_shards > 1:
+            t = t.clone()
+            dist.all_reduce(t, group=self.dims.tp_mesh.get_group())
         return t
 
     def all_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:

@@ -68,6 +68,16 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
     return fn() if fn is not None else None
 
 
+def aux_weight(labels: torch.Tensor, divisor: torch.Tensor, seq_shards: int = 1) -> torch.Tensor:
+    """The weight of a micro-batch's aux loss (a per-token mean over the tokens its forward saw):
+    its labelled tokens over the step's divisor, like its token losses. Under sequence parallel
+    each of the `seq_shards` TP ranks saw 1/seq_shards of the micro-batch's tokens and the
+    gradients of their shares are summed, so each share weighs 1/seq_shards (exact for the
+    z-loss, a mean over tokens; the Switch aux loss is then one per shard, parallel/README.md)."""
+    w = (labels != IGNORE_INDEX).sum() / divisor
+    return w / seq_shards if seq_shards > 1 else w
+
+
 class StepOutput(NamedTuple):
     """What one optimizer step leaves behind. The tensors stay on the device, unread: reading one
     (`.item()`, `float()`) waits for the device's queue to drain, so the loop reads them only at
@@ -87,6 +97,7 @@ class LocalEngine:
     """
 
     dp_size = 1   # ranks whose gradients are averaged (DDP/FSDP); the loss is scaled to undo the average
+    seq_shards = 1  # ranks sharing one micro-batch's tokens (TP ranks under sequence parallel)
 
     def __init__(self, model: nn.Module, optimizer, scheduler, device: torch.device,
                  precision: str = "fp32", grad_clip: float = 0.0, bf16_mode: str = "autocast"):
@@ -121,6 +132,11 @@ class LocalEngine:
         """Sum over data-parallel ranks (single process: as is), on the device."""
         return t.detach()
 
+    def token_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank that saw its own tokens of the step (data parallel; and tensor
+        parallel under SP): a per-token count summed here counts each token once."""
+        return self.dp_sum(t)
+
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """The job's sum of a per-rank value (under pipeline parallel, the last stage's value)."""
         return self.dp_sum(t)
@@ -140,18 +156,18 @@ class LocalEngine:
                     aux = aux_loss(self.model)
                 # A per-token mean of this micro-batch, weighted like its token losses: summed over
                 # micro-batches and averaged over ranks it is the global batch's per-token mean.
-                extra = 0 if aux is None else aux * ((labels != IGNORE_INDEX).sum() / divisor)
-                (loss + extra).backward()
+                # Two roots of one backward, not loss + aux: under TP the loss is a DTensor, the aux not.
+                torch.autograd.backward([loss] if aux is None else [loss, aux * aux_weight(labels, divisor, self.seq_shards)])
             total += full_value(loss.detach())      # the reported loss is the language-model loss alone
         return total
 
     def after_step(self) -> None:
-        """The model's own bookkeeping after an update (MoE: expert loads summed over data-parallel
-        ranks, bias update), if it has any."""
+        """The model's own bookkeeping after an update (MoE: expert loads summed over the ranks that
+        saw distinct tokens, `token_sum`; bias update), if it has any."""
         for m in self.modules:
             hook = getattr(unwrapped(m), "after_step", None)
             if hook is not None:
-                hook(self.dp_sum)
+                hook(self.token_sum)
 
     def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The step's loss for the whole job (the mean of the ranks' scaled shares), on the device."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
@@ -27,24 +27,82 @@ from core.parallel_plan import ParallelPlan
 BLOCK_ARGS = 6          # TransformerBlock.forward / Attention.forward: (x, rope, start_pos, cache, positions, doc)
 
 
-def _block_plan(plan: ParallelPlan, sp: bool) -> dict:
+def _mlp_plan(module: str, mlp_in, mlp_out: str, seq) -> dict:
+    """Megatron's MLP: one entry point ("f": under SP an all-gather of the sequence), column-wise
+    in, row-wise out (reduce-scatter back to the sequence shard under SP)."""
+    styles: dict = {name: ColwiseParallel() for name in mlp_in}
+    styles[mlp_out] = RowwiseParallel(output_layouts=seq)
+    styles[module] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
+    return styles
+
+
+def _block_plan(plan: ParallelPlan, sp: bool, block: nn.Module) -> dict:
     seq = Shard(1) if sp else Replicate()
-    styles: dict = {name: ColwiseParallel() for name in plan.colwise}
-    styles.update({name: RowwiseParallel(output_layouts=seq) for name in plan.rowwise})
+    styles: dict = {name: ColwiseParallel() for name in (*plan.qkv, *plan.head_tables)}
+    styles[plan.attention_out] = RowwiseParallel(output_layouts=seq)
     rest = (None,) * (BLOCK_ARGS - 1)
     # One entry point per half-block (Megatron's "f"/"g"): q/k/v (and w1/w3) take the same
     # DTensor input, so backward sums their input gradients before one all-reduce (or one
     # reduce-scatter under SP) instead of one per projection.
-    styles.update({
-        plan.attention: PrepareModuleInput(input_layouts=(seq, *rest), desired_input_layouts=(Replicate(), *rest)),
-        plan.feed_forward: PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
-    })
+    styles[plan.attention] = PrepareModuleInput(input_layouts=(seq, *rest), desired_input_layouts=(Replicate(), *rest))
+    if not _has(block, plan.moe_router):
+        styles.update(_mlp_plan(plan.feed_forward, plan.mlp_in, plan.mlp_out, seq))
+    elif _has(block, plan.moe_shared):
+        # A MoE block: the MoE module takes the residual stream as it is (the rank's sequence shard
+        # under SP); its shared experts gather and scatter the sequence like a dense MLP.
+        styles.update(_mlp_plan(plan.moe_shared, plan.moe_shared_in, plan.moe_shared_out, seq))
     if sp:
         # Local outputs: the residual stream is plain local [B, T/tp, D] tensors, so adding
         # it works for pre- and post-norm blocks alike.
         styles[plan.attention_norm] = SequenceParallel(use_local_output=True)
         styles[plan.ffn_norm] = SequenceParallel(use_local_output=True)
     return styles
+
+
+def _has(block: nn.Module, name: str) -> bool:
+    try:
+        return bool(name) and block.get_submodule(name) is not None
+    except AttributeError:
+        return False
+
+
+def _replicate_used_locally(block: nn.Module, plan: ParallelPlan, tp_mesh, sp: bool) -> None:
+    """The router and the routed experts of a MoE block are not split: their parameters become
+    Replicate DTensors (like every parameter here, so the optimizer's foreach kernels and the
+    gradient norm treat them alike), and the MoE forward computes with their local values on
+    the tokens it is given, with no DTensor op in the routing (topk, sorting, grouped GEMM).
+
+    Under SP those tokens are the rank's own slice of the sequence, so the gradient a rank
+    computes is its share only: the local value is taken with a Partial gradient, which
+    settle_partial_grads (or FSDP, reducing to the parameter's Replicate placement) sums over TP,
+    the same path as the norm weights under SP. Without SP every TP rank routes every token and
+    the gradient is already whole (Replicate). Why hooks that swap the local values in for the
+    forward (torch.func.functional_call's mechanism) rather than an all-reduce hook on the
+    gradients: the Partial placement composes with FSDP's own reduction and the existing clipping
+    without a second code path, and the module keeps its parameter names."""
+    grad_placements = [Partial() if sp else Replicate()]
+    owners = [block.get_submodule(n) for n in (plan.moe_router, plan.moe_experts)]
+    for mod in owners:
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            mod.register_parameter(pname, nn.Parameter(distribute_tensor(p, tp_mesh, [Replicate()])))
+    saved: list = []
+
+    def use_local(module, args):
+        # Read at each forward: FSDP swaps its unsharded parameters in just before (block pre-hook).
+        for mod in owners:
+            for pname, p in list(mod._parameters.items()):
+                if isinstance(p, DTensor):
+                    saved.append((mod, pname, p))
+                    mod._parameters[pname] = p.to_local(grad_placements=grad_placements)
+
+    def restore(module, args, output):
+        while saved:
+            mod, pname, p = saved.pop()
+            mod._parameters[pname] = p
+
+    moe = block.get_submodule(plan.feed_forward)
+    moe.register_forward_pre_hook(use_local)
+    moe.register_forward_hook(restore)
 
 
 def _replicate(module: nn.Module, tp_mesh) -> None:
@@ -99,7 +157,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, plan: ParallelPlan, sp: boo
     keys = list(blocks.keys())
     for i, key in enumerate(keys):
         block = blocks[key]
-        parallelize_module(block, tp_mesh, _block_plan(plan, sp))
+        parallelize_module(block, tp_mesh, _block_plan(plan, sp, block))
+        if _has(block, plan.moe_router):
+            _replicate_used_locally(block, plan, tp_mesh, sp)
         _shard_head_buffers(getattr(block, plan.attention), plan.head_buffers, tp_mesh)
         if not sp:
             _replicate(getattr(block, plan.attention_norm), tp_mesh)

@@ -22,7 +22,8 @@ def run_loss(row: dict, which: str = "val") -> float | None:
 def select_points(rows: list[dict], kind: str = "auto", loss: str = "val",
                   param_count: str = "total") -> list[dict]:
     """One point per (size, D): among the finished runs of `kind` ("branch", "scratch", or "auto" =
-    branches when there are any), the LR with the lowest loss averaged over seeds."""
+    branches when there are any), the LR with the lowest loss averaged over seeds. N is the
+    stored n_params: active parameters for a [moe] sweep's runs."""
     done = [r for r in rows if r["status"] == "done" and r["kind"] in ("branch", "scratch")]
     if kind == "auto":
         kind = "branch" if any(r["kind"] == "branch" for r in done) else "scratch"
@@ -34,7 +35,8 @@ def select_points(rows: list[dict], kind: str = "auto", loss: str = "val",
     for (size, d), by_lr in sorted(groups.items()):
         lr, rs = min(by_lr.items(), key=lambda kv: np.mean([run_loss(r, loss) for r in kv[1]]))
         n = rs[0]["n_params"] if param_count == "total" else rs[0]["n_params_non_embedding"]
-        points.append({"size": size, "N": n, "D": d, "C": 6.0 * n * d, "budget": rs[0]["budget"],
+        points.append({"size": size, "variant": rs[0].get("variant") or "", "N": n, "D": d, "C": 6.0 * n * d,
+                       "budget": rs[0]["budget"],
                        "loss": float(np.mean([run_loss(r, loss) for r in rs])), "lr": lr,
                        "kind": kind, "seeds": len(rs), "lrs_tried": len(by_lr)})
     return points

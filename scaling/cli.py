@@ -35,6 +35,9 @@ def cmd_plan(a) -> int:
               f"{r.C:9.3g} {r.steps_planned:6d} {r.lr:8.3g}  {r.parent or ''}")
     acc = accounting(runs)
     print(f"\n{acc['runs']} runs, {acc['points']} (N, D) points, compute {acc['compute_spent']:.3g} FLOPs (6ND)")
+    if spec.moe_variants:
+        held = ", ".join(sorted({f"{r.size} {r.n_params_all}" for r in runs if r.variant == "moe"}))
+        print(f"[moe]: N is the ACTIVE parameter count (a token's top-k experts); all parameters held: {held}")
     if acc["branches"]:
         print(f"cooldown branches: {acc['branch_compute']:.3g} FLOPs for {acc['branches']} points that "
               f"would cost {acc['branch_points_from_scratch']:.3g} from scratch "
@@ -114,7 +117,15 @@ def _collect(spec, kind, loss):
     store.export_csv(spec.out_dir / "results.csv", rows)
     points = select_points(rows, kind, loss, spec.param_count)
     _write_csv(spec.out_dir / "points.csv", points)
+    for v in _fit_groups(spec):        # a [moe] sweep: each variant's points apart, for its own fit
+        _write_csv(spec.out_dir / f"points-{v}.csv", [p for p in points if p["variant"] == v])
     return rows, points
+
+
+def _fit_groups(spec) -> tuple:
+    """The variants fitted apart ([moe] with both: dense and MoE are different model families, each
+    with its own law in active parameters); () = one fit of all points."""
+    return spec.moe_variants if len(spec.moe_variants) > 1 else ()
 
 
 def _write_transfer(spec, rows, loss) -> dict:
@@ -196,25 +207,35 @@ def cmd_fit(a) -> int:
         out = Path(a.out or spec.out_dir / "fit.json")
     else:
         raise UsageError("fit: give a sweep spec or --csv FILE")
-    fits = fit_all(points, bootstrap=a.bootstrap, top_k=top_k, progress=FitProgress())
+    groups = _fit_groups(spec) if a.spec and not a.csv else ()
+    if groups:       # fit.json: {"variants": {variant: fits}}; the variants' points share one N axis (active)
+        fits = {"variants": {v: fit_all([p for p in points if p["variant"] == v], bootstrap=a.bootstrap,
+                                        top_k=top_k, progress=FitProgress()) for v in groups}}
+    else:
+        fits = fit_all(points, bootstrap=a.bootstrap, top_k=top_k, progress=FitProgress())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(fits, indent=2))
+    for v, one in (fits["variants"].items() if groups else [("", fits)]):
+        _print_fit(one, f"{v}: " if v else "")
+    print(f"wrote {out}")
+    return 0
+
+
+def _print_fit(fits: dict, tag: str = "") -> None:
     c = fits.get("chinchilla")
     if c:
         ci = c.get("intervals", {})
-        print("L(N, D) = E + A/N^alpha + B/D^beta: " + ", ".join(
+        print(tag + "L(N, D) = E + A/N^alpha + B/D^beta: " + ", ".join(
             f"{k}={c[k]:.4g}" + (f" [{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "")
             for k in ("E", "A", "B", "alpha", "beta")))
     else:
-        print(f"parametric fit skipped: {fits.get('chinchilla_skipped')}")
+        print(f"{tag}parametric fit skipped: {fits.get('chinchilla_skipped')}")
     iso = fits.get("isoflop")
     for reason in (iso or {}).get("skipped", []):
-        print(f"IsoFLOP: skipped {reason}")
+        print(f"{tag}IsoFLOP: skipped {reason}")
     if iso and iso.get("n_opt"):
-        print(f"IsoFLOP: N*(C) = {iso['n_opt']['coef']:.3g} C^{iso['n_opt']['exponent']:.3f}, "
+        print(f"{tag}IsoFLOP: N*(C) = {iso['n_opt']['coef']:.3g} C^{iso['n_opt']['exponent']:.3f}, "
               f"D*(C) = {iso['d_opt']['coef']:.3g} C^{iso['d_opt']['exponent']:.3f}")
-    print(f"wrote {out}")
-    return 0
 
 
 def cmd_plot(a) -> int:
@@ -244,8 +265,15 @@ def cmd_plot(a) -> int:
     with open(pts_path, newline="") as f:
         header = next(csv.reader(f), [])
     budget_col = a.budget_col if a.budget_col in header else None    # optional for plots
+    fits = json.loads(fit_path.read_text())
+    if "variants" in fits:     # a [moe] sweep: each variant's points and fit in plots/<variant>/
+        for v, one in fits["variants"].items():
+            points = _read_points(pts_path.parent / f"points-{v}.csv", a.n_col, a.d_col, a.loss_col, budget_col)
+            for path in plot_all(points, one, out_dir / v):
+                print(f"wrote {path}")
+        return 0
     points = _read_points(pts_path, a.n_col, a.d_col, a.loss_col, budget_col)
-    for path in plot_all(points, json.loads(fit_path.read_text()), out_dir):
+    for path in plot_all(points, fits, out_dir):
         print(f"wrote {path}")
     return 0
 

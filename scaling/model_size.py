@@ -16,3 +16,20 @@ def model_numbers(model: dict, seq_len: int) -> tuple[int, int, float]:
     cfg = ModelConfig(**model)
     return (int(cfg.num_params(include_embedding=True)), int(cfg.num_params(include_embedding=False)),
             float(cfg.flops_per_token(seq_len)))
+
+
+def active_numbers(model: dict) -> tuple[int, int]:
+    """(active parameters incl. embeddings, excl. embeddings): what one token uses; a dense
+    model's are its n_params."""
+    cfg = ModelConfig(**model)
+    return int(cfg.num_params(active=True)), int(cfg.num_params(include_embedding=False, active=True))
+
+
+def check_model(model: dict) -> None:
+    """ModelConfig's own validation (ValueError naming the model.* key)."""
+    ModelConfig(**model).validate()
+
+
+def dense_hidden(model: dict) -> int:
+    """The dense MLP width of this model (ModelConfig.hidden)."""
+    return ModelConfig(**model).hidden

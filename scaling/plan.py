@@ -16,7 +16,7 @@ from pathlib import Path
 
 from core.model_config import known_tokenizer_ids, padded_vocab
 
-from .model_size import model_numbers
+from .model_size import active_numbers, check_model, dense_hidden, model_numbers
 from .spec import Spec, SweepSpecError
 
 
@@ -43,6 +43,8 @@ class Run:
     config_hash: str = ""
     checkpoint_steps: list = field(default_factory=list)
     parametrization: str = "sp"
+    variant: str = ""           # [moe]: "dense" or "moe" (n_params* are then ACTIVE parameters)
+    n_params_all: int = 0       # every parameter, all experts included (= n_params for a dense model)
 
     @property
     def is_branch(self) -> int:
@@ -98,22 +100,44 @@ def plan_sweep(spec: Spec) -> list[Run]:
                 raise SweepSpecError(f"model.vocab_size is 0 (auto) in {spec.base_config}; a sweep counts parameters "
                                      "before training: set 'model.vocab_size' in [base]")
             model["vocab_size"] = padded_vocab(ids)
-        n_tot, n_ne, _ = model_numbers(model, seq_len)
-        n = n_tot if spec.param_count == "total" else n_ne
-        tps = spec.batch_size[size.dim] * spec.grad_accum * seq_len
-        targets = _targets(spec, n)                      # [(budget or None, tokens)]
-        for par in spec.parametrizations or (None,):
-            for lr in spec.lrs(size):
-                for seed in spec.seeds:
-                    ctx = dict(spec=spec, size=size, n=n, n_tot=n_tot, n_ne=n_ne, tps=tps, lr=lr,
-                               seed=seed, base_text=base_text, par=par)
-                    runs += _runs_for(ctx, targets)
+        for variant in spec.moe_variants or (None,):
+            m, moe_ov = _variant_model(spec, size, model, variant)
+            n_all = model_numbers(m, seq_len)[0]
+            n_tot, n_ne = active_numbers(m)                  # = model_numbers' counts for a dense model
+            n = n_tot if spec.param_count == "total" else n_ne
+            tps = spec.batch_size[size.dim] * spec.grad_accum * seq_len
+            targets = _targets(spec, n)                      # [(budget or None, tokens)]
+            for par in spec.parametrizations or (None,):
+                for lr in spec.lrs(size):
+                    for seed in spec.seeds:
+                        ctx = dict(spec=spec, size=size, n=n, n_tot=n_tot, n_ne=n_ne, tps=tps, lr=lr,
+                                   seed=seed, base_text=base_text, par=par, variant=variant, moe_ov=moe_ov,
+                                   n_all=n_all)
+                        runs += _runs_for(ctx, targets)
     ids = [r.run_id for r in runs]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
         raise SweepSpecError(f"the design gives several runs the same id {sorted(dup)[:3]}: two "
                              "budgets round to the same step count for a size; spread the budgets")
     return runs
+
+
+def _variant_model(spec: Spec, size, model: dict, variant: str | None) -> tuple[dict, dict]:
+    """(the model.* dict a variant trains, its overrides). "moe": the [moe] keys, with expert width
+    expert_width x the size's dense MLP width rounded to a multiple of 8 (the grouped GEMM wants
+    16-byte rows); "dense": no experts, whatever the base config says."""
+    if variant is None:
+        return model, {}
+    if variant == "dense":
+        return {**model, "moe_experts": 0}, {"model.moe_experts": 0}
+    ov = {k: v for k, v in spec.moe.items() if k.startswith("model.")}
+    ov["model.moe_hidden"] = max(8, round(spec.moe["expert_width"] * dense_hidden(model) / 8) * 8)
+    m = {**model, **{k.removeprefix("model."): v for k, v in ov.items()}}
+    try:
+        check_model(m)
+    except ValueError as e:
+        raise SweepSpecError(f"[moe] size {size.name}: {e}") from None
+    return m, ov
 
 
 def _targets(spec: Spec, n: int) -> list:
@@ -155,10 +179,12 @@ def _make(ctx, kind, steps, budget, decay_steps=0, parent: Run | None = None, ch
     par = ctx["par"]
     # under [mup] the parametrization is part of the size's name: sp and muP runs of one width are
     # different models, each with its own best LR (select_points picks one per size)
-    size_name = f"{par}-{size.name}" if par else size.name
+    variant = ctx["variant"]
+    size_name = f"{par}-{size.name}" if par else f"{variant}-{size.name}" if variant else size.name
     run_id = f"{size_name}-lr{ctx['lr']:g}-s{ctx['seed']}-{tag}"
     run_dir = spec.out_dir / "runs" / run_id
     ov = dict(spec.base)
+    ov.update(ctx["moe_ov"])
     if par:
         ov.update({"model.parametrization": par, "model.mup_base_dim": spec.mup_base_dim,
                    "model.mup_base_head_dim": size.dim // size.n_heads})
@@ -187,7 +213,8 @@ def _make(ctx, kind, steps, budget, decay_steps=0, parent: Run | None = None, ch
               batch_size=spec.batch_size[size.dim], seed=ctx["seed"], steps_planned=steps,
               run_dir=str(run_dir), overrides=ov, budget=budget,
               parent=parent.run_id if parent else None, stage=1 if parent else 0,
-              checkpoint_steps=list(checkpoint_steps), parametrization=par or "sp")
+              checkpoint_steps=list(checkpoint_steps), parametrization=par or "sp", variant=variant or "",
+              n_params_all=ctx["n_all"])
     run.config_hash = _hash([ctx["base_text"], hashed, parent.config_hash if parent else None])
     return run
 

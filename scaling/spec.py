@@ -52,6 +52,10 @@ class Spec:
     # mup_base_dim and mup_base_head_dim = the family's head_dim (widening adds heads); () = no [mup]
     parametrizations: tuple = ()
     mup_base_dim: int = 0
+    # [moe]: train every size as each variant ("dense", "moe"); MoE runs get these model.moe_* keys
+    # and moe_hidden = expert_width x the size's dense MLP width; N = active parameters; () = no [moe]
+    moe_variants: tuple = ()
+    moe: dict = field(default_factory=dict)
     # [slurm]: `profile` (a cluster profile name or path) and single profile keys for `run --slurm`;
     # checked where the profile is loaded (launch/slurm_profile.py), which scaling/ may not import
     slurm: dict = field(default_factory=dict)
@@ -126,6 +130,28 @@ def _mup(mup: dict, kw: dict) -> None:
     _no_leftovers(mup, "mup")
 
 
+def _moe(moe: dict, kw: dict) -> None:
+    """[moe]: experts (required), top_k (2), shared_experts (0), every (1), expert_width (1 / top_k:
+    top_k experts then use the dense MLP's matmul FLOPs) and variants (default ["dense", "moe"])."""
+    experts = _take(moe, "moe", "experts", int)
+    top_k = _take(moe, "moe", "top_k", int, 2)
+    if experts < 2 or not 1 <= top_k <= experts:
+        raise SweepSpecError(f"[moe] experts = {experts}, top_k = {top_k}: need experts >= 2 and 1 <= top_k <= experts")
+    shared = _take(moe, "moe", "shared_experts", int, 0)
+    every = _take(moe, "moe", "every", int, 1)
+    width = float(_take(moe, "moe", "expert_width", (int, float), 1.0 / top_k))
+    if shared < 0 or every < 1 or width <= 0:
+        raise SweepSpecError(f"[moe] shared_experts = {shared}, every = {every}, expert_width = {width}: need "
+                             "shared_experts >= 0, every >= 1, expert_width > 0 (a fraction of the dense MLP width)")
+    variants = _take(moe, "moe", "variants", list, ["dense", "moe"])
+    if not variants or any(v not in ("dense", "moe") for v in variants) or len(set(variants)) != len(variants):
+        raise SweepSpecError(f"[moe] variants = {variants!r}: expected a list of distinct 'dense' / 'moe'")
+    _no_leftovers(moe, "moe")
+    kw["moe_variants"] = tuple(variants)
+    kw["moe"] = {"model.moe_experts": experts, "model.moe_top_k": top_k, "model.moe_shared_experts": shared,
+                 "model.moe_every": every, "expert_width": width}
+
+
 def load_spec(path: str | Path) -> Spec:
     """Paths inside the spec (out_dir, base_config) are relative to the directory you run from."""
     path = Path(path)
@@ -135,7 +161,7 @@ def load_spec(path: str | Path) -> Spec:
         raise SweepSpecError(f"sweep spec {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise SweepSpecError(f"sweep spec {path} is not valid TOML: {e}") from None
-    known = {"sweep", "base", "family", "design", "batch", "lr", "cooldown", "mup", "slurm"}
+    known = {"sweep", "base", "family", "design", "batch", "lr", "cooldown", "mup", "moe", "slurm"}
     if set(raw) - known:
         raise SweepSpecError(f"{path}: unknown tables {sorted(set(raw) - known)}; known: {sorted(known)}")
     sw, des, bat = dict(raw.get("sweep", {})), dict(raw.get("design", {})), dict(raw.get("batch", {}))
@@ -189,6 +215,10 @@ def load_spec(path: str | Path) -> Spec:
     _no_leftovers(cd, "cooldown")
     if "mup" in raw:
         _mup(dict(raw["mup"]), kw)
+    if "moe" in raw:
+        if "mup" in raw:     # the trainer refuses muP with experts; the two comparisons do not mix
+            raise SweepSpecError("[moe] and [mup]: one comparison per sweep (muP with experts is not supported)")
+        _moe(dict(raw["moe"]), kw)
     if not kw["base_config"].exists():
         raise SweepSpecError(f"[sweep] base_config {kw['base_config']} does not exist "
                              "(paths are relative to the directory you run from)")

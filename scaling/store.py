@@ -21,10 +21,11 @@ COLUMNS = {
     "status": "TEXT", "final_loss": "REAL", "final_val_loss": "REAL", "tokens": "REAL",
     "steps": "INTEGER", "wall_s": "REAL", "attempts": "INTEGER", "host": "TEXT", "pid": "INTEGER",
     "slurm_job": "TEXT", "error": "TEXT", "updated_at": "REAL", "parametrization": "TEXT", "dim": "INTEGER",
+    "variant": "TEXT", "n_params_all": "INTEGER",
 }
 PLAN_FIELDS = ["config_hash", "kind", "is_branch", "parent", "size", "n_params",
                "n_params_non_embedding", "D", "C", "budget", "lr", "batch_size", "seed",
-               "steps_planned", "run_dir", "parametrization", "dim"]
+               "steps_planned", "run_dir", "parametrization", "dim", "variant", "n_params_all"]
 STATUSES = ("pending", "running", "done", "failed")   # and "preempted": saved on a signal, resumes
 
 
@@ -78,8 +79,12 @@ class ResultsStore:
         self._update(run_id, "status='done', error=NULL",
                      final_loss=summary.get("final_loss"), final_val_loss=summary.get("final_val_loss"),
                      tokens=summary.get("tokens"), steps=summary.get("steps"), wall_s=summary.get("wall_s"),
-                     n_params=summary.get("n_params"),
-                     n_params_non_embedding=summary.get("n_params_non_embedding"))
+                     # N as the design counts it: active parameters (a MoE run's top-k experts;
+                     # a dense run's are all of them; summaries from before the key: n_params)
+                     n_params=summary.get("n_params_active", summary.get("n_params")),
+                     n_params_non_embedding=summary.get("n_params_active_non_embedding",
+                                                        summary.get("n_params_non_embedding")),
+                     n_params_all=summary.get("n_params"))
 
     def mark_preempted(self, run_id: str, note: str) -> None:
         self._update(run_id, "status='preempted'", error=note)

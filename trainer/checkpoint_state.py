@@ -12,6 +12,7 @@ import contextlib
 import pickle
 import random
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from core.errors import CheckpointError
+from core.model_config import ModelConfig
 from trainer import checkpoint_files as files
 from trainer.model import Transformer
 from torch.distributed.checkpoint.state_dict import (
@@ -156,11 +158,17 @@ HARMLESS_MODEL_FIELDS = {"init_std", "max_seq_len", *ROPE_SCALING_FIELDS}
 
 
 def model_config_diff(saved: dict, current: dict) -> list[str]:
+    """The model fields that differ. A key a checkpoint lacks was written before that option
+    existed, when the model behaved as its default does (new options default to off)."""
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    saved = {**{k: v for k, v in defaults.items() if k in current}, **saved}
     diffs = []
     for key in sorted(set(saved) | set(current)):
         if key in HARMLESS_MODEL_FIELDS and not (key == "max_seq_len" and current.get("position") == "learned"):
             continue
         if key.startswith("rel_") and current.get("position") != "relative":   # unused (older checkpoints lack them)
+            continue
+        if key == "eot_id" and not current.get("doc_mask"):    # read only by document masking
             continue
         if saved.get(key) != current.get(key):
             diffs.append(f"model.{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")

@@ -47,10 +47,10 @@ def time_plain_decode(model: Transformer, prompt: torch.Tensor, steps: int) -> d
     cache = KVCache()
     start = time.perf_counter()
     nxt = model(prompt, start_pos=0, cache=cache)[:, -1:].argmax(-1)
-    positions = len(cache)
+    positions = cache.attended()
     for _ in range(steps - 1):
         nxt = model(nxt, start_pos=len(cache), cache=cache)[:, -1:].argmax(-1)
-        positions += len(cache)
+        positions += cache.attended()
     seconds = time.perf_counter() - start
     read = steps * weight_bytes_per_step(model, batch) + positions * kv_bytes_per_position(model, batch)
     return {"tokens": batch * steps, "seconds": seconds, "bytes_read": read}

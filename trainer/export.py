@@ -5,7 +5,8 @@
     meshformer export runs/tiny/checkpoints/step-00000300 exports/tiny  # a checkpoint folder
     meshformer export --config configs/tiny.toml exports/tiny [--section.key value ...]
 
-Writes OUT/model.safetensors (HF Llama tensor names), config.json (LlamaConfig),
+Writes OUT/model.safetensors (HF Llama tensor names; MoE models: Mixtral, Qwen2-MoE or Glm4-MoE, chosen
+in trainer/hf_moe.py), config.json (LlamaConfig or the MoE format's),
 generation_config.json (stops at end-of-text) and the tokenizer (tokenizer.json,
 tokenizer_config.json, special_tokens_map.json; trainer/hf_tokenizer.py), so
 `AutoModelForCausalLM.from_pretrained(OUT)`, `AutoTokenizer.from_pretrained(OUT)` and
@@ -27,7 +28,7 @@ from core.model_config import ModelConfig
 from core.run_config import Config, load_config
 from trainer import checkpoint_files as files
 from trainer.checkpoint_state import CheckpointError, dcp_load
-from trainer.hf_llama import check_llama_shaped, hf_config, to_hf
+from trainer.hf_moe import check_exportable, hf_config_any, to_hf_any
 from trainer.hf_tokenizer import generation_config, write_hf_tokenizer
 from trainer.model import Transformer
 from trainer.run_folder import CONFIG_NAME, describe, load_run_config, pick_checkpoint, run_tokenizer
@@ -91,7 +92,7 @@ def export(source: str, out: str, dtype: str = "float32", force: bool = False, *
     from safetensors.torch import save_file
     ckpt = verified(resolve_checkpoint(source, checkpoint))
     mc = model_config_of(ckpt)
-    check_llama_shaped(mc)
+    check_exportable(mc)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out!r} is a file; give a new or empty folder")
@@ -99,10 +100,10 @@ def export(source: str, out: str, dtype: str = "float32", force: bool = False, *
         raise CheckpointError(f"--out {out!r} exists and is not empty; pick another folder or pass --force")
     cfg = cfg if cfg is not None else run_config_of(source)
     tok = run_tokenizer(cfg) if cfg is not None else None     # before writing: a bad tokenizer stops the export
-    tensors = {k: v.to(DTYPES[dtype]) for k, v in to_hf(consolidated_state_dict(ckpt, mc), mc).items()}
+    tensors = {k: v.to(DTYPES[dtype]) for k, v in to_hf_any(consolidated_state_dict(ckpt, mc), mc).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(mc, dtype), indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(hf_config_any(mc, dtype), indent=2) + "\n")
     meta = files.read_json(ckpt / "train.json", "checkpoint")
     (out_dir / "meshformer.json").write_text(json.dumps(
         {"checkpoint": str(ckpt.resolve()), "step": meta["step"], "tokens": meta["tokens"], "model": meta["model"]},

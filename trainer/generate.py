@@ -50,9 +50,10 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
     then each new token attends to the cached keys and values of all earlier ones."""
     model.eval()
     check_request(prompt.shape[1], max_new_tokens, temperature, top_k, model.cfg.max_seq_len)
-    if model.cfg.doc_mask and bool((prompt[:, :-1] == model.cfg.eot_id).any()):
-        # the cache decodes one document; a doc_mask model would not look past an end-of-text anyway
-        raise UsageError(f"--prompt: holds end-of-text (id {model.cfg.eot_id}) before its end; a model.doc_mask "
+    if model.cfg.doc_mask and bool((prompt == model.cfg.eot_id).any()):
+        # the cache decodes one document (positions from 0, no document ids): what follows an
+        # end-of-text would be a new document, which a doc_mask model never saw attend across one
+        raise UsageError(f"--prompt: holds end-of-text (id {model.cfg.eot_id}); a model.doc_mask "
                          "model sees one document at a time: give the text of the document to continue")
     cache = KVCache()
     logits = model(prompt, start_pos=0, cache=cache)[:, -1]

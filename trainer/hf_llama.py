@@ -14,7 +14,10 @@ the shared matrix without changing the embedding, so it is written untied (lm_he
 tie_word_embeddings false); on import a tied model takes its matrix from embed_tokens.
 Sliding-window attention (model.attn_window, every layer windowed) is written as Mistral
 (`MistralForCausalLM`, the same tensor names as Llama plus `sliding_window`, whose rule
-q - k < sliding_window is ours); with global layers (attn_global_every) there is no such format here.
+q - k < sliding_window is ours). With global layers (attn_global_every) it is Qwen2
+(`Qwen2ForCausalLM`, whose `layer_types` name each layer sliding or full): Qwen2's q/k/v
+projections always carry biases, so the export writes them as zeros and an import requires them
+to be zero (our model has none).
 Document masking (model.doc_mask) is a property of how packed rows were trained, not of the
 weights: an exported model run on one document at a time computes what ours does.
 """
@@ -39,21 +42,22 @@ TOP_NAMES = {f"{M.EMBEDDING}.weight": "model.embed_tokens.weight", f"{M.FINAL_NO
 Q_WEIGHT, K_WEIGHT, HEAD_WEIGHT, EMBEDDING_WEIGHT = f"{M.Q}.weight", f"{M.K}.weight", f"{M.HEAD}.weight", f"{M.EMBEDDING}.weight"
 
 
-def check_llama_shaped(mc) -> None:
-    wrong = []
+def llama_problems(mc) -> list[str]:
+    """What keeps the attention, norms and MLPs from Llama's form (the MoE formats share it)."""
     if mc.position == "relative":   # no Llama (nor other decoder format transformers loads) has T5's bias table
         raise CheckpointError("model.position = 'relative' cannot be exported: Hugging Face Llama has no learned "
                               "relative bias (T5's format is encoder-decoder); train with model.position = 'rope' "
                               "(with model.rope_scaling for long context) to export")
-    for field, want in (("position", "rope"), ("norm", "rmsnorm"), ("norm_position", "pre"),
-                        ("activation", "swiglu"), ("bias", False)):
-        if getattr(mc, field) != want:
-            wrong.append(f"model.{field} = {getattr(mc, field)!r} (Llama needs {want!r})")
-    if getattr(mc, "moe_experts", 0):     # a Mixtral / Qwen-MoE layout is not written yet
+    wrong = [f"model.{field} = {getattr(mc, field)!r} (Llama needs {want!r})"
+             for field, want in (("position", "rope"), ("norm", "rmsnorm"), ("norm_position", "pre"),
+                                 ("activation", "swiglu"), ("bias", False)) if getattr(mc, field) != want]
+    return wrong
+
+
+def check_llama_shaped(mc) -> None:
+    wrong = llama_problems(mc)
+    if getattr(mc, "moe_experts", 0):     # MoE models go to the MoE formats of trainer/hf_moe.py (export only)
         wrong.append(f"model.moe_experts = {mc.moe_experts} (Llama is dense: 0)")
-    if getattr(mc, "attn_global_every", 0):
-        wrong.append(f"model.attn_global_every = {mc.attn_global_every} (Mistral's sliding_window windows every "
-                     "layer: 0)")
     if wrong:
         raise CheckpointError("only Llama-shaped models (rope, rmsnorm, pre-norm, swiglu, no bias) can be exported "
                               "to or imported from Hugging Face Llama; this model has " + "; ".join(wrong))
@@ -88,27 +92,53 @@ def _rope_permute(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch
 def to_hf(sd: dict, mc) -> dict:
     """Our full state dict -> HF Llama tensors (contiguous; the tied head is left out, as HF does)."""
     check_llama_shaped(mc)
-    out = {}
-    for k, v in sd.items():
-        if k == HEAD_WEIGHT and mc.tie_embeddings and not untied_head(mc):
-            continue
-        if k.endswith(Q_WEIGHT):
-            v = _rope_permute(v, mc.n_heads)
-            if q_fold(mc) != 1.0:
-                v = v * q_fold(mc)
-        elif k.endswith(K_WEIGHT):
-            v = _rope_permute(v, mc.kv_heads)
-        elif k == HEAD_WEIGHT and mc.output_mult != 1.0:
-            v = v * mc.output_mult
-        out[hf_name(k)] = v.detach().contiguous()
+    pairs = (llama_tensor(k, v, mc) for k, v in sd.items())
+    out = dict(p for p in pairs if p is not None)
+    if qwen2_layers(mc):
+        out.update({k: b.to(next(iter(out.values())).dtype) for k, b in zero_qkv_biases(mc).items()})
     return out
+
+
+def llama_tensor(k: str, v: torch.Tensor, mc) -> tuple[str, torch.Tensor] | None:
+    """One of our non-expert tensors in HF Llama's name and form; None for a tied head HF leaves out."""
+    if k == HEAD_WEIGHT and mc.tie_embeddings and not untied_head(mc):
+        return None
+    if k.endswith(Q_WEIGHT):
+        v = _rope_permute(v, mc.n_heads)
+        if q_fold(mc) != 1.0:
+            v = v * q_fold(mc)
+    elif k.endswith(K_WEIGHT):
+        v = _rope_permute(v, mc.kv_heads)
+    elif k == HEAD_WEIGHT and mc.output_mult != 1.0:
+        v = v * mc.output_mult
+    return hf_name(k), v.detach().contiguous()
+
+
+def qwen2_layers(mc) -> bool:
+    """A windowed model with global layers: written as Qwen2 (per-layer types)."""
+    return bool(getattr(mc, "attn_window", 0) and getattr(mc, "attn_global_every", 0))
+
+
+def layer_types(mc) -> list[str]:
+    return ["full_attention" if mc.layer_window(i) is None else "sliding_attention" for i in range(mc.n_layers)]
+
+
+def zero_qkv_biases(mc) -> dict:
+    """Qwen2's q/k/v biases, zero: the export's extra tensors that change nothing."""
+    return {f"model.layers.{i}.self_attn.{n}_proj.bias": torch.zeros(heads * mc.head_dim)
+            for i in range(mc.n_layers) for n, heads in (("q", mc.n_heads), ("k", mc.kv_heads), ("v", mc.kv_heads))}
 
 
 def hf_config(mc, dtype: str = "float32") -> dict:
     check_llama_shaped(mc)
     window = getattr(mc, "attn_window", 0)
-    arch = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window} if window \
-        else {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    if qwen2_layers(mc):
+        arch = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True,
+                "sliding_window": window, "max_window_layers": 0, "layer_types": layer_types(mc)}
+    elif window:
+        arch = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
+    else:
+        arch = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {
         **arch,
         "vocab_size": mc.vocab_size, "hidden_size": mc.dim, "intermediate_size": mc.hidden,
@@ -194,8 +224,11 @@ class WeightsReader:
             problems = [f"missing: {theirs}" for theirs in names if theirs not in self._where]
             problems += [f"shape of {theirs}: file {list(self._shape(theirs))}, this model {list(self.want[ours])}"
                          for theirs, ours in names.items() if theirs in self._where and self._shape(theirs) != self.want[ours]]
+            zero_ok = zero_qkv_biases(self.mc) if qwen2_layers(self.mc) else {}
             problems += [f"not in this model: {k}" for k in self._where
-                         if k not in names and not (k == "lm_head.weight" and self.mc.tie_embeddings)]
+                         if k not in names and k not in zero_ok and not (k == "lm_head.weight" and self.mc.tie_embeddings)]
+            problems += [f"{k}: not zero (this model has no attention biases)" for k in zero_ok
+                         if k in self._where and self._where[k].get_tensor(k).abs().max().item() != 0]
             if problems:
                 raise CheckpointError("the weights do not fit this model (check model.* against the export's "
                                       "config.json):\n  " + "\n  ".join(problems[:12]))

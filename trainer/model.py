@@ -84,11 +84,13 @@ class KVCache:
         self.first: dict[int, int] = {}     # absolute position of each layer's first cached entry
         self.keep_extra = keep_extra
         self.length = 0                     # positions fed so far
+        self.windows: dict[int, int | None] = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
         """Append k/v [B, T, H, D]; returns (all keys, all values, position of the first) to attend
         to now, then forgets what no later query of a `window` layer can see."""
         first = self.first.get(layer, 0)
+        self.windows[layer] = window
         if layer in self.k:
             k = torch.cat([self.k[layer], k], dim=1)
             v = torch.cat([self.v[layer], v], dim=1)
@@ -113,6 +115,13 @@ class KVCache:
                                      f"(keep_extra={self.keep_extra} is too small for this rollback)")
                 d[layer] = t[:, :length - self.first[layer]]
         self.length = min(self.length, length)
+
+    def attended(self) -> float:
+        """Positions the newest query read, averaged over layers (a windowed layer reads at most its
+        window): what a decode step streams from the cache, for the bandwidth estimate."""
+        if not self.windows:
+            return 0.0
+        return sum(self.length if w is None else min(w, self.length) for w in self.windows.values()) / len(self.windows)
 
     def entries(self) -> int:
         """Key (= value) vectors held over all layers, per row: the cache's memory in positions."""
@@ -281,8 +290,9 @@ class Transformer(nn.Module):
         treats what it is fed as one document (generate refuses a prompt holding end-of-text)."""
         seqlen = tokens.shape[1]
         if self.cfg.doc_mask and cache is None and doc is None:
-            if tokens.dim() != 2:
-                raise ValueError("model.doc_mask: a stage fed hidden states needs `doc` and `positions` passed in")
+            if tokens.dim() != 2 or positions is not None:   # a chunk's own numbering would be wrong
+                raise ValueError("model.doc_mask: pass `doc` with `positions` (both from trainer.attention.doc_ids "
+                                 "of whole rows) for a chunk of a row or a stage fed hidden states")
             positions, doc = doc_ids(tokens, self.cfg.eot_id)
         pos = positions if positions is not None else torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
         if self.tok_embeddings is not None:

@@ -115,7 +115,7 @@ class MoE(nn.Module):
         return chosen, gates, logits, scores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        shape, tokens = x.shape, x
         x = x.reshape(-1, shape[-1])
         n, k, e = x.shape[0], self.top_k, self.n_experts
         chosen, gates, logits, scores = self.route(x)
@@ -141,11 +141,12 @@ class MoE(nn.Module):
         y = y * w if keep is None else torch.where(keep[:, None], y * w, torch.zeros_like(y))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(n * k, device=x.device)
-        out = y[inverse].view(n, k, -1).sum(1)
+        out = y[inverse].view(n, k, -1).sum(1).view(shape)
         if self.shared is not None:
-            out = out + self.shared(x)
+            # on the [B, T, D] input, as a dense MLP: tensor parallel splits it like one
+            out = out + self.shared(tokens)
         self.account(x, counts, kept, logits, scores)
-        return out.view(shape)
+        return out
 
     def account(self, x, counts, kept, logits, scores) -> None:
         """Aux losses of this forward (kept for the engine) and the step's counters."""

@@ -61,8 +61,8 @@ class SpecStats:
     accepted: int = 0              # of them kept
     target_passes: int = 0
     draft_passes: int = 0
-    target_kv_positions: int = 0   # cached positions attended, summed over target passes
-    draft_kv_positions: int = 0
+    target_kv_positions: float = 0.0   # cached positions attended (mean over layers), summed over passes
+    draft_kv_positions: float = 0.0
     emitted: int = 0
     rounds: list[int] = field(default_factory=list)   # tokens emitted per round
 
@@ -110,7 +110,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: torch.
         for _ in range(k):   # the draft proposes k tokens, one pass each
             logits = _feed(draft, dcache, torch.cat([out, *drafts], 1))[:, -1]
             stats.draft_passes += 1
-            stats.draft_kv_positions += len(dcache)
+            stats.draft_kv_positions += dcache.attended()
             q = next_token_probs(logits, temperature, top_k)
             drafts.append(torch.multinomial(q, 1, generator=generator))
             qs.append(q)
@@ -118,7 +118,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: torch.
         # the target scores the k proposals (and whatever its cache lacks) in one pass
         p_all = next_token_probs(_feed(target, tcache, torch.cat([out, *drafts], 1))[0, -(k + 1):], temperature, top_k)
         stats.target_passes += 1
-        stats.target_kv_positions += len(tcache)
+        stats.target_kv_positions += tcache.attended()
         if k:
             accepted, replacement = verify(p_all[:k], torch.cat(qs), proposal[0], generator)
             n_ok = int(accepted.long().cumprod(0).sum())      # accepted before the first rejection

@@ -234,6 +234,10 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     summary = {"final_loss": last["loss"], "final_val_loss": last["val_loss"], "steps": state.step,
                "tokens": state.tokens, "wall_s": round(time.perf_counter() - start_wall, 3),
                "n_params": n_params, "n_params_non_embedding": n_body, "flops_per_token": flops_per_token,
+               # what one token uses (a MoE model's top-k experts; = the above for a dense model): the N
+               # of scaling sweeps that compare dense and MoE models at equal active compute
+               "n_params_active": cfg.model.num_params(active=True),
+               "n_params_active_non_embedding": cfg.model.num_params(include_embedding=False, active=True),
                "world_size": ctx.world_size, "preempted": ckpt.preempted}
     if ctx.is_main:   # strict JSON: a value never computed (no validation split) is null
         text = json.dumps({k: strict(v) for k, v in summary.items()}, indent=2, allow_nan=False)

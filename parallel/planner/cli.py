@@ -42,6 +42,7 @@ layout notation (the winner is spelled out as config overrides below):
   tp8+sp       tensor parallel over 8 GPUs (+sp: sequence parallel on norms and residuals)
   pp4x2        4 pipeline stages, 2 model chunks (virtual stages) per GPU for the interleaved schedule
   dp2x32       data parallel: 2 replicas (DDP; HSDP with FSDP inside) x 32 FSDP shards
+  ep4          expert parallel (MoE): experts split over 4 of the FSDP shard ranks
   mb1x16       micro-batches of 1 sequence, 16 of them per data-parallel rank per optimizer step
                (pipeline microbatches, or gradient accumulation steps without PP)
   1f1b, zero_bubble, interleaved_1f1b   the pipeline schedule ('-' without PP)

@@ -29,6 +29,7 @@ class Layout:
     dtype: str = "bf16"
     seq_len: int = 2048
     cp: int = 1                     # context parallel: each sequence over cp ranks (ring attention)
+    ep: int = 1                     # expert parallel: MoE experts split over ep ranks carved out of dp_shard
 
     @property
     def dp(self) -> int:
@@ -59,7 +60,7 @@ class Layout:
     def validate(self, model: ModelConfig) -> None:
         """Raise ValueError naming the field when the layout cannot run this model."""
         for name in ("tp", "pp", "pp_virtual_stages", "dp_replicate", "dp_shard", "micro_batch", "microbatches", "seq_len",
-                     "cp"):
+                     "cp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"layout.{name}: must be >= 1, got {getattr(self, name)}")
         if self.pp_schedule not in SCHEDULES:
@@ -73,6 +74,9 @@ class Layout:
                              f"and the kv heads ({model.kv_heads})")
         if model.hidden % self.tp:
             raise ValueError(f"parallel.tp: {self.tp} must divide the MLP width {model.hidden}")
+        if self.ep > 1 and (not model.moe_experts or model.moe_experts % self.ep or self.dp_shard % self.ep):
+            raise ValueError(f"parallel.ep: {self.ep} must divide model.moe_experts={model.moe_experts} and "
+                             f"parallel.dp_shard={self.dp_shard} (the experts are split over ranks of dp_shard)")
         if self.sp and self.tp == 1:
             raise ValueError("parallel.sp: sequence parallel needs parallel.tp > 1")
         if self.sp and (self.seq_len // self.cp) % self.tp:
@@ -113,6 +117,8 @@ class Layout:
             o += ["--train.batch_size", str(self.batch_per_dp_rank), "--train.grad_accum", "1"]
         else:   # without PP, train.batch_size is one accumulation step's batch
             o += ["--train.batch_size", str(self.micro_batch), "--train.grad_accum", str(self.microbatches)]
+        if self.ep > 1:
+            o += ["--parallel.ep", str(self.ep)]
         o += ["--parallel.sp", "true" if self.sp else "false", "--parallel.ac", self.ac,
               "--precision.dtype", self.dtype, "--train.seq_len", str(self.seq_len)]
         if self.cp > 1:
@@ -121,8 +127,9 @@ class Layout:
 
     def short(self) -> str:
         v = f"x{self.pp_virtual_stages}" if self.pp_virtual_stages > 1 else ""
-        return (f"tp{self.tp}{'+sp' if self.sp else ''}{f' cp{self.cp}' if self.cp > 1 else ''} pp{self.pp}{v} "
-                f"dp{self.dp_replicate}x{self.dp_shard} "
+        ep = f" ep{self.ep}" if self.ep > 1 else ""
+        cp = f" cp{self.cp}" if self.cp > 1 else ""
+        return (f"tp{self.tp}{'+sp' if self.sp else ''}{cp} pp{self.pp}{v} dp{self.dp_replicate}x{self.dp_shard}{ep} "
                 f"mb{self.micro_batch}x{self.microbatches} {self.pp_schedule if self.pp > 1 else '-'} ac={self.ac}")
 
     def to_dict(self) -> dict:

@@ -38,7 +38,7 @@ def model_state(cfg: ModelConfig, layout: Layout, stack: Stack, stage: int) -> M
     """Bytes of parameters, gradients and optimizer states held by one rank of pipeline stage
     `stage`, sharded by TP (DTensor) and FSDP2 (dim-0, padded)."""
     groups = stage_param_groups(cfg, layout.pp, layout.pp_virtual_stages, stage)
-    n = sum(c * local_numel(s, layout.tp, layout.shard) for c, specs in groups for s in specs)
+    n = sum(c * local_numel(s, layout.tp, layout.shard, layout.ep) for c, specs in groups for s in specs)
     tensors = sum(c * len(specs) for c, specs in groups)
     weight = 4 if layout.dtype == "fp32" else stack.master_weights_bytes
     return ModelState(params=n, tensors=tensors,
@@ -48,8 +48,9 @@ def model_state(cfg: ModelConfig, layout: Layout, stack: Stack, stage: int) -> M
 
 
 def unsharded_params(cfg: ModelConfig, layout: Layout, stage: int) -> tuple[int, int]:
-    """(elements on the stage after TP only, elements of its largest single FSDP unit)."""
-    units = [(c, sum(local_numel(s, layout.tp) for s in specs))
+    """(elements on the stage after TP (and expert parallel) only, elements of its largest single
+    FSDP unit): what FSDP gathers."""
+    units = [(c, sum(local_numel(s, layout.tp, 1, layout.ep) for s in specs))
              for c, specs in stage_param_groups(cfg, layout.pp, layout.pp_virtual_stages, stage)]
     return sum(c * n for c, n in units), max(n for c, n in units if c)
 
@@ -70,9 +71,32 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, layout: Layout, stack: St
     b += _attention_core_bytes(cfg, layout, stack)            # kept by the attention kernel
     b += a * hd * e / t                                       # attention output = input of wo
     b += (4 if cfg.activation == "swiglu" else 2) * H * e / t  # activation in/out (swiglu: w1, silu, w3, product)
+    b += moe_extra_bytes_per_token(cfg, e, t)
     if stack.dropout:
         b += 2 * d * rep                                      # two residual dropout masks (1 byte)
     return b
+
+
+def moe_extra_bytes_per_token(cfg: ModelConfig, e: int, tp: int = 1) -> float:
+    """What a MoE block keeps beyond a dense block's MLP, per token, as the mean over blocks
+    (trainer/moe.py's forward; tests/planner/test_activations.py checks it against autograd):
+    - the top-k experts' and the shared experts' activations, as a dense MLP of width moe_hidden
+      keeps them (top_k + shared widths in place of the dense width, which is taken back out);
+    - the token copies sorted by expert (the experts' input) and their outputs before the gate
+      weighting: k x dim each;
+    - the router: an fp32 copy of its input (below fp32; the input itself then stays only if shared
+      experts use it), the fp32 scores twice (the choice and
+      the aux loss), the int64 expert ids, sort order and its inverse (4 x k x 8 bytes), and small
+      per-token fp32/bf16 terms (gates, their sum, the z-loss logsumexp: 12 + 4k + e x k bytes)."""
+    if not cfg.moe_experts:
+        return 0.0
+    acts, k, d = (4 if cfg.activation == "swiglu" else 2), cfg.moe_top_k, cfg.dim
+    moe = acts * (k + cfg.moe_shared_experts) * cfg.expert_hidden * e + 2 * k * d * e
+    moe += (4 * d if e != 4 else 0) + 2 * 4 * cfg.moe_experts + 4 * k * 8 + 12 + 4 * k + e * k
+    if not cfg.moe_shared_experts and e != 4:    # the block's input itself is kept only by shared experts
+        moe -= d * e                             # (or as the fp32 router's input): the dense count has it
+    share = cfg.n_moe_layers / cfg.n_layers
+    return share * (moe - acts * cfg.hidden * e / tp)
 
 
 def _attention_core_bytes(cfg: ModelConfig, layout: Layout, stack: Stack) -> float:

@@ -61,4 +61,4 @@ def config_layout(run: RunSettings, gpus: int) -> Layout:
     return Layout(tp=sizes.tp, pp=sizes.pp, pp_virtual_stages=par.pp_virtual_stages, dp_replicate=sizes.dp_replicate,
                   dp_shard=sizes.dp_shard, micro_batch=mb, microbatches=m, pp_schedule=par.pp_schedule,
                   sp=par.sp and sizes.tp > 1, ac=par.ac, dtype=run.dtype, seq_len=run.seq_len,
-                  cp=sizes.cp)
+                  cp=sizes.cp, ep=getattr(par, "ep", 1))

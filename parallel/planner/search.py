@@ -63,6 +63,11 @@ def _dp_splits(dp: int, tp: int, gpus_per_node: int) -> list[tuple[int, int]]:
     return sorted(splits)
 
 
+def _ep_sizes(cfg: ModelConfig, dp_shard: int) -> list[int]:
+    """Expert-parallel sizes to try: divisors of dp_shard that divide the experts (MoE only)."""
+    return [e for e in divisors(dp_shard) if cfg.moe_experts % e == 0] if cfg.moe_experts else [1]
+
+
 def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int, seq_len: int, dtype: str,
                       cluster: ClusterProfile, max_micro_batch: int = 64, cp_sizes=(1,)) -> list[Layout]:
     out = []
@@ -95,10 +100,10 @@ def _layouts(cfg: ModelConfig, tp: int, cp: int, pp: int, dp: int, global_batch:
                     continue
                 scheds = ["interleaved_1f1b"] if v > 1 else (["1f1b", "zero_bubble"] if pp > 1 else ["1f1b"])
                 for sched in scheds:
-                    for ac in AC_MODES:
+                    for ac, ep in ((a, e) for a in AC_MODES for e in _ep_sizes(cfg, shard)):
                         out.append(Layout(tp=tp, pp=pp, pp_virtual_stages=v, dp_replicate=rep, dp_shard=shard,
                                           micro_batch=mb, microbatches=m, pp_schedule=sched, sp=tp > 1, ac=ac,
-                                          dtype=dtype, seq_len=seq_len, cp=cp))
+                                          dtype=dtype, seq_len=seq_len, cp=cp, ep=ep))
     return out
 
 
@@ -148,7 +153,8 @@ def explain(pred: Prediction) -> str:
     """Why this layout is where it is: where its step time and memory go."""
     t, m = pred.time, pred.memory
     s = t.step
-    parts = [f"compute {t.compute / s:.0%} (recompute {t.recompute / s:.0%}, TP/CP comm {t.tp_comm / s:.0%})"]
+    ep = f", EP all-to-all {t.ep_comm / s:.0%}" if t.ep_comm else ""
+    parts = [f"compute {t.compute / s:.0%} (recompute {t.recompute / s:.0%}, TP/CP comm {t.tp_comm / s:.0%}{ep})"]
     if t.bubble:
         parts.append(f"bubble {t.bubble / s:.0%}")
     if t.p2p:

@@ -12,14 +12,15 @@ from typing import Literal
 
 from core.model_config import ModelConfig
 
-TPStyle = Literal["colwise", "rowwise", "replicate"]
+TPStyle = Literal["colwise", "rowwise", "replicate", "expert"]
 
 
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
     shape: tuple[int, ...]
-    tp: TPStyle                  # colwise: dim 0 sharded over TP ranks; rowwise: dim 1 (bias replicated)
+    tp: TPStyle                  # colwise: dim 0 sharded over TP ranks; rowwise: dim 1 (bias replicated);
+                                 # expert: stacked experts [E, ...], dim 0 split over the ep ranks (not TP)
     place: Literal["layer", "first", "last"]
     layer: int = -1
 
@@ -35,21 +36,25 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def local_shape(spec: ParamSpec, tp: int) -> tuple[int, ...]:
+def local_shape(spec: ParamSpec, tp: int) -> list[int]:
     """The largest local shape among TP ranks (DTensor Shard splits like torch.chunk)."""
     shape = list(spec.shape)
     if spec.tp == "colwise":
         shape[0] = _cdiv(shape[0], tp)
     elif spec.tp == "rowwise" and len(shape) == 2:
         shape[1] = _cdiv(shape[1], tp)
-    return tuple(shape)
+    return shape
 
 
-def local_numel(spec: ParamSpec, tp: int = 1, dp_shard: int = 1) -> int:
+def local_numel(spec: ParamSpec, tp: int = 1, dp_shard: int = 1, ep: int = 1) -> int:
     """Elements this rank stores for the parameter after TP and FSDP sharding. FSDP2 shards dim 0
     of the TP-local tensor into equal, padded pieces, so the figure is exact up to that padding
-    (and exact when the sizes divide)."""
+    (and exact when the sizes divide). Expert parallel (ep divides dp_shard) splits the experts
+    over ep ranks and FSDP shards each slice over the other dp_shard / ep ranks."""
     shape = local_shape(spec, tp)
+    if spec.tp == "expert" and ep > 1:
+        shape[0] = _cdiv(shape[0], ep)
+        dp_shard = max(1, dp_shard // ep)
     n = _cdiv(shape[0], dp_shard)
     for s in shape[1:]:
         n *= s
@@ -66,12 +71,19 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
         specs.append(ParamSpec("pos_embeddings.weight", (cfg.max_seq_len, d), "replicate", "first"))
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
+        moe = cfg.is_moe_layer(i)
+        mlp, width = ("feed_forward.shared", cfg.moe_shared_experts * cfg.expert_hidden) if moe else ("feed_forward", H)
         mats = [("attention.wq", q, d, "colwise"), ("attention.wk", kv, d, "colwise"),
-                ("attention.wv", kv, d, "colwise"), ("attention.wo", d, q, "rowwise"),
-                ("feed_forward.w1", H, d, "colwise"), ("feed_forward.w2", d, H, "rowwise")]
-        if cfg.activation == "swiglu":
-            mats.append(("feed_forward.w3", H, d, "colwise"))
-        for name, out_f, in_f, style in mats:
+                ("attention.wv", kv, d, "colwise"), ("attention.wo", d, q, "rowwise"), "experts"]
+        if width:    # the dense MLP, or a MoE block's shared experts (one MLP of their summed width)
+            mats += [(f"{mlp}.w1", width, d, "colwise"), (f"{mlp}.w2", d, width, "rowwise")]
+            if cfg.activation == "swiglu":
+                mats.append((f"{mlp}.w3", width, d, "colwise"))
+        for mat in mats:
+            if mat == "experts":      # in the model's order: attention, router and experts, shared experts
+                specs += _expert_specs(cfg, p, i) if moe else []
+                continue
+            name, out_f, in_f, style = mat
             specs.append(ParamSpec(p + name + ".weight", (out_f, in_f), style, "layer", i))
             if cfg.bias:
                 specs.append(ParamSpec(p + name + ".bias", (out_f,), style if style == "colwise" else "replicate", "layer", i))
@@ -87,6 +99,18 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
         specs.append(ParamSpec("norm.bias", (d,), "replicate", "last"))
     if not cfg.tie_embeddings:
         specs.append(ParamSpec("output.weight", (cfg.vocab_size, d), "colwise", "last"))
+    return specs
+
+
+def _expert_specs(cfg: ModelConfig, prefix: str, layer: int) -> list[ParamSpec]:
+    """A MoE block's router (replicated) and stacked experts (trainer/moe.py's shapes)."""
+    e, d, h = cfg.moe_experts, cfg.dim, cfg.expert_hidden
+    p = prefix + "feed_forward."
+    specs = [ParamSpec(p + "router.weight", (e, d), "replicate", "layer", layer),
+             ParamSpec(p + "experts.w1", (e, d, h), "expert", "layer", layer),
+             ParamSpec(p + "experts.w2", (e, h, d), "expert", "layer", layer)]
+    if cfg.activation == "swiglu":
+        specs.append(ParamSpec(p + "experts.w3", (e, d, h), "expert", "layer", layer))
     return specs
 
 
@@ -107,6 +131,12 @@ def stage_layers(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> list[in
 @lru_cache(maxsize=64)
 def _one_layer_specs(cfg_values: tuple) -> list[ParamSpec]:
     return param_specs(ModelConfig(*cfg_values))
+
+
+def _layer_kind_specs(cfg: ModelConfig, moe: bool) -> list[ParamSpec]:
+    """One block's specs: a MoE block (every block MoE) or a dense one (no experts)."""
+    one = replace(cfg, n_layers=1, moe_every=1) if moe else replace(cfg, n_layers=1, moe_experts=0)
+    return [s for s in _one_layer_specs(tuple(getattr(one, f.name) for f in fields(one))) if s.place == "layer"]
 
 
 def stage_layer_count(n_layers: int, pp: int, virtual: int, stage: int) -> int:
@@ -138,7 +168,11 @@ def stage_param_groups(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> l
     n_layers = stage_layer_count(cfg.n_layers, pp, virtual, stage)
     one = _one_layer_specs(tuple(1 if f.name == "n_layers" else getattr(cfg, f.name) for f in fields(cfg)))
     first, last = stage == 0, stage == pp - 1
-    groups = [(n_layers, [s for s in one if s.place == "layer"])]
+    if cfg.moe_experts:      # MoE and dense blocks differ: one group of each kind
+        n_moe = sum(cfg.is_moe_layer(i) for i in stage_layers(cfg, pp, virtual, stage))
+        groups = [(c, _layer_kind_specs(cfg, moe)) for c, moe in ((n_layers - n_moe, False), (n_moe, True)) if c]
+    else:
+        groups = [(n_layers, [s for s in one if s.place == "layer"])]
     edges = [s for s in one if (s.place == "first" and first) or (s.place == "last" and last)]
     edges += _tied_copy(cfg, first, last)
     groups += [(1, [s]) for s in edges]

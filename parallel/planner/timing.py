@@ -49,6 +49,22 @@ def all_gather(nbytes: float, n: int, link: Link) -> float:
     return 0.0 if n <= 1 else (n - 1) / n * nbytes / link.bytes_per_s + (n - 1) * link.latency_s
 
 
+def all_to_all(nbytes: float, n: int, link: Link) -> float:
+    """Each of n ranks keeps 1/n of its `nbytes` and sends the rest, n - 1 pieces (pairwise)."""
+    return 0.0 if n <= 1 else (n - 1) / n * nbytes / link.bytes_per_s + (n - 1) * link.latency_s
+
+
+def ep_dispatch_seconds(cfg: ModelConfig, layout: Layout, cluster: ClusterProfile) -> float:
+    """One MoE block's forward all-to-alls under expert parallel, one microbatch: the dispatch of
+    each token's top-k copies (k x dim activations) to the ranks holding their experts and the
+    combine bringing them back, 2 x all_to_all(tokens x k x dim). The ep group is ep consecutive
+    dp_shard ranks (stride tp). Assumes balanced routing (the all-to-all waits for the busiest)."""
+    if layout.ep <= 1 or not cfg.moe_experts:
+        return 0.0
+    nbytes = layout.micro_batch * layout.seq_len * cfg.moe_top_k * cfg.dim * act_bytes(layout.dtype)
+    return 2 * all_to_all(nbytes, layout.ep, group_link(cluster, layout.ep, layout.tp))
+
+
 def elementwise_bytes_per_token(cfg: ModelConfig, layout: Layout, stack: Stack) -> tuple[float, float]:
     """HBM traffic of one layer's memory-bound kernels in the forward pass, per token:
     (whole layer, attention core only). The backward is taken as twice the forward."""
@@ -133,15 +149,18 @@ class TimeBreakdown:
     dp_exposed: float         # the part not hidden behind compute
     optimizer: float
     step: float
+    ep_comm: float = 0.0      # expert-parallel all-to-alls (not overlapped), included in compute
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _stage_microbatch_time(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterProfile,
-                           n_layers: int, first: bool, last: bool) -> tuple[float, float, float, float]:
-    """(forward+backward+recompute, recompute, TP comm, backward) seconds of one microbatch
-    through `n_layers` layers of a stage, with the embedding or the head when it has them."""
+                           n_layers: int, first: bool, last: bool) -> tuple[float, float, float, float, float]:
+    """(forward+backward+recompute, recompute, TP comm, backward, EP comm) seconds of one
+    microbatch through `n_layers` layers of a stage, with the embedding or the head when it has
+    them. MoE blocks add their all-to-alls: forward, backward (the same volume back) and the
+    recompute of full AC, for the stage's share of MoE blocks."""
     t, e = layout.tp, act_bytes(layout.dtype)
     tokens = layout.tokens_per_rank        # each attends to the whole sequence: flop_split(seq_len)
     fl = flop_split(cfg, layout.seq_len)
@@ -168,6 +187,9 @@ def _stage_microbatch_time(cfg: ModelConfig, layout: Layout, stack: Stack, clust
     total, recompute, comm, bwd_total = n_layers * per_layer, n_layers * rec, n_layers * 2 * comm_f, n_layers * bwd
     if layout.ac == "full":
         comm += n_layers * comm_f
+    fwd_a2a = n_layers * cfg.n_moe_layers / cfg.n_layers * ep_dispatch_seconds(cfg, layout, cluster)
+    ep_comm = (3 if layout.ac == "full" else 2) * fwd_a2a
+    total, bwd_total = total + ep_comm, bwd_total + fwd_a2a
     if first:
         c = all_reduce(act, t, tp_link)                        # vocab-parallel embedding output
         total, comm = total + c + 3 * host, comm + c           # the embedding dispatches like a layer
@@ -178,7 +200,7 @@ def _stage_microbatch_time(cfg: ModelConfig, layout: Layout, stack: Stack, clust
         total += head + loss + c + 3 * host                    # head and loss dispatch like a layer
         comm += c
         bwd_total += 2 / 3 * head + c
-    return total, recompute, comm, bwd_total
+    return total, recompute, comm, bwd_total, ep_comm
 
 
 def step_time(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterProfile) -> TimeBreakdown:
@@ -187,7 +209,7 @@ def step_time(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterPr
     for s in range(p) if p <= 3 else (0, 1, p - 1):            # middle stages equal stage 1
         n = stage_layer_count(cfg.n_layers, p, v, s)
         per_stage.append((_stage_microbatch_time(cfg, layout, stack, cluster, n, s == 0, s == p - 1), s))
-    (t_mb, rec_mb, comm_mb, bwd_mb), _ = max(per_stage, key=lambda x: x[0][0])
+    (t_mb, rec_mb, comm_mb, bwd_mb, ep_mb), _ = max(per_stage, key=lambda x: x[0][0])
     if p <= 3:
         t_mean = sum(x[0][0] for x in per_stage) / p
     else:
@@ -208,7 +230,7 @@ def step_time(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterPr
     dp_comm, dp_exposed, opt = _data_parallel(cfg, layout, stack, cluster, t_mb, bwd_mb)
     step = compute + bubble + p2p + dp_exposed + opt + cluster.step_overhead_ms * 1e-3
     return TimeBreakdown(compute=compute, recompute=m * rec_mb, tp_comm=m * comm_mb, bubble=bubble, p2p=p2p,
-                         dp_comm=dp_comm, dp_exposed=dp_exposed, optimizer=opt, step=step)
+                         dp_comm=dp_comm, dp_exposed=dp_exposed, optimizer=opt, step=step, ep_comm=m * ep_mb)
 
 
 def _data_parallel(cfg, layout: Layout, stack: Stack, cluster: ClusterProfile, t_mb: float, bwd_mb: float):

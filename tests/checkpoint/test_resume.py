@@ -275,3 +275,20 @@ def test_writer_skips_zip_crc_only_while_writing(tmp_path):
     got = {"w": torch.zeros(64, 64), "v": torch.zeros(10)}
     dcp_load(got, tmp_path / "c")
     assert torch.equal(got["w"], sd["w"]) and torch.equal(got["v"], sd["v"])
+
+
+def test_checkpoint_from_before_an_option_existed_resumes():
+    """A checkpoint written before an option existed lacks its key: the model then behaved as the
+    option's default (new options default to off), so only a real change is named."""
+    from dataclasses import asdict
+
+    from core.model_config import ModelConfig
+    from trainer.checkpoint_state import model_config_diff
+    current = asdict(ModelConfig(vocab_size=320))
+    older = {k: v for k, v in current.items() if k not in ("doc_mask", "eot_id", "attn_window", "moe_experts")}
+    assert model_config_diff(older, current) == []
+    assert model_config_diff(older, {**current, "eot_id": 256}) == []          # eot_id unused without doc_mask
+    assert model_config_diff(older, {**current, "doc_mask": True}) == [
+        "model.doc_mask: checkpoint has False, this run has True"]
+    assert model_config_diff({**older, "dim": 64}, {**current, "dim": 128}) == [
+        "model.dim: checkpoint has 64, this run has 128"]

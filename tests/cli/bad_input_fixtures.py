@@ -109,6 +109,10 @@ def build_fixtures(w: Path) -> dict:
     p["sweep_bad_budget"] = str(w / "sweep-bad.toml")
     (w / "sweep-mup-bad.toml").write_text(spec + "\n[mup]\nbase_dim = 0\n")
     p["sweep_mup_bad"] = str(w / "sweep-mup-bad.toml")
+    (w / "sweep-moe-bad.toml").write_text(spec + "\n[moe]\nexperts = 4\ntop_k = 5\n")
+    p["sweep_moe_bad"] = str(w / "sweep-moe-bad.toml")
+    (w / "sweep-moe-every.toml").write_text(spec + "\n[moe]\nexperts = 4\nevery = 2\n")
+    p["sweep_moe_every"] = str(w / "sweep-moe-every.toml")
     (w / "empty-run" / "checkpoints").mkdir(parents=True, exist_ok=True)
     p["empty_run"] = str(w / "empty-run")
     (w / "empty-run-config" / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -117,7 +121,24 @@ def build_fixtures(w: Path) -> dict:
     p["run"] = str(w / "trained")
     if not (w / "trained" / "summary.json").exists():
         _train_one_step(p)
+    for name, model in (("moe_softmax_bias", {"moe_experts": 4, "moe_bias_rate": 1e-3, "moe_norm_topk": False}),
+                        ("moe_sigmoid_dense_between", {"moe_experts": 4, "moe_router": "sigmoid", "n_layers": 4,
+                                                       "moe_every": 2})):
+        p[name] = str(_model_edited_checkpoint(w / "trained", w / name, model))
     return p
+
+
+def _model_edited_checkpoint(run: Path, dst: Path, model: dict) -> Path:
+    """The run's checkpoint with other model.* fields in its train.json (checksums redone): for the
+    export rows that refuse a model by its config before reading any weight."""
+    from tests.checkpoint.helpers import forge_checksums
+    src = sorted((run / "checkpoints").glob("step-*"))[-1]
+    _copy(src, dst)
+    meta = json.loads((dst / "train.json").read_text())
+    meta["model"].update(model)
+    (dst / "train.json").write_text(json.dumps(meta))
+    forge_checksums(dst)
+    return dst
 
 
 def _train_one_step(p: dict) -> None:

@@ -54,3 +54,17 @@ def test_full_checkpointing_keeps_only_the_layer_input():
     cfg, b, s = CONFIGS["gpt"], 2, 64
     predicted = layer_saved_bytes_per_token(cfg, Layout(seq_len=s, dtype="bf16", ac="full"), Stack()) * b * s
     assert saved_bytes(cfg, b, s, checkpoint=True) == predicted
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_moe_block_activations_match_autograd(shared):
+    """A MoE block (8 experts of width 32, top-2, +- a shared expert) in training mode, bf16."""
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=96, norm="layernorm",
+                      position="rope", max_seq_len=64, moe_experts=8, moe_top_k=2, moe_hidden=32,
+                      moe_shared_experts=shared)
+    b, s = 2, 64
+    predicted = layer_activation_bytes_per_token(cfg, Layout(seq_len=s, dtype="bf16"), Stack()) * b * s
+    # per block, not per token (so not in the per-token figure): the router weight's fp32 copy
+    # (8 x 64 x 4 bytes), the int32 expert offsets and the fp32 expert counts (8 x 4 bytes each)
+    per_block = 8 * 64 * 4 + 2 * 8 * 4
+    assert saved_bytes(cfg, b, s) == predicted - 2 * 4 * b * s + per_block     # LayerNorm stats as above

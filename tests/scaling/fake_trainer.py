@@ -18,7 +18,7 @@ import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from core.model_config import known_tokenizer_ids, padded_vocab  # noqa: E402
-from scaling.model_size import model_numbers  # noqa: E402
+from scaling.model_size import active_numbers, model_numbers  # noqa: E402
 from scaling.plan import set_dotted, step_dir_name  # noqa: E402
 
 LAW = dict(E=2.0, A=20.0, B=13.3, alpha=0.35, beta=0.35)   # N*(C) ~ 1.8 (C/6)^0.5: inside the tiny sizes
@@ -41,7 +41,8 @@ def main(argv):
     t, m = cfg["train"], cfg["model"]
     if not m.get("vocab_size"):   # 0 = auto, resolved as the real trainer's config loading does
         m["vocab_size"] = padded_vocab(known_tokenizer_ids(cfg.get("data", {}).get("tokenizer", "bytes")))
-    n, n_ne, fpt = model_numbers(m, t["seq_len"])
+    n_all, n_all_ne, fpt = model_numbers(m, t["seq_len"])
+    n, n_ne = active_numbers(m)          # the law is in active parameters (= all of them when dense)
     tps = t["batch_size"] * t.get("grad_accum", 1) * t["seq_len"]
     ck = cfg.get("checkpoint", {})
     start = 0
@@ -92,7 +93,8 @@ def main(argv):
         f.write(json.dumps({"step": t["steps"], "val_loss": loss + 0.01}) + "\n")
     (run_dir / "summary.json").write_text(json.dumps({
         "final_loss": loss, "final_val_loss": loss + 0.01, "steps": t["steps"], "tokens": d,
-        "wall_s": 0.01, "n_params": n, "n_params_non_embedding": n_ne, "flops_per_token": fpt,
+        "wall_s": 0.01, "n_params": n_all, "n_params_non_embedding": n_all_ne, "flops_per_token": fpt,
+        "n_params_active": n, "n_params_active_non_embedding": n_ne,
         "preempted": False}))
     return 0
 

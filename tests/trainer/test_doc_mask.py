@@ -13,6 +13,15 @@ from trainer.model import KVCache, Transformer
 EOT = 7
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread than on two shared ones (no thread hand-offs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**kw) -> Transformer:
     torch.manual_seed(0)
     cfg = dict(vocab_size=32, dim=32, n_layers=2, n_heads=2, max_seq_len=64, eot_id=EOT)
@@ -25,7 +34,7 @@ def test_doc_ids_end_documents_after_eot():
     assert doc.tolist() == [[0, 0, 0, 1, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("position", ["rope", "learned", "sinusoidal", "alibi"])
+@pytest.mark.parametrize("position", ["rope", "learned", "sinusoidal", "alibi", "relative"])
 def test_packed_row_equals_its_documents_alone(position):
     """Loss summed over a packed row under doc_mask == the documents' losses, each run alone from
     position 0, and so are the gradients. fp64: both sides sum the same terms in another order,
@@ -113,6 +122,7 @@ def test_windowed_generate_keeps_flat_cache_and_matches_recompute():
     assert all(s[0] == s[1] == window - 1 for s in sizes)              # windowed layers: flat
     assert [s[2] for s in sizes] == list(range(6, 26))                  # the global layer: everything
     assert len(cache) == 25
+    assert cache.attended() == (window + window + 25) / 3      # what a step reads, for decode_bench
     out = generate(m, prompt, 20, temperature=0)
     assert torch.equal(out, seq)
 
@@ -139,3 +149,16 @@ def test_meshformer_train_and_generate_with_doc_mask_and_window(tmp_path, capsys
     assert "eot_id = 256" in saved and "attn_window = 8" in saved     # generate/export read them back
     assert main(["generate", str(run), "--prompt", "def ", "--tokens", "40", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+
+
+def test_given_doc_ids_match_the_models_own_and_positions_alone_are_refused():
+    """What a context-parallel engine passes (doc ids and positions of whole rows) gives what the
+    model computes itself; positions without doc ids (a chunk numbered on its own) are refused."""
+    m = tiny(doc_mask=True).eval()
+    row = torch.tensor([[9, 10, 11, EOT, 12, 13, EOT, 14, 15, 16, 17, 18]])
+    with torch.no_grad():
+        whole = m(row)
+        positions, doc = doc_ids(row, EOT)
+        assert torch.allclose(m(row, positions=positions, doc=doc), whole, rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="pass `doc` with `positions`"):
+            m(row[:, 6:], positions=positions[:, 6:])

@@ -163,4 +163,4 @@ def test_planner_counts_the_relative_tables_sharded_with_the_heads():
         model = Transformer(cfg)
     specs = {s.name: s for s in param_specs(cfg)}
     assert {n: s.shape for n, s in specs.items()} == {n: tuple(p.shape) for n, p in model.named_parameters()}
-    assert local_shape(specs["layers.1.attention.rel_bias.embeddings.weight"], tp=2) == (8, 2)   # heads / tp
+    assert tuple(local_shape(specs["layers.1.attention.rel_bias.embeddings.weight"], tp=2)) == (8, 2)   # heads / tp

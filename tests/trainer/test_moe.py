@@ -167,16 +167,23 @@ def test_activation_checkpointing_does_not_count_tokens_twice():
     assert m.step_load.sum() == 12 * 2 and m.step_stats[3] == 1
 
 
-def test_layouts_without_a_moe_plan_and_the_llama_export_refuse_moe():
+def test_layouts_moe_cannot_take_and_the_llama_export_refuse_moe():
+    """TP, PP and DeepSpeed ZeRO 0-2 take MoE (parity: tests/parallel/test_parity.py); a TP that does not
+    divide the shared experts' width, ZeRO-3 and the zero-bubble schedule are refused in one line."""
     from core.errors import CheckpointError, ConfigError
     from core.layout import validate_layout
     from core.parallel_config import ParallelConfig
     from trainer.hf_llama import check_llama_shaped
     cfg = small()
-    for kw, what in ((dict(tp=2), "parallel.tp: 2 is not supported with model.moe_experts"),
-                     (dict(pp=2), "parallel.pp: 2 is not supported with model.moe_experts"),
-                     (dict(engine="deepspeed"), "parallel.engine: 'deepspeed' is not supported")):
+    for kw in (dict(tp=2), dict(pp=2), dict(pp=2, tp=2), dict(engine="deepspeed", zero_stage=2)):
+        validate_layout(ParallelConfig(**kw), cfg, batch_size=4, seq_len=16)
+    for kw, model, what in (
+            (dict(tp=2), small(moe_shared_experts=1, moe_hidden=15),
+             r"parallel.tp: 2 does not divide the MoE shared experts' width \(model.moe_shared_experts x expert width = 15\)"),
+            (dict(engine="deepspeed", zero_stage=3), cfg, "parallel.zero_stage: 3 is not supported with model.moe_experts"),
+            (dict(pp=2, pp_schedule="zero_bubble", pp_virtual_stages=2), small(n_layers=4),
+             "parallel.pp_schedule: 'zero_bubble' is not supported with model.moe_experts")):
         with pytest.raises(ConfigError, match=what):
-            validate_layout(ParallelConfig(**kw), cfg, batch_size=4, seq_len=16)
+            validate_layout(ParallelConfig(**kw), model, batch_size=4, seq_len=16)
     with pytest.raises(CheckpointError, match="model.moe_experts = 4"):
         check_llama_shaped(cfg)
