@@ -16,6 +16,9 @@ from core.parallel_config import ParallelConfig
 # innermost (fastest-varying) dimension so a TP group is consecutive ranks, i.e. inside one node;
 # context parallel next to it (its ring passes K/V every layer), data parallel shards outside.
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+# With expert parallel, dp_shard is built as (dp_shard / ep, ep): the experts are split over "ep"
+# (consecutive dp_shard ranks) and FSDP-sharded over "edp_shard"; "dp_shard" is their flattening.
+EP_MESH_DIMS = ("pp", "dp_replicate", "edp_shard", "ep", "tp")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class LayoutSizes:
     tp: int
     world_size: int
     cp: int = 1
+    ep: int = 1
 
     @property
     def dp_size(self) -> int:
@@ -45,8 +49,11 @@ def resolve_sizes(cfg: ParallelConfig, world_size: int) -> LayoutSizes:
         raise ConfigError(
             f"parallel: pp({cfg.pp}) x dp_replicate({cfg.dp_replicate}) x dp_shard({shard}) x cp({cfg.cp}) x tp({cfg.tp}) = "
             f"{fixed * shard}, but the world size is {world_size}")
+    if shard % cfg.ep:
+        raise ConfigError(f"parallel.ep: {cfg.ep} does not divide parallel.dp_shard = {shard} (expert parallel is "
+                          "carved out of dp_shard); pick an ep that divides it")
     return LayoutSizes(pp=cfg.pp, dp_replicate=cfg.dp_replicate, dp_shard=shard, tp=cfg.tp, world_size=world_size,
-                       cp=cfg.cp)
+                       ep=cfg.ep, cp=cfg.cp)
 
 
 def microbatches(cfg: ParallelConfig) -> int:
@@ -68,6 +75,18 @@ def stage_layer_counts(cfg: ParallelConfig, n_layers: int) -> list[int]:
 def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int, seq_len: int = 0) -> None:
     """Checks that need the model and batch as well as the layout; each error names the field."""
     tp = cfg.tp
+    if cfg.ep > 1 and not model_cfg.moe_experts:
+        raise ConfigError(f"parallel.ep: {cfg.ep} needs a MoE model (model.moe_experts > 0); set parallel.ep = 1")
+    if cfg.ep > 1 and model_cfg.moe_experts % cfg.ep:
+        raise ConfigError(f"parallel.ep: {cfg.ep} does not divide model.moe_experts = {model_cfg.moe_experts}; "
+                          "pick an ep that divides it")
+    if cfg.ep > 1 and cfg.engine == "deepspeed":
+        raise ConfigError("parallel.ep: expert parallel is built on FSDP (parallel.engine = 'torch'), not on "
+                          "'deepspeed'; set parallel.ep = 1 or parallel.engine = 'torch'")
+    if cfg.ep > 1 and cfg.ac == "selective":
+        # torch's selective checkpointing replays the recorded ops and fails on the different
+        # profiler calls of the experts' own FSDP hooks in the recompute (torch 2.13)
+        raise ConfigError("parallel.ac: 'selective' is not supported with parallel.ep > 1 yet; use 'full' or 'none'")
     if model_cfg.moe_experts:
         shared = model_cfg.moe_shared_experts * model_cfg.expert_hidden
         if tp > 1 and shared % tp:   # the shared experts are split like a dense MLP; routed experts are not
@@ -126,6 +145,9 @@ def validate_cp(cfg: ParallelConfig, seq_len: int) -> None:
     if seq_len % (2 * cfg.cp):
         raise ConfigError(f"parallel.cp: {cfg.cp} cuts train.seq_len = {seq_len} into 2 x cp = {2 * cfg.cp} equal "
                           f"chunks; use a seq_len divisible by {2 * cfg.cp}")
+    if cfg.ep > 1:
+        raise ConfigError("parallel.cp: context parallel with expert parallel is not built yet; set parallel.ep = 1 "
+                          "or parallel.cp = 1")
     if cfg.pp > 1:
         raise ConfigError("parallel.cp: context parallel with pipeline parallel is not built yet (the schedule does "
                           "not pass the chunks' positions); set parallel.pp = 1 or parallel.cp = 1")

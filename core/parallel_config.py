@@ -19,7 +19,8 @@ class ParallelConfig:
                       "2cp-1-r (ring attention, parallel/context.py)", 1)
     cp_kv: Literal["ring", "allgather"] = option(
         "context parallel: pass K/V blocks around the ring (memory ~1/cp) or all-gather them (fewer, larger messages)", "ring")
-    ep: int = option("expert-parallel degree (reserved; must be 1 for now)", 1)
+    ep: int = option("expert-parallel degree: MoE experts split over this many ranks, carved out of dp_shard "
+                     "(must divide dp_shard and model.moe_experts)", 1)
     sp: bool = option("sequence parallel on norms/dropout when tp > 1", True)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = option("pipeline schedule", "1f1b")
     pp_microbatches: int = option("microbatches per step under pipeline parallel (0 = pp x pp_virtual_stages)", 0)
@@ -54,8 +55,6 @@ class ParallelConfig:
             raise ValueError(f"parallel.pp_layers: every stage needs >= 1 layer, got {self.pp_layers}")
         if self.engine == "deepspeed":
             self._validate_deepspeed()
-        if self.ep != 1:
-            raise ValueError("parallel.ep: expert parallel is not built yet; use 1")
         if self.cp > 1 and self.engine == "deepspeed":
             raise ValueError("parallel.cp: context parallel runs under parallel.engine = torch only; set parallel.cp = 1")
 

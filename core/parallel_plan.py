@@ -33,7 +33,9 @@ class ParallelPlan:
     head_tables: tuple[str, ...] = ()
     # Mixture of Experts, inside a block (a block holding `moe_router` is a MoE block): the router and
     # the routed experts are replicated over TP and run on the rank's own tokens; the shared experts
-    # are an MLP split like a dense one (column-wise in, row-wise out).
+    # are an MLP split like a dense one (column-wise in, row-wise out). The routed experts' weights
+    # are stacked [experts, ...] on dim 0 and they are called as experts(tokens sorted by expert,
+    # offs), offs the int32 cumulative row counts per expert (split over expert parallel).
     moe_router: str = ""
     moe_experts: str = ""
     moe_shared: str = ""

@@ -1,11 +1,12 @@
 """Apply the parallel layout to the model, in ONE function and a fixed order:
 
-    pipeline split -> tensor/sequence parallel -> context parallel -> precision conversion (fp8) ->
+    pipeline split -> tensor/sequence parallel -> expert parallel -> context parallel -> precision conversion (fp8) ->
     activation checkpointing -> torch.compile -> FSDP / HSDP -> materialise + init -> DDP
     (under parallel.engine = deepspeed no FSDP/DDP: deepspeed.initialize shards in make_engine)
 
 Why this order: the split decides which blocks a rank holds; TP turns their weights into DTensors
-that fp8 conversion must see (it swaps Linear modules and needs the TP mesh); checkpointing and
+that fp8 conversion must see (it swaps Linear modules and needs the TP mesh); expert parallel
+splits the experts' stacked weights over ep before FSDP shards what remains; checkpointing and
 compile wrap whole blocks after their contents are final; data parallel goes last because
 `fully_shard` shards whatever parameters (plain or TP DTensors) the blocks end up with. A model
 built on the meta device goes through all of it without memory; its parameters are allocated only
@@ -14,6 +15,7 @@ broadcast (parallel/sharded_init.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +30,7 @@ from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.deepspeed_config import build_ds_config
 from parallel.deepspeed_engine import DeepSpeedEngine
 from parallel.dims import ParallelDims
+from parallel.expert import apply_expert_parallel
 from parallel.dist_engine import DistEngine
 from parallel.local_engine import LocalEngine
 from parallel.pipeline import PipelineSetup, split_stages
@@ -102,8 +105,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: 
     vocab_parallel = False
     tp_mesh = dims.tp_mesh if dims.tp_enabled else None
     if dims.tp_enabled:
+        # Under expert parallel the routed experts are EP's (replicated over TP there), not TP's.
+        tp_plan = dataclasses.replace(plan, moe_experts="") if dims.ep_enabled else plan
         for part in parts:
-            vocab_parallel = apply_tensor_parallel(part, tp_mesh, plan, pcfg.sp) or vocab_parallel
+            vocab_parallel = apply_tensor_parallel(part, tp_mesh, tp_plan, pcfg.sp) or vocab_parallel
+    if dims.ep_enabled:
+        for part in parts:
+            apply_expert_parallel(part, plan, dims, pcfg.sp)
     if dims.cp_enabled:   # attention over the whole sequence from each rank's chunks (ring attention)
         for part in parts:
             apply_context_parallel(part, plan.blocks, plan.attention, plan.attention_core,
@@ -116,7 +124,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: 
     # Under engine = deepspeed every rank holds the whole model here; deepspeed.initialize shards it.
     wrap_dp = pcfg.engine != "deepspeed"
     if dims.fsdp_enabled and wrap_dp:
-        parts = [apply_fsdp(part, plan.blocks, dims, pcfg, precision) for part in parts]
+        parts = [apply_fsdp(part, plan, dims, pcfg, precision) for part in parts]
     if meta:
         # FSDP's CPU offload keeps the sharded parameters on the host (values still drawn on the device).
         offload = dims.fsdp_enabled and wrap_dp and pcfg.fsdp_cpu_offload

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.layout import MESH_DIMS, resolve_sizes  # noqa: F401 (MESH_DIMS: the mesh's dimension names)
+from core.layout import EP_MESH_DIMS, MESH_DIMS, resolve_sizes  # noqa: F401 (the mesh's dimension names)
 from core.parallel_config import ParallelConfig
 
 
@@ -31,12 +31,14 @@ class ParallelDims:
     # loss's labelled tokens are counted over data parallel x cp (torchtitan's dp_shard_cp)
     dp_cp_flat_mesh: object = None   # 1-D over dp_replicate x dp_shard x cp (the loss's group)
     shard_cp_flat_mesh: object = None  # 1-D over dp_shard x cp (FSDP's shard group under cp)
+    ep: int = 1                  # expert parallel: a factor of dp_shard (the mesh is then EP_MESH_DIMS)
+    dp_shard_mesh: object = None  # with ep > 1: dp_shard flattened from (edp_shard, ep)
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
         s = resolve_sizes(cfg, world_size)
         return cls(pp=s.pp, dp_replicate=s.dp_replicate, dp_shard=s.dp_shard, tp=s.tp, world_size=world_size,
-                   dp_size=s.dp_size, cp=s.cp)
+                   dp_size=s.dp_size, ep=s.ep, cp=s.cp)
 
     # ---- which wrappers are on ----------------------------------------------------------------
     @property
@@ -46,6 +48,10 @@ class ParallelDims:
     @property
     def pp_enabled(self) -> bool:
         return self.pp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
 
     @property
     def dp_enabled(self) -> bool:
@@ -116,5 +122,17 @@ class ParallelDims:
             return self.shard_cp_flat_mesh
         if self.dp_replicate > 1:
             return self.submesh("dp_replicate", "dp_shard")
-        return self.submesh("dp_shard")
+        return self.dp_shard_mesh if self.ep_enabled else self.submesh("dp_shard")
+
+    @property
+    def ep_mesh(self):
+        """The ranks that split the experts among them (consecutive dp_shard ranks)."""
+        return self.submesh("ep")
+
+    @property
+    def expert_fsdp_mesh(self):
+        """FSDP for the experts: what dp_shard leaves after ep (and dp_replicate for HSDP)."""
+        if self.dp_replicate > 1:
+            return self.submesh("dp_replicate", "edp_shard")
+        return self.submesh("edp_shard")
 

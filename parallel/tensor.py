@@ -81,7 +81,7 @@ def _replicate_used_locally(block: nn.Module, plan: ParallelPlan, tp_mesh, sp: b
     gradients: the Partial placement composes with FSDP's own reduction and the existing clipping
     without a second code path, and the module keeps its parameter names."""
     grad_placements = [Partial() if sp else Replicate()]
-    owners = [block.get_submodule(n) for n in (plan.moe_router, plan.moe_experts)]
+    owners = [block.get_submodule(n) for n in (plan.moe_router, plan.moe_experts) if n]   # no experts: EP's
     for mod in owners:
         for pname, p in list(mod.named_parameters(recurse=False)):
             mod.register_parameter(pname, nn.Parameter(distribute_tensor(p, tp_mesh, [Replicate()])))

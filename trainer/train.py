@@ -112,12 +112,14 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     run_dir = Path(cfg.run.dir)
-    dims = build_mesh(cfg.parallel, ctx)
     vocab_from = "model.vocab_size"
     # a custom loader brings its own token ids (but a doc_mask model still needs the tokenizer's end-of-text)
     if loader_factory is None or not cfg.model.vocab_size or (cfg.model.doc_mask and cfg.model.eot_id < 0):
         vocab_from = resolve_vocab(cfg.model, data_pkg.build_tokenizer(cfg.data), cfg.data.tokenizer)
+    # The layout against the model first: its errors (e.g. parallel.ep without experts) name the
+    # model's fields, which the world-size arithmetic in build_mesh cannot.
     validate_layout(cfg.parallel, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
+    dims = build_mesh(cfg.parallel, ctx)
     check_memory(cfg, ctx)              # before anything large is allocated: refuse a run that cannot fit
     tokenizer_file = read_tokenizer_file(cfg) if loader_factory is None and ctx.is_main else None
 
@@ -265,6 +267,7 @@ def _dry_run(cfg: Config, ctx: DistContext, dims: ParallelDims, n_params: int, t
     """Everything is built; read one batch (the data path is the likeliest to be wrong) and stop."""
     inputs, _ = next(iter(train_loader))
     layout = " x ".join(f"{k} {getattr(dims, k)}" for k in ("pp", "dp_replicate", "dp_shard", "tp"))
+    layout += f" (ep {dims.ep} within dp_shard)" if dims.ep_enabled else ""
     if ctx.is_main:
         print(f"dry run: built the model ({n_params / 1e6:.2f}M parameters), the layout ({layout} on world "
               f"{ctx.world_size}), the optimizer and the data loaders, and read a batch of {tuple(inputs.shape)} "

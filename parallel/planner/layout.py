@@ -77,6 +77,9 @@ class Layout:
         if self.ep > 1 and (not model.moe_experts or model.moe_experts % self.ep or self.dp_shard % self.ep):
             raise ValueError(f"parallel.ep: {self.ep} must divide model.moe_experts={model.moe_experts} and "
                              f"parallel.dp_shard={self.dp_shard} (the experts are split over ranks of dp_shard)")
+        if self.ep > 1 and self.ac == "selective":
+            raise ValueError("parallel.ac: 'selective' is not supported with parallel.ep > 1 (the trainer refuses it); "
+                             "use 'full' or 'none'")
         if self.sp and self.tp == 1:
             raise ValueError("parallel.sp: sequence parallel needs parallel.tp > 1")
         if self.sp and (self.seq_len // self.cp) % self.tp:

@@ -100,7 +100,9 @@ def _layouts(cfg: ModelConfig, tp: int, cp: int, pp: int, dp: int, global_batch:
                     continue
                 scheds = ["interleaved_1f1b"] if v > 1 else (["1f1b", "zero_bubble"] if pp > 1 else ["1f1b"])
                 for sched in scheds:
-                    for ac, ep in ((a, e) for a in AC_MODES for e in _ep_sizes(cfg, shard)):
+                    # selective AC is refused with ep by the trainer (core/layout.py)
+                    for ac, ep in ((a, e) for a in AC_MODES for e in _ep_sizes(cfg, shard)
+                                   if not (a == "selective" and e > 1)):
                         out.append(Layout(tp=tp, pp=pp, pp_virtual_stages=v, dp_replicate=rep, dp_shard=shard,
                                           micro_batch=mb, microbatches=m, pp_schedule=sched, sp=tp > 1, ac=ac,
                                           dtype=dtype, seq_len=seq_len, cp=cp, ep=ep))

@@ -60,3 +60,18 @@ def test_stage_layer_counts_even_and_uneven():
     assert stage_layer_counts(ParallelConfig(pp=2), 5) == [3, 2]
     assert stage_layer_counts(ParallelConfig(pp=2, pp_virtual_stages=2), 4) == [1, 1, 1, 1]
     assert stage_layer_counts(ParallelConfig(pp=2, pp_layers=[1, 3]), 4) == [1, 3]
+
+
+def test_expert_parallel_is_carved_out_of_dp_shard():
+    d = ParallelDims.resolve(ParallelConfig(ep=2), 4)
+    assert (d.dp_shard, d.ep, d.dp_size) == (4, 2, 4) and d.ep_enabled and d.fsdp_enabled
+    with pytest.raises(ConfigError, match="parallel.ep: 4 does not divide parallel.dp_shard = 2"):
+        ParallelDims.resolve(ParallelConfig(ep=4, tp=2), 4)
+    moe = model(moe_experts=4)
+    validate_layout(ParallelConfig(ep=2), moe, batch_size=8)
+    with pytest.raises(ConfigError, match="parallel.ep: 3 does not divide model.moe_experts = 4"):
+        validate_layout(ParallelConfig(ep=3), moe, batch_size=8)
+    with pytest.raises(ConfigError, match=r"parallel.ep: 2 needs a MoE model"):
+        validate_layout(ParallelConfig(ep=2), model(), batch_size=8)
+    with pytest.raises(ConfigError, match=r"parallel.ep: expert parallel is built on FSDP"):
+        validate_layout(ParallelConfig(ep=2, engine="deepspeed"), moe, batch_size=8)

@@ -29,6 +29,9 @@ RTOL = 1e-5
 EPOCH_END = "--data.urls CORPUS --data.val_urls CORPUS --train.seq_len 7 --train.grad_accum 2 --train.eval_batches 4"
 
 MOE = "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_z_coef 0.1 --model.moe_bias_rate 0.01"
+# the MoE of fsdp2_moe_bias_shared (z-loss at its default 1e-3), for the expert-parallel rows
+MOE_SHARED = "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_bias_rate 0.01 --model.moe_shared_experts 1 " \
+             "--model.moe_hidden 32"
 TWO_RANKS = {
     "ddp2": "--parallel.dp_replicate 2 --parallel.dp_shard 1",
     "fsdp2": "--parallel.dp_shard 2",
@@ -62,8 +65,7 @@ TWO_RANKS = {
     "tp2_no_sp_epoch_end": "--parallel.tp 2 --parallel.sp false " + EPOCH_END,   # SP needs seq_len % tp == 0
     # MoE (issue 19): z-loss and the DeepSeek-V3 bias (loads summed over ranks) are layout-independent;
     # the Switch aux loss is per micro-batch by design (parallel/README.md), so it is off here.
-    "fsdp2_moe_bias_shared": "--parallel.dp_shard 2 --model.moe_experts 4 --model.moe_aux_coef 0 "
-                             "--model.moe_bias_rate 0.01 --model.moe_shared_experts 1 --model.moe_hidden 32",
+    "fsdp2_moe_bias_shared": "--parallel.dp_shard 2 " + MOE_SHARED,
     "ddp2_accum2_moe_sigmoid_every2": "--parallel.dp_replicate 2 --parallel.dp_shard 1 --train.grad_accum 2 "
                                       "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_router sigmoid "
                                       "--model.moe_every 2",
@@ -73,6 +75,13 @@ TWO_RANKS = {
     # raised to 0.1 so a wrong weight of it shows in the gradient norm.
     "tp2_sp_moe": "--parallel.tp 2 " + MOE + " --model.moe_shared_experts 1 --model.moe_hidden 32",
     "pp2_1f1b_moe": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4 " + MOE,
+    # Expert parallel (parallel/expert.py): each rank holds 2 of the 4 experts, tokens go by all-to-all;
+    # the same MoE (z-loss and bias on, Switch aux off as above) and the same reference as fsdp2_moe.
+    "ep2": "--parallel.ep 2 " + MOE_SHARED,
+    # ... with gradient accumulation, sigmoid routing, dense blocks between MoE ones and full activation
+    # checkpointing (the recompute runs the all-to-alls again); ddp2_accum2_moe_sigmoid_every2's reference
+    "ep2_accum2_ac_sigmoid_every2": "--parallel.ep 2 --parallel.ac full --train.grad_accum 2 --model.moe_experts 4 "
+                                    "--model.moe_aux_coef 0 --model.moe_router sigmoid --model.moe_every 2",
     "pp2_1f1b_epoch_end": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4 " + EPOCH_END,
     # parallel.engine = deepspeed (parallel/deepspeed_engine.py): DeepSpeed's ZeRO step with our AdamW
     "ds_zero1": "--parallel.engine deepspeed --parallel.zero_stage 1",
@@ -97,9 +106,19 @@ RESUMES = {
     "ds_zero2_resume": f"{DS} 2{CONST} RESUME {DS} 2{CONST}",
     # its step-5 checkpoint also holds DeepSpeed's native one (test_native_deepspeed_checkpoint_comes_in)
     "ds_zero3_to_fsdp": f"{DS} 3{CONST} --checkpoint.deepspeed_native true RESUME --parallel.dp_shard 2{CONST}",
+    # Expert weights keep their unsplit [E, ...] names and shapes (Shard(0) DTensors), so DCP moves a
+    # checkpoint between ep and no ep both ways, expert biases and AdamW moments included.
+    "ep2_to_fsdp2": f"--parallel.ep 2 {MOE_SHARED}{CONST} RESUME --parallel.dp_shard 2 {MOE_SHARED}{CONST}",
+    "fsdp2_to_ep2": f"--parallel.dp_shard 2 {MOE_SHARED}{CONST} RESUME --parallel.ep 2 {MOE_SHARED}{CONST}",
     "fsdp_to_ds_zero3_offload": f"--parallel.dp_shard 2{CONST} RESUME {DS} 3 --parallel.offload_optimizer cpu "
                                 f"--parallel.offload_param cpu{CONST}",
 }
+# A capacity limit is per micro-batch (parallel/README.md), so no single-process run shares its drops;
+# expert parallel keeps each rank's micro-batch and routing, so it must drop what FSDP drops
+# (compared with each other only: 3 steps are enough and keep the launch short).
+CAPACITY_STEPS = 3
+CAPACITY = {"ep2_capacity": f"--parallel.ep 2 --model.moe_capacity_factor 1 --train.steps {CAPACITY_STEPS} {MOE_SHARED}",
+            "fsdp2_capacity": f"--parallel.dp_shard 2 --model.moe_capacity_factor 1 --train.steps {CAPACITY_STEPS} {MOE_SHARED}"}
 # The Switch aux loss ON under PP: its value is per micro-batch, so the reference cuts its global batch
 # into the same micro-batches (accumulation of 4 x 2 rows = the pipeline's 4 microbatches of 2 rows):
 # the aux of both stages' blocks reaches the gradient with each microbatch's weight.
@@ -107,6 +126,7 @@ ALIGNED = {"pp2_gpipe_moe_aux": ("--parallel.pp 2 --parallel.pp_schedule gpipe -
                                  "--model.moe_experts 4 --model.moe_aux_coef 0.1 --model.moe_z_coef 0.1 "
                                  "--model.moe_bias_rate 0.01", "--train.batch_size 2 --train.grad_accum 4")}
 TWO_RANKS.update(RESUMES)
+TWO_RANKS.update(CAPACITY)
 TWO_RANKS.update({name: layout for name, (layout, _) in ALIGNED.items()})
 TWO_RANKS.update(INIT_FROM)
 # Context parallel (parallel/context.py) at a long sequence: 1024 tokens in 2 x cp chunks, so the
@@ -130,6 +150,12 @@ FOUR_RANKS = {
     # MoE: the aux weights and loads of TP+SP inside pipeline stages; FSDP reducing the Partial gradients
     "pp2_tp2_moe": "--parallel.pp 2 --parallel.tp 2 " + MOE + " --model.moe_shared_experts 1 --model.moe_hidden 32",
     "tp2_fsdp2_moe": "--parallel.tp 2 --parallel.dp_shard 2 " + MOE + " --model.moe_every 2",
+    # experts split over ep 2 and FSDP-sharded over the other 2 (edp_shard); dense parts over all 4
+    "ep2_fsdp2": "--parallel.dp_shard 4 --parallel.ep 2 " + MOE_SHARED,
+    # Expert parallel with the dense parts' TP+SP (experts Replicate over tp on the (ep, tp) mesh, each TP
+    # rank dispatching its sequence shard) and inside pipeline stages; tp2_sp_moe's and pp2_1f1b_moe's references
+    "ep2_tp2": "--parallel.tp 2 --parallel.ep 2 " + MOE + " --model.moe_shared_experts 1 --model.moe_hidden 32",
+    "pp2_ep2": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4 --parallel.ep 2 " + MOE,
     "cp4": f"--parallel.cp 4 {CP_SEQ}",
     "cp2_fsdp2": f"--parallel.cp 2 --parallel.dp_shard 2 {CP_SEQ}",
     "cp2_tp2": f"--parallel.cp 2 --parallel.tp 2 {CP_SEQ}",   # heads over tp, the sequence over cp, SP on
@@ -245,7 +271,8 @@ def test_reference_trains(reference):
     assert len(reference["loss"]) == STEPS and reference["loss"][-1] < reference["loss"][0]
 
 
-@pytest.mark.parametrize("name", [n for n in TWO_RANKS if n not in RESUMES and n not in INIT_FROM and n not in ALIGNED])
+@pytest.mark.parametrize("name", [n for n in TWO_RANKS
+                                  if n not in RESUMES and n not in INIT_FROM and n not in ALIGNED and n not in CAPACITY])
 def test_two_rank_parity(name, two_rank_results, references):
     check(name, two_rank_results[name], references(TWO_RANKS[name]))
 
@@ -267,6 +294,19 @@ def test_aux_loss_under_pipeline(name, two_rank_results, references):
     """Against the single process whose micro-batches are the pipeline's microbatches."""
     layout, reference_args = ALIGNED[name]
     check(name, two_rank_results[name], references(f"{layout} {reference_args}"))
+
+
+def test_expert_parallel_drops_what_fsdp_drops(two_rank_results):
+    """Capacity 1 under ep 2 and under FSDP x2 (the same micro-batches, so the same per-rank
+    routing and drops): the same losses, gradient norms and dropped share, and some were dropped
+    (the metric sums the ranks' own counts, which the all-to-all does not change)."""
+    got, want = two_rank_results["ep2_capacity"], two_rank_results["fsdp2_capacity"]
+    for r in (got, want):
+        assert "error" not in r, r.get("error")
+    assert got["loss"] == pytest.approx(want["loss"], rel=RTOL)
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=RTOL)
+    assert len(got["moe_dropped"]) == CAPACITY_STEPS and min(got["moe_dropped"]) > 0
+    assert got["moe_dropped"] == pytest.approx(want["moe_dropped"], rel=RTOL)
 
 
 @pytest.mark.parametrize("name", list(INIT_FROM))
