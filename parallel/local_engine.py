@@ -112,6 +112,10 @@ class LocalEngine:
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_loss_sum(logits, labels)
 
+    def run_model(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's forward on a micro-batch (context parallel passes the chunks' positions)."""
+        return self.model(inputs)
+
     def no_sync(self, last: bool):
         """Skip gradient synchronisation on all but the last micro-batch (DDP overrides)."""
         return contextlib.nullcontext()
@@ -143,7 +147,7 @@ class LocalEngine:
         for i, (inputs, labels) in enumerate(batches):
             with self.no_sync(last=i == len(batches) - 1), self.loss_context():
                 with self.autocast():
-                    loss = self.loss_fn(self.model(inputs), labels) / divisor
+                    loss = self.loss_fn(self.run_model(inputs), labels) / divisor
                     aux = aux_loss(self.model)
                 # A per-token mean of this micro-batch, weighted like its token losses: summed over
                 # micro-batches and averaged over ranks it is the global batch's per-token mean.
@@ -205,7 +209,7 @@ class LocalEngine:
 
     def eval_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Sum of a batch's token losses (None where this rank does not compute the loss)."""
-        return full_value(self.loss_fn(self.model(inputs), labels))
+        return full_value(self.loss_fn(self.run_model(inputs), labels))
 
     @torch.no_grad()
     def eval_loss(self, batches) -> float:
