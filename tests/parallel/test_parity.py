@@ -134,10 +134,17 @@ TWO_RANKS.update(INIT_FROM)
 # The doc-masked rows read DOCS (short documents, ~12 per row: the built-in corpus's files are
 # longer than a row, so few rows there hold an end-of-text), so chunks attend across documents'
 # boundaries, within a document across ranks, and some queries see nothing of a block.
-CP_SEQ = "--train.seq_len 1024 --model.max_seq_len 1024"
-CP_DOC = f"{CP_SEQ} --model.doc_mask true --data.urls DOCS --data.val_urls DOCS"
-TWO_RANKS["cp2"] = f"--parallel.cp 2 {CP_SEQ}"
-TWO_RANKS["cp2_doc"] = f"--parallel.cp 2 {CP_DOC}"
+# The ring at 1024 is ~30 s a row on 2 cores (explicit fp32 blocks, query tiles recomputed in
+# backward): cp2 and cp2_doc run at 1024 in every run; the other rows (the compositions) at
+# MESHFORMER_CP_PARITY_SEQ, 256 by default (at cp 4 still 8 chunks of 32, zigzag, skipped
+# blocks, ~3 documents a row) and 1024 for the acceptance run (parallel/README.md, "Context parallel").
+CP_SEQ_LONG = "--train.seq_len 1024 --model.max_seq_len 1024"
+CP_LEN = int(os.environ.get("MESHFORMER_CP_PARITY_SEQ", "256"))
+CP_SEQ = f"--train.seq_len {CP_LEN} --model.max_seq_len {max(CP_LEN, 256)}"
+DOC = "--model.doc_mask true --data.urls DOCS --data.val_urls DOCS"
+CP_DOC = f"{CP_SEQ} {DOC}"
+TWO_RANKS["cp2"] = f"--parallel.cp 2 {CP_SEQ_LONG}"
+TWO_RANKS["cp2_doc"] = f"--parallel.cp 2 {CP_SEQ_LONG} {DOC}"
 TWO_RANKS["cp2_allgather_doc"] = f"--parallel.cp 2 --parallel.cp_kv allgather {CP_DOC}"
 # the learned relative bias (a parameter inside each block's mask) across the ring, short and cheap
 TWO_RANKS["cp2_relative"] = "--parallel.cp 2 --train.seq_len 64 --model.position relative"
