@@ -5,6 +5,14 @@ with ratios against bf16 measured in the same invocation.
     python bench/gpu.py                      # all modes, ~1B model, under 8 minutes
     python bench/gpu.py --modes bf16,fp8-torchao --steps 30 --out bench/gpu.json
     python bench/gpu.py --quick              # CPU smoke test with a tiny model (what CI runs)
+    python bench/gpu.py --device cpu --dry-run   # every GPU code path once, tiny model, on the CPU
+
+`--dry-run` runs each path the GPU run takes once with a tiny model, so the first call on a GPU host
+cannot die on a typo: bf16, compile (per block, as parallel/ does), the fused AdamW, fp8 conversion
+through torchao (compiled), FSDP2 `fully_shard` on a one-rank process group (nccl on a GPU, gloo on
+the CPU) with bf16 parameters, and transformers' LlamaForCausalLM at the same shape for the
+side-by-side ratio. On a CPU the compiled modes use `aot_eager`: dynamo's trace and AOT autograd's
+joint graph are what a typo breaks; inductor's C++ codegen costs minutes on 2 cores (Triton on a GPU).
 
 Needs only torch and this repository (torchao / transformer-engine are used where installed):
 the GPU host has no network. Each mode runs in its own subprocess with a time box, so a missing
@@ -24,14 +32,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODES = ("bf16", "bf16-compile", "fp8-torchao", "fp8-torchao-eager", "fp8-te")
-DEFAULT_MODES = "bf16,bf16-compile,fp8-torchao,fp8-te"
+MODES = ("bf16", "bf16-compile", "fp8-torchao", "fp8-torchao-eager", "fp8-te", "bf16-fsdp", "hf-bf16")
+# hf-bf16: transformers' LlamaForCausalLM, same shape and loop; its ratio is ours (bf16) over it
+DEFAULT_MODES = "bf16,bf16-compile,fp8-torchao,fp8-te,hf-bf16"
+DRY_RUN_MODES = "bf16,bf16-compile,fp8-torchao,bf16-fsdp,hf-bf16"
 # configs/llama3-1b.toml's [model] (Llama 3.2 1B), written out so the bench needs no TOML reader
 # (tests/precision/test_bench.py checks the two agree).
 LLAMA_1B = dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
@@ -55,14 +66,20 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak bf16 TFLOP/s for MFU (0 = look the GPU up)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="CPU smoke mode: tiny model, few steps, default modes bf16,fp8-torchao-eager,fp8-te")
+    p.add_argument("--dry-run", action="store_true",
+                   help=f"every GPU code path once with a tiny model (modes {DRY_RUN_MODES}); with --device cpu, CI's check")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cuda (default; the real benchmark) or cpu (only with --quick or --dry-run)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)       # internal: run one mode
     p.add_argument("--child-result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-deadline", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    quick = a.quick
+    if a.dry_run:
+        a.quick = a.quick or a.device == "cpu"    # a CPU dry run is a quick run of every mode
+    quick = a.quick or a.dry_run
     # quick: no compile (minutes on a CPU); fp8-te shows its "what is missing" skip
-    a.modes = a.modes or ("bf16,fp8-torchao-eager,fp8-te" if quick else DEFAULT_MODES)
-    a.steps = a.steps or (3 if quick else 20)
+    a.modes = a.modes or (DRY_RUN_MODES if a.dry_run else "bf16,fp8-torchao-eager,fp8-te" if quick else DEFAULT_MODES)
+    a.steps = a.steps or (1 if a.dry_run else 3 if quick else 20)
     a.warmup = a.warmup if a.warmup is not None else (1 if quick else 5)
     a.seq_len = a.seq_len or (32 if quick else 2048)
     a.batch = a.batch or (2 if quick else 4)
@@ -71,6 +88,8 @@ def parse_args(argv=None):
     unknown = [m for m in a.mode_list if m not in MODES]
     if unknown:
         p.error(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if a.device == "cpu" and not quick:
+        p.error("--device cpu: only with --quick or --dry-run (the benchmark proper needs a GPU)")
     if a.steps < 1 or a.warmup < 0 or a.seq_len < 1 or a.batch < 1:
         p.error("--steps, --seq-len and --batch must be >= 1 and --warmup >= 0")
     return a
@@ -89,13 +108,13 @@ def build_mode(mode: str, args, device):
     from parallel.precision import convert_for_training
     from core.precision_config import PrecisionConfig
 
-    shape = dict(TINY if args.quick else LLAMA_1B)
+    shape = dict(TINY if args.quick or args.dry_run else LLAMA_1B)
     shape["max_seq_len"] = max(shape["max_seq_len"], args.seq_len)
     cfg = ModelConfig(**shape)
     torch.manual_seed(0)
     with device:
         model = Transformer(cfg)
-    dtype = "bf16" if mode.startswith("bf16") else "fp8"
+    dtype = "fp8" if mode.startswith("fp8") else "bf16"
     if mode.startswith("fp8-torchao"):
         try:
             import torchao  # noqa: F401
@@ -116,9 +135,61 @@ def build_mode(mode: str, args, device):
             raise Skip(str(e)) from None
         raise
     if mode in ("bf16-compile", "fp8-torchao"):
-        for block in model.layers.values():   # per block, as parallel/ compiles
-            block.compile()
+        # per block, as parallel/ compiles; on a CPU dry run without inductor (see the docstring)
+        backend = "aot_eager" if device.type == "cpu" else "inductor"
+        for block in model.layers.values():
+            block.compile(backend=backend)
     return model, cfg, dtype
+
+
+def build_hf(args, device):
+    """transformers' Llama at the bench's shape with our initial weights (trainer/hf_llama.py's map)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise Skip(f"transformers is not installed ({e})") from None
+    import torch
+    from core.model_config import ModelConfig
+    from trainer.model import Transformer
+    from bench.vs_hf import hf_model
+    shape = dict(TINY if args.quick or args.dry_run else LLAMA_1B)
+    shape["max_seq_len"] = max(shape["max_seq_len"], args.seq_len)
+    cfg = ModelConfig(**shape)
+    torch.manual_seed(0)
+    with device:
+        ours = Transformer(cfg)
+        return hf_model(ours, cfg), cfg
+
+
+class HFLoop:
+    """The plain loop a transformers user writes, behind LocalEngine's train_step (bench/vs_hf.py)."""
+
+    def __init__(self, model, optimizer, scheduler, grad_clip: float):
+        self.model, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
+
+    def train_step(self, batches):
+        from bench.vs_hf import hf_step
+        (x, y), = batches
+        return types.SimpleNamespace(loss=hf_step(self.model, self.optimizer, self.scheduler, x, y, self.grad_clip, "bf16"))
+
+
+def shard_one_rank(model, cfg, device) -> None:
+    """FSDP2 on a one-rank process group (nccl on a GPU, gloo on the CPU) through the trainer's own
+    apply_fsdp, with bf16 parameters (bf16_mode = params): the sharding, all-gather and
+    reduce-scatter code runs, even though one rank has nothing to exchange."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from core.parallel_config import ParallelConfig
+    from core.precision_config import PrecisionConfig
+    from parallel.data_parallel import apply_fsdp
+    from trainer.model_plan import parallel_plan
+    store = tempfile.NamedTemporaryFile(prefix="gpu-bench-pg-", delete=False).name
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
+                            rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (1,), mesh_dim_names=("dp_shard",))
+    # apply_fsdp reads only the shard mesh (and whether experts are split) from the layout's dims
+    apply_fsdp(model, parallel_plan(cfg), types.SimpleNamespace(fsdp_mesh=mesh, ep_enabled=False), ParallelConfig(),
+               PrecisionConfig(dtype="bf16", bf16_mode="params"))
 
 
 def run_mode(mode: str, args) -> dict:
@@ -131,11 +202,20 @@ def run_mode(mode: str, args) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model, cfg, dtype = build_mode(mode, args, device)
-    fused = {"fused": True} if cuda else {"foreach": True}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **fused)
+    if mode == "hf-bf16":
+        model, cfg = build_hf(args, device)
+    else:
+        model, cfg, dtype = build_mode(mode, args, device)
+    if mode == "bf16-fsdp":
+        shard_one_rank(model, cfg, device)
+    # the fused AdamW kernel exists for CUDA and (torch >= 2.4) the CPU: the path the GPU run takes
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    engine = LocalEngine(model, optimizer, scheduler, device, dtype, grad_clip=1.0, bf16_mode="autocast")
+    if mode == "hf-bf16":
+        engine = HFLoop(model, optimizer, scheduler, grad_clip=1.0)
+    else:
+        engine = LocalEngine(model, optimizer, scheduler, device, dtype, grad_clip=1.0,
+                             bf16_mode="params" if mode == "bf16-fsdp" else "autocast")
     g = torch.Generator(device=device).manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device, generator=g) for _ in range(2)]
     batches = [(b[:, :-1], b[:, 1:]) for b in batches]
@@ -165,11 +245,19 @@ def run_mode(mode: str, args) -> dict:
         peak = peak_flops(device, "bf16", args.peak_tflops, 1.0) if cuda or args.peak_tflops else None
     except RuntimeError:
         peak = None                        # unknown GPU and no --peak-tflops: no MFU
-    flops = model.flops_per_token(args.seq_len)
+    flops = cfg.flops_per_token(args.seq_len)
     return {"mode": mode, "status": "ok", "tokens_per_s": tokens_per_s, "step_s": step_s, "steps": len(times),
             "warmup_s": round(warmup_s, 2), "mfu": tokens_per_s * flops / peak if peak else None,
             "peak_mem_gib": peak_memory_gib(device), "final_loss": float(loss),
-            "fp8_layers": len(fp8_module_names(model))}
+            "fp8_layers": len(fp8_module_names(model))} | finish_mode(mode)
+
+
+def finish_mode(mode: str) -> dict:
+    """Leave bf16-fsdp's process group as torch wants it left (barrier, then destroy)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier(), dist.destroy_process_group()
+    return {}
 
 
 def child_main(args) -> None:
@@ -188,7 +276,7 @@ def child_command(mode: str, args, result: Path, deadline: float) -> list[str]:
            "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--fp8-min-dim", str(args.fp8_min_dim),
            "--fp8-recipe-torchao", args.fp8_recipe_torchao, "--fp8-recipe-te", args.fp8_recipe_te,
            "--peak-tflops", str(args.peak_tflops)]
-    return cmd + (["--quick"] if args.quick else [])
+    return cmd + (["--quick"] if args.quick else []) + (["--dry-run"] if args.dry_run else []) + ["--device", args.device]
 
 
 def last_error_line(text: str) -> str:
@@ -240,7 +328,7 @@ def run_all(args, start: float) -> list[dict]:
             result["wall_s"] = round(time.time() - t, 1)
             print(f"[bench] {mode}: {result['status']} in {result['wall_s']} s", file=sys.stderr, flush=True)
             results.append(result)
-    for base in ("bf16", "bf16-compile"):
+    for base in ("bf16", "bf16-compile", "hf-bf16"):
         ref = next((r for r in results if r["mode"] == base and r["status"] == "ok"), None)
         for r in results:
             if ref and r["status"] == "ok":
@@ -253,14 +341,14 @@ def fmt(value, pattern: str) -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| mode | tokens/s | MFU | peak mem (GiB) | x bf16 | x bf16-compile | loss | status |",
-            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| mode | tokens/s | MFU | peak mem (GiB) | x bf16 | x bf16-compile | x hf-bf16 | loss | status |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         ok = r["status"] == "ok"
         rows.append("| " + " | ".join([
             r["mode"], fmt(r.get("tokens_per_s") if ok else None, "{:,.0f}"),
             fmt(r.get("mfu") if ok else None, "{:.1%}"), fmt(r.get("peak_mem_gib") if ok else None, "{:.1f}"),
-            fmt(r.get("x_bf16"), "{:.2f}"), fmt(r.get("x_bf16-compile"), "{:.2f}"),
+            fmt(r.get("x_bf16"), "{:.2f}"), fmt(r.get("x_bf16-compile"), "{:.2f}"), fmt(r.get("x_hf-bf16"), "{:.2f}"),
             fmt(r.get("final_loss") if ok else None, "{:.3f}"),
             r["status"] if not ok else f"ok ({r['steps']} steps, warmup {r['warmup_s']} s, {r['fp8_layers']} fp8 layers)",
         ]) + " |")
@@ -292,7 +380,7 @@ def main(argv=None) -> int:
         return 2
     env = environment(args)
     results = run_all(args, start)
-    shape = TINY if args.quick else LLAMA_1B
+    shape = TINY if args.quick or args.dry_run else LLAMA_1B
     head = (f"{env['device']}, torch {env['torch']}, torchao {env['torchao']}, transformer_engine {env['transformer_engine']}; "
             f"model dim {shape['dim']} x {shape['n_layers']} layers, vocab {shape['vocab_size']}; "
             f"batch {args.batch} x seq {args.seq_len}; {args.steps} timed steps after {args.warmup} warmup; "

@@ -2,9 +2,10 @@
 
 One process, the same Llama shape, the same initial weights (ours exported to HF names), the same
 batches, fp32 or bf16 autocast. Ours is `parallel.local_engine.LocalEngine` (what `meshformer train`
-runs per step); Hugging Face's is the plain loop a user would write (`model(x, labels=y).loss`,
-backward, clip, AdamW, LR schedule). The two alternate in short blocks so machine noise hits both
-alike; the ratio printed is the median over adjacent block pairs (>1: ours is faster).
+runs per step), eager and with each block compiled (`--parallel.compile true`, parallel/
+activation_checkpoint.apply_compile); Hugging Face's is the plain loop a user would write
+(`model(x, labels=y).loss`, backward, clip, AdamW, LR schedule). They alternate in short blocks so
+machine noise hits all alike; each ratio printed is the median over the blocks (>1: ours is faster).
 
 The roofline column: every GEMM of a training step (forward, and the two backward GEMMs of each
 linear layer, attention's score/value products, the output head) is timed as a bare `torch.mm` /
@@ -13,7 +14,8 @@ is the share of the machine's matmul limit that the step reaches (1.0 = nothing 
 speed the BLAS gives those shapes).
 
     python bench/vs_hf.py                       # 4 layers, d 256, 4 heads, ffn 688, seq 256, batch 8
-    python bench/vs_hf.py --dtypes fp32 --blocks 4 --steps-per-block 3 --dim 64 --seq 64   # quick
+    python bench/vs_hf.py --dtypes fp32 --blocks 4 --steps-per-block 3 --dim 64 --seq 64 --no-compile  # quick
+    (TORCHINDUCTOR_CACHE_DIR=DIR keeps compiled kernels between runs: compiling takes minutes on 2 cores)
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.run_config import load_config  # noqa: E402
+from parallel.activation_checkpoint import apply_compile  # noqa: E402
 from parallel.local_engine import LocalEngine  # noqa: E402
 from trainer.hf_llama import hf_config, to_hf  # noqa: E402
 from trainer.model import Transformer  # noqa: E402
@@ -48,7 +51,7 @@ def hf_model(ours: Transformer, mc):
 
 def hf_step(model, opt, sched, x, y, clip, dtype):
     opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=AUTOCAST[dtype], enabled=AUTOCAST[dtype] is not None):
+    with torch.autocast(x.device.type, dtype=AUTOCAST[dtype], enabled=AUTOCAST[dtype] is not None):
         loss = model(input_ids=x, labels=None).logits.float()
     loss = torch.nn.functional.cross_entropy(loss.flatten(0, 1), y.flatten())
     loss.backward()
@@ -90,48 +93,64 @@ class BareGemms:
         return time.perf_counter() - t0
 
 
-def run(cfg, dtype: str, blocks: int, per_block: int, warmup: int) -> dict:
-    mc, B, T = cfg.model, cfg.train.batch_size, cfg.train.seq_len
+def our_engine(cfg, dtype: str, steps: int, compiled: bool) -> LocalEngine:
     torch.manual_seed(0)
-    ours = Transformer(mc)
-    theirs = hf_model(ours, mc)
+    model = Transformer(cfg.model)
+    if compiled:
+        apply_compile(model, "layers")
     dev = torch.device("cpu")
+    opt = build_optimizer(model, cfg.optim, dev)
+    return LocalEngine(model, opt, build_scheduler(opt, cfg.optim, steps), dev, dtype, cfg.optim.grad_clip)
+
+
+def run(cfg, dtype: str, blocks: int, per_block: int, warmup: int, compiled: bool) -> dict:
+    mc, B, T = cfg.model, cfg.train.batch_size, cfg.train.seq_len
     steps = warmup + blocks * per_block + 1
-    o_opt = build_optimizer(ours, cfg.optim, dev)
+    engines = {"ours": our_engine(cfg, dtype, steps, False)}
+    if compiled:
+        engines["ours_compiled"] = our_engine(cfg, dtype, steps, True)
+    theirs = hf_model(engines["ours"].model, mc)
     h_opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                               weight_decay=cfg.optim.weight_decay, fused=False, foreach=True)
-    o_sched = build_scheduler(o_opt, cfg.optim, steps)
     h_sched = build_scheduler(h_opt, cfg.optim, steps)
-    engine = LocalEngine(ours, o_opt, o_sched, dev, dtype, cfg.optim.grad_clip)
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, mc.vocab_size, (4, B, T + 1), generator=g)
     batches = [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]
-    first = (float(engine.train_step([batches[0]]).loss), float(hf_step(theirs, h_opt, h_sched, *batches[0],
-                                                                         cfg.optim.grad_clip, dtype)))
+
+    def step(who, x, y):
+        if who == "hf":
+            return hf_step(theirs, h_opt, h_sched, x, y, cfg.optim.grad_clip, dtype).item()
+        return engines[who].train_step([(x, y)]).loss.item()  # done when its loss is (as for HF's)
+
+    names = list(engines) + ["hf"]
+    first = {who: step(who, *batches[0]) for who in names}
     for i in range(1, warmup):
-        engine.train_step([batches[i % 4]])
-        hf_step(theirs, h_opt, h_sched, *batches[i % 4], cfg.optim.grad_clip, dtype)
+        for who in names:
+            step(who, *batches[i % 4])
     gemms = BareGemms(gemm_shapes(mc, B, T), dtype)
-    times = {"ours": [], "hf": [], "gemm": []}
+    times = {who: [] for who in names + ["gemm"]}
     for block in range(blocks):
         # the bare matmuls are timed in every block too, beside the steps, so load on the machine
         # hits the roofline's denominator as it hits the steps
         times["gemm"].append(min(gemms() for _ in range(per_block)))
-        for who in (("ours", "hf") if block % 2 == 0 else ("hf", "ours")):
+        for who in (names if block % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
             for s in range(per_block):
-                x, y = batches[s % 4]
-                if who == "ours":
-                    out = engine.train_step([(x, y)])
-                    out.loss.item()                   # the step is done when its loss is (as for HF's)
-                else:
-                    hf_step(theirs, h_opt, h_sched, x, y, cfg.optim.grad_clip, dtype).item()
+                step(who, *batches[s % 4])
             times[who].append((time.perf_counter() - t0) / per_block)
-    share = {who: statistics.median(g / t for g, t in zip(times["gemm"], times[who])) for who in ("ours", "hf")}
-    step = {k: statistics.median(v) for k, v in times.items()}
-    return {"dtype": dtype, "first_loss": first, "tokens": B * T, "step_s": step, "share": share,
-            "gflops": sum(2 * b * m * k * n for b, m, k, n in gemm_shapes(mc, B, T)) / 1e9,
-            "ratio": statistics.median(h / o for o, h in zip(times["ours"], times["hf"]))}
+    share = {who: statistics.median(g / t for g, t in zip(times["gemm"], times[who])) for who in names}
+    ratio = {who: statistics.median(h / o for o, h in zip(times[who], times["hf"])) for who in engines}
+    return {"dtype": dtype, "first_loss": first, "tokens": B * T, "share": share, "ratio": ratio,
+            "step_s": {k: statistics.median(v) for k, v in times.items()},
+            "gflops": sum(2 * b * m * k * n for b, m, k, n in gemm_shapes(mc, B, T)) / 1e9}
+
+
+def shape_config(args):
+    """configs/tiny.toml (byte tokens, vocab 320) at the shape of the command line's arguments."""
+    return load_config(str(Path(__file__).resolve().parents[1] / "configs/tiny.toml"), [
+        "--model.n_layers", str(args.layers), "--model.dim", str(args.dim), "--model.n_heads", str(args.heads),
+        "--model.n_kv_heads", str(args.heads), "--model.ffn_hidden", str(args.ffn), "--model.max_seq_len",
+        str(max(args.seq, 512)), "--train.seq_len", str(args.seq), "--train.batch_size", str(args.batch)])
 
 
 def main(argv=None) -> int:
@@ -145,21 +164,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="default: 8")
     p.add_argument("--blocks", type=int, default=8, help="alternating blocks per side (default: 8)")
     p.add_argument("--steps-per-block", type=int, default=4, help="default: 4")
-    p.add_argument("--warmup", type=int, default=3, help="default: 3")
+    p.add_argument("--warmup", type=int, default=3, help="default: 3 (compilation happens in the first)")
+    p.add_argument("--no-compile", action="store_true", help="leave out our compiled step (compiling takes minutes here)")
     args = p.parse_args(argv)
-    cfg = load_config("configs/tiny.toml", [
-        "--model.n_layers", str(args.layers), "--model.dim", str(args.dim), "--model.n_heads", str(args.heads),
-        "--model.n_kv_heads", str(args.heads), "--model.ffn_hidden", str(args.ffn), "--model.max_seq_len",
-        str(max(args.seq, 512)), "--train.seq_len", str(args.seq), "--train.batch_size", str(args.batch)])
+    cfg = shape_config(args)
     print(f"shape: {args.layers} layers, d {args.dim}, {args.heads} heads, ffn {args.ffn}, seq {args.seq}, "
           f"batch {args.batch}, vocab {cfg.model.vocab_size}; threads {torch.get_num_threads()}")
     for dtype in args.dtypes.split(","):
-        r = run(cfg, dtype, args.blocks, args.steps_per_block, args.warmup)
-        o, h = r["step_s"]["ours"], r["step_s"]["hf"]
-        print(f"{dtype}: first loss ours {r['first_loss'][0]:.5f} hf {r['first_loss'][1]:.5f} | "
-              f"tokens/s ours {r['tokens'] / o:,.0f} hf {r['tokens'] / h:,.0f} | ratio ours/hf {r['ratio']:.3f} | "
-              f"matmul roofline share ours {r['share']['ours']:.0%} hf {r['share']['hf']:.0%} "
-              f"(bare GEMMs {r['gflops'] / r['step_s']['gemm']:.0f} GFLOP/s, step {r['gflops'] / o:.0f})")
+        r = run(cfg, dtype, args.blocks, args.steps_per_block, args.warmup, not args.no_compile)
+        s = r["step_s"]
+        print(f"{dtype}: first loss " + " ".join(f"{who} {v:.5f}" for who, v in r["first_loss"].items())
+              + f" | bare GEMMs {r['gflops'] / s['gemm']:.3g} GFLOP/s")
+        for who in r["first_loss"]:
+            vs = f"ratio {who}/hf {r['ratio'][who]:.3f} | " if who != "hf" else ""
+            print(f"  {who:14s} tokens/s {r['tokens'] / s[who]:8,.0f} | {vs}matmul roofline share {r['share'][who]:.0%} "
+                  f"({r['gflops'] / s[who]:.3g} GFLOP/s)")
     return 0
 
 

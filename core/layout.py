@@ -13,8 +13,9 @@ from core.errors import ConfigError
 from core.parallel_config import ParallelConfig
 
 # Outermost first: pipeline stages and data-parallel replicas span nodes, tensor parallel is the
-# innermost (fastest-varying) dimension so a TP group is consecutive ranks, i.e. inside one node.
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+# innermost (fastest-varying) dimension so a TP group is consecutive ranks, i.e. inside one node;
+# context parallel next to it (its ring passes K/V every layer), data parallel shards outside.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 # With expert parallel, dp_shard is built as (dp_shard / ep, ep): the experts are split over "ep"
 # (consecutive dp_shard ranks) and FSDP-sharded over "edp_shard"; "dp_shard" is their flattening.
 EP_MESH_DIMS = ("pp", "dp_replicate", "edp_shard", "ep", "tp")
@@ -27,6 +28,7 @@ class LayoutSizes:
     dp_shard: int
     tp: int
     world_size: int
+    cp: int = 1
     ep: int = 1
 
     @property
@@ -36,22 +38,22 @@ class LayoutSizes:
 
 def resolve_sizes(cfg: ParallelConfig, world_size: int) -> LayoutSizes:
     """The mesh sizes for `world_size` processes (dp_shard = -1 takes what the others leave)."""
-    fixed = cfg.pp * cfg.dp_replicate * cfg.tp
+    fixed = cfg.pp * cfg.dp_replicate * cfg.tp * cfg.cp
     shard = cfg.dp_shard
     if shard == -1:
         if world_size % fixed:
-            raise ConfigError(f"parallel: pp*dp_replicate*tp = {fixed} does not divide the world size {world_size} "
-                              "(a world size not divisible by parallel.tp x pp x dp_replicate leaves no whole dp_shard)")
+            raise ConfigError(f"parallel: pp*dp_replicate*cp*tp = {fixed} does not divide the world size {world_size} "
+                              "(a world size not divisible by parallel.tp x cp x pp x dp_replicate leaves no whole dp_shard)")
         shard = world_size // fixed
     if fixed * shard != world_size:
         raise ConfigError(
-            f"parallel: pp({cfg.pp}) x dp_replicate({cfg.dp_replicate}) x dp_shard({shard}) x tp({cfg.tp}) = "
+            f"parallel: pp({cfg.pp}) x dp_replicate({cfg.dp_replicate}) x dp_shard({shard}) x cp({cfg.cp}) x tp({cfg.tp}) = "
             f"{fixed * shard}, but the world size is {world_size}")
     if shard % cfg.ep:
         raise ConfigError(f"parallel.ep: {cfg.ep} does not divide parallel.dp_shard = {shard} (expert parallel is "
                           "carved out of dp_shard); pick an ep that divides it")
     return LayoutSizes(pp=cfg.pp, dp_replicate=cfg.dp_replicate, dp_shard=shard, tp=cfg.tp, world_size=world_size,
-                       ep=cfg.ep)
+                       ep=cfg.ep, cp=cfg.cp)
 
 
 def microbatches(cfg: ParallelConfig) -> int:
@@ -106,9 +108,11 @@ def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int, seq_len: in
                             ("model.vocab_size (vocab-parallel head)", model_cfg.vocab_size)):
             if value % tp:
                 raise ConfigError(f"parallel.tp: {tp} does not divide {what} = {value}; pick a tp that divides it")
-        if cfg.sp and seq_len % tp:
-            raise ConfigError(f"parallel.sp: sequence parallel splits train.seq_len = {seq_len} over tp = {tp}; "
-                              "use a multiple of tp or parallel.sp = false")
+        if cfg.sp and (seq_len // cfg.cp) % tp:
+            raise ConfigError(f"parallel.sp: sequence parallel splits train.seq_len = {seq_len} (/ cp = {cfg.cp}) over "
+                              f"tp = {tp}; use a multiple of tp x cp or parallel.sp = false")
+    if cfg.cp > 1:
+        validate_cp(cfg, seq_len)
     n_stages = cfg.pp * cfg.pp_virtual_stages
     if cfg.pp > 1 or cfg.pp_virtual_stages > 1:
         if n_stages > model_cfg.n_layers:
@@ -134,3 +138,16 @@ def validate_layout(cfg: ParallelConfig, model_cfg, batch_size: int, seq_len: in
                               f"for the {cfg.pp_schedule} schedule")
         if batch_size % m:
             raise ConfigError(f"parallel.pp_microbatches: {m} does not divide train.batch_size = {batch_size}")
+
+
+def validate_cp(cfg: ParallelConfig, seq_len: int) -> None:
+    """Context parallel cuts each sequence into 2 x cp equal chunks (rank r: chunks r and 2cp-1-r)."""
+    if seq_len % (2 * cfg.cp):
+        raise ConfigError(f"parallel.cp: {cfg.cp} cuts train.seq_len = {seq_len} into 2 x cp = {2 * cfg.cp} equal "
+                          f"chunks; use a seq_len divisible by {2 * cfg.cp}")
+    if cfg.ep > 1:
+        raise ConfigError("parallel.cp: context parallel with expert parallel is not built yet; set parallel.ep = 1 "
+                          "or parallel.cp = 1")
+    if cfg.pp > 1:
+        raise ConfigError("parallel.cp: context parallel with pipeline parallel is not built yet (the schedule does "
+                          "not pass the chunks' positions); set parallel.pp = 1 or parallel.cp = 1")

@@ -15,7 +15,10 @@ class ParallelConfig:
     dp_shard: int = option("FSDP shard group size; -1 = whatever the world size leaves", -1)
     tp: int = option("tensor-parallel degree (keep it within a node)", 1)
     pp: int = option("pipeline stages", 1)
-    cp: int = option("context-parallel degree (reserved; must be 1 for now)", 1)
+    cp: int = option("context-parallel degree: each sequence split into 2*cp chunks, rank r of the ring holds chunks r and "
+                      "2cp-1-r (ring attention, parallel/context.py)", 1)
+    cp_kv: Literal["ring", "allgather"] = option(
+        "context parallel: pass K/V blocks around the ring (memory ~1/cp) or all-gather them (fewer, larger messages)", "ring")
     ep: int = option("expert-parallel degree: MoE experts split over this many ranks, carved out of dp_shard "
                      "(must divide dp_shard and model.moe_experts)", 1)
     sp: bool = option("sequence parallel on norms/dropout when tp > 1", True)
@@ -52,8 +55,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.pp_layers: every stage needs >= 1 layer, got {self.pp_layers}")
         if self.engine == "deepspeed":
             self._validate_deepspeed()
-        if self.cp != 1:
-            raise ValueError("parallel.cp: context parallel is not built yet; use 1")
+        if self.cp > 1 and self.engine == "deepspeed":
+            raise ValueError("parallel.cp: context parallel runs under parallel.engine = torch only; set parallel.cp = 1")
 
     def _validate_deepspeed(self) -> None:
         if self.tp != 1 or self.pp != 1 or self.dp_replicate != 1:

@@ -27,6 +27,7 @@ class ParallelPlan:
     mlp_in: tuple[str, ...]     # column-wise: MLP input projections (gate and up for swiglu)
     mlp_out: str                # row-wise: MLP output projection
     head_buffers: tuple[str, ...] = ()  # per-head buffers on the attention module, sharded with the heads
+    attention_core: str = "core"        # inside the attention module: softmax(qk)v, swapped by context parallel
     # inside a block: embedding tables [*, heads] (learned per-head biases), column-wise: each rank holds
     # and looks up its own heads' columns, a parameter sharded with the heads
     head_tables: tuple[str, ...] = ()

@@ -1,6 +1,6 @@
 """Apply the parallel layout to the model, in ONE function and a fixed order:
 
-    pipeline split -> tensor/sequence parallel -> expert parallel -> precision conversion (fp8) ->
+    pipeline split -> tensor/sequence parallel -> expert parallel -> context parallel -> precision conversion (fp8) ->
     activation checkpointing -> torch.compile -> FSDP / HSDP -> materialise + init -> DDP
     (under parallel.engine = deepspeed no FSDP/DDP: deepspeed.initialize shards in make_engine)
 
@@ -25,6 +25,7 @@ from core.parallel_config import ParallelConfig
 from core.parallel_plan import ParallelPlan
 from core.precision_config import PrecisionConfig
 from parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile
+from parallel.context import apply_context_parallel
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.deepspeed_config import build_ds_config
 from parallel.deepspeed_engine import DeepSpeedEngine
@@ -111,6 +112,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: ParallelPlan, pcfg: 
     if dims.ep_enabled:
         for part in parts:
             apply_expert_parallel(part, plan, dims, pcfg.sp)
+    if dims.cp_enabled:   # attention over the whole sequence from each rank's chunks (ring attention)
+        for part in parts:
+            apply_context_parallel(part, plan.blocks, plan.attention, plan.attention_core,
+                                   dims.cp_mesh.get_group(), pcfg.cp_kv)
     parts = [convert_for_training(part, precision, tp_mesh) or part for part in parts]
     for part in parts:
         apply_activation_checkpointing(part, plan.blocks, pcfg.ac)

@@ -19,12 +19,18 @@ class ParallelDims:
     dp_shard: int
     tp: int
     world_size: int
+    cp: int = 1
     mesh: object = None          # torch DeviceMesh over MESH_DIMS (plus flattened "dp") when world > 1
     dp_rank: int = 0
     dp_size: int = 1
     pp_rank: int = 0
     tp_rank: int = 0
     dp_flat_mesh: object = None  # 1-D mesh over dp_replicate x dp_shard
+    cp_rank: int = 0
+    # Under context parallel every cp rank holds a part of every sequence: gradients reduce and the
+    # loss's labelled tokens are counted over data parallel x cp (torchtitan's dp_shard_cp)
+    dp_cp_flat_mesh: object = None   # 1-D over dp_replicate x dp_shard x cp (the loss's group)
+    shard_cp_flat_mesh: object = None  # 1-D over dp_shard x cp (FSDP's shard group under cp)
     ep: int = 1                  # expert parallel: a factor of dp_shard (the mesh is then EP_MESH_DIMS)
     dp_shard_mesh: object = None  # with ep > 1: dp_shard flattened from (edp_shard, ep)
 
@@ -32,7 +38,7 @@ class ParallelDims:
     def resolve(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
         s = resolve_sizes(cfg, world_size)
         return cls(pp=s.pp, dp_replicate=s.dp_replicate, dp_shard=s.dp_shard, tp=s.tp, world_size=world_size,
-                   dp_size=s.dp_size, ep=s.ep)
+                   dp_size=s.dp_size, ep=s.ep, cp=s.cp)
 
     # ---- which wrappers are on ----------------------------------------------------------------
     @property
@@ -52,13 +58,23 @@ class ParallelDims:
         return self.dp_size > 1
 
     @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def grad_reduce_size(self) -> int:
+        """Ranks whose gradients are averaged: data parallel x context parallel."""
+        return self.dp_size * self.cp
+
+    @property
     def fsdp_enabled(self) -> bool:
         """FSDP2 (or HSDP) carries data parallel unless plain DDP suffices: DDP is used only for
         pure replication without TP or PP. DDP does not compose with DTensor parameters, and under
         a pipeline schedule's per-microbatch backward torch 2.13's DDP reducer fails an internal
         assert ("rebuilt parameter indices size is not same as original model parameters size");
-        FSDP2 on a (replicate, shard=1) mesh replicates instead."""
-        return self.dp_shard > 1 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
+        FSDP2 on a (replicate, shard=1) mesh replicates instead. Context parallel shards over
+        dp_shard x cp (its ranks hold the same weights and each a part of every sequence)."""
+        return self.dp_shard > 1 or self.cp > 1 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
 
     @property
     def ddp_enabled(self) -> bool:
@@ -87,8 +103,23 @@ class ParallelDims:
         return self.dp_flat_mesh
 
     @property
+    def dp_cp_mesh(self):
+        """Flattened dp_replicate x dp_shard x cp: the group over which the loss is summed."""
+        if self.dp_cp_flat_mesh is None:
+            raise RuntimeError("parallel: no device mesh in a single-process run")
+        return self.dp_cp_flat_mesh
+
+    @property
+    def cp_mesh(self):
+        return self.submesh("cp")
+
+    @property
     def fsdp_mesh(self):
-        """1-D shard mesh for FSDP, 2-D (replicate, shard) for HSDP."""
+        """1-D shard mesh for FSDP, 2-D (replicate, shard) for HSDP; the shard dim is dp_shard x cp."""
+        if self.cp > 1:
+            if self.dp_replicate > 1:
+                return self.submesh("dp_replicate", "dp_shard_cp")
+            return self.shard_cp_flat_mesh
         if self.dp_replicate > 1:
             return self.submesh("dp_replicate", "dp_shard")
         return self.dp_shard_mesh if self.ep_enabled else self.submesh("dp_shard")

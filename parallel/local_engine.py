@@ -17,22 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from parallel.cross_entropy import IGNORE_INDEX, token_loss_sum  # noqa: F401 (re-exported: the engines' loss)
 from parallel.precision import autocast_context, post_optimizer_hook
-
-IGNORE_INDEX = -100   # F.cross_entropy's default; the data loader labels padding with it (data.plan.IGNORE)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss over the labelled positions (in fp32 whatever the logits' dtype); NaN
-    when no position is labelled: the engines use `token_loss_sum` and a global count instead."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the next-token losses of the labelled positions (fp32); 0 when none is labelled.
-    Divided by the count of labelled positions it equals `cross_entropy` bit for bit (the mean is
-    the same sum divided by the same count)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+    when no position is labelled: the engines use `token_loss_sum` and a global count instead.
+    The same sum divided by the same count as the engines' loss, so the two agree bit for bit."""
+    if isinstance(logits, DTensor):     # vocab-parallel: torch's loss_parallel rule
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    return token_loss_sum(logits, labels) / (labels != IGNORE_INDEX).sum()
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
@@ -117,6 +112,10 @@ class LocalEngine:
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_loss_sum(logits, labels)
 
+    def run_model(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's forward on a micro-batch (context parallel passes the chunks' positions)."""
+        return self.model(inputs)
+
     def no_sync(self, last: bool):
         """Skip gradient synchronisation on all but the last micro-batch (DDP overrides)."""
         return contextlib.nullcontext()
@@ -148,7 +147,7 @@ class LocalEngine:
         for i, (inputs, labels) in enumerate(batches):
             with self.no_sync(last=i == len(batches) - 1), self.loss_context():
                 with self.autocast():
-                    loss = self.loss_fn(self.model(inputs), labels) / divisor
+                    loss = self.loss_fn(self.run_model(inputs), labels) / divisor
                     aux = aux_loss(self.model)
                 # A per-token mean of this micro-batch, weighted like its token losses: summed over
                 # micro-batches and averaged over ranks it is the global batch's per-token mean.
@@ -210,7 +209,7 @@ class LocalEngine:
 
     def eval_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Sum of a batch's token losses (None where this rank does not compute the loss)."""
-        return full_value(self.loss_fn(self.model(inputs), labels))
+        return full_value(self.loss_fn(self.run_model(inputs), labels))
 
     @torch.no_grad()
     def eval_loss(self, batches) -> float:

@@ -13,7 +13,8 @@ from parallel.dims import ParallelDims
 def build_mesh(cfg: ParallelConfig, ctx) -> ParallelDims:
     """Resolve the sizes against the world and, for world > 1, build one DeviceMesh named
     (pp, dp_replicate, dp_shard, tp) with a flattened "dp" (replicate x shard) sub-mesh; with
-    expert parallel (pp, dp_replicate, edp_shard, ep, tp), dp_shard being (edp_shard, ep) flattened."""
+    expert parallel (pp, dp_replicate, edp_shard, ep, tp), dp_shard being (edp_shard, ep) flattened;
+    with context parallel (pp, dp_replicate, dp_shard, cp, tp) and "dp_cp", "dp_shard_cp" flattenings."""
     dims = ParallelDims.resolve(cfg, ctx.world_size)
     if ctx.world_size == 1:
         return dims
@@ -32,8 +33,13 @@ def build_mesh(cfg: ParallelConfig, ctx) -> ParallelDims:
         dims.dp_flat_mesh = mesh["dp_replicate", "edp_shard", "ep"]._flatten("dp")
     else:
         dims.dp_flat_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    dims.dp_cp_flat_mesh = dims.dp_flat_mesh
+    if dims.cp > 1:   # new groups only where context parallel needs them (each costs a rendezvous)
+        dims.dp_cp_flat_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        dims.shard_cp_flat_mesh = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     dims.mesh = mesh
     dims.dp_rank = dims.dp_flat_mesh.get_local_rank()
     dims.pp_rank = mesh["pp"].get_local_rank()
     dims.tp_rank = mesh["tp"].get_local_rank()
+    dims.cp_rank = mesh["cp"].get_local_rank() if dims.cp > 1 else 0   # no cp dim under ep (exclusive)
     return dims

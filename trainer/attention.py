@@ -119,6 +119,9 @@ class AttentionCore(nn.Module):
         if bias is None:   # aligned causal: build it (a block computation always needs it explicitly)
             bias = replace(mask, aligned=False).bias(work)
         scores = scores + bias
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
+        # A row that sees no key: logsumexp's gradient there is exp(-inf - -inf) = NaN, and NaN x 0
+        # is NaN, so such rows take the log-sum-exp of zeros (finite, gradient cut by masked_fill)
+        empty = torch.isneginf(scores).all(dim=-1)
+        lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, float("-inf"))
+        probs = torch.exp(scores - lse.masked_fill(empty, 0.0)[..., None])
         return torch.matmul(probs, v.to(work)).to(q.dtype), lse

@@ -271,6 +271,13 @@ class Transformer(nn.Module):
         for fqn, p in real:
             p.copy_(self.initial_value(fqn, p.shape, p.device, p.dtype, seed=seed))
 
+    def row_positions(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(positions, document ids or None) that forward gives whole rows `tokens` [B, T]: a
+        caller that cuts rows into pieces (context parallel) passes each piece its own part."""
+        if self.cfg.doc_mask:
+            return doc_ids(tokens, self.cfg.eot_id)
+        return torch.arange(tokens.shape[1], device=tokens.device), None
+
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]; on a pipeline stage, hidden states in or out.

@@ -28,6 +28,7 @@ class Layout:
     ac: str = "none"
     dtype: str = "bf16"
     seq_len: int = 2048
+    cp: int = 1                     # context parallel: each sequence over cp ranks (ring attention)
     ep: int = 1                     # expert parallel: MoE experts split over ep ranks carved out of dp_shard
 
     @property
@@ -36,7 +37,17 @@ class Layout:
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def shard(self) -> int:
+        """FSDP's shard group: dp_shard x cp (context-parallel ranks hold the same weights)."""
+        return self.dp_shard * self.cp
+
+    @property
+    def tokens_per_rank(self) -> int:
+        """Tokens of one microbatch on one rank: its sequences' 1/cp."""
+        return self.micro_batch * self.seq_len // self.cp
 
     @property
     def batch_per_dp_rank(self) -> int:
@@ -49,7 +60,7 @@ class Layout:
     def validate(self, model: ModelConfig) -> None:
         """Raise ValueError naming the field when the layout cannot run this model."""
         for name in ("tp", "pp", "pp_virtual_stages", "dp_replicate", "dp_shard", "micro_batch", "microbatches", "seq_len",
-                     "ep"):
+                     "cp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"layout.{name}: must be >= 1, got {getattr(self, name)}")
         if self.pp_schedule not in SCHEDULES:
@@ -71,8 +82,12 @@ class Layout:
                              "use 'full' or 'none'")
         if self.sp and self.tp == 1:
             raise ValueError("parallel.sp: sequence parallel needs parallel.tp > 1")
-        if self.sp and self.seq_len % self.tp:
-            raise ValueError(f"train.seq_len: {self.seq_len} must be divisible by parallel.tp={self.tp} under sp")
+        if self.sp and (self.seq_len // self.cp) % self.tp:
+            raise ValueError(f"train.seq_len: {self.seq_len} / cp must be divisible by parallel.tp={self.tp} under sp")
+        if self.seq_len % (2 * self.cp):
+            raise ValueError(f"parallel.cp: {self.cp} needs train.seq_len divisible by 2 x cp, got {self.seq_len}")
+        if self.cp > 1 and self.pp > 1:
+            raise ValueError("parallel.cp: context parallel with pipeline parallel is not built")
         if self.pp_virtual_stages > 1 and self.pp_schedule != "interleaved_1f1b":
             raise ValueError("parallel.pp_virtual_stages > 1 needs parallel.pp_schedule = 'interleaved_1f1b'")
         if self.pp_schedule == "interleaved_1f1b" and self.pp == 1:
@@ -109,12 +124,15 @@ class Layout:
             o += ["--parallel.ep", str(self.ep)]
         o += ["--parallel.sp", "true" if self.sp else "false", "--parallel.ac", self.ac,
               "--precision.dtype", self.dtype, "--train.seq_len", str(self.seq_len)]
+        if self.cp > 1:
+            o += ["--parallel.cp", str(self.cp)]
         return o
 
     def short(self) -> str:
         v = f"x{self.pp_virtual_stages}" if self.pp_virtual_stages > 1 else ""
         ep = f" ep{self.ep}" if self.ep > 1 else ""
-        return (f"tp{self.tp}{'+sp' if self.sp else ''} pp{self.pp}{v} dp{self.dp_replicate}x{self.dp_shard}{ep} "
+        cp = f" cp{self.cp}" if self.cp > 1 else ""
+        return (f"tp{self.tp}{'+sp' if self.sp else ''}{cp} pp{self.pp}{v} dp{self.dp_replicate}x{self.dp_shard}{ep} "
                 f"mb{self.micro_batch}x{self.microbatches} {self.pp_schedule if self.pp > 1 else '-'} ac={self.ac}")
 
     def to_dict(self) -> dict:

@@ -38,7 +38,7 @@ def model_state(cfg: ModelConfig, layout: Layout, stack: Stack, stage: int) -> M
     """Bytes of parameters, gradients and optimizer states held by one rank of pipeline stage
     `stage`, sharded by TP (DTensor) and FSDP2 (dim-0, padded)."""
     groups = stage_param_groups(cfg, layout.pp, layout.pp_virtual_stages, stage)
-    n = sum(c * local_numel(s, layout.tp, layout.dp_shard, layout.ep) for c, specs in groups for s in specs)
+    n = sum(c * local_numel(s, layout.tp, layout.shard, layout.ep) for c, specs in groups for s in specs)
     tensors = sum(c * len(specs) for c, specs in groups)
     weight = 4 if layout.dtype == "fp32" else stack.master_weights_bytes
     return ModelState(params=n, tensors=tensors,
@@ -164,7 +164,7 @@ class MemoryBreakdown:
 
 def stage_memory(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: ClusterProfile, stage: int) -> MemoryBreakdown:
     state = model_state(cfg, layout, stack, stage)
-    e, tokens = act_bytes(layout.dtype), layout.micro_batch * layout.seq_len
+    e, tokens = act_bytes(layout.dtype), layout.tokens_per_rank      # context parallel: 1/cp of them
     n_layers = stage_layer_count(cfg.n_layers, layout.pp, layout.pp_virtual_stages, stage)
     per_chunk = layout.layers_per_chunk(cfg)
     saved = layer_saved_bytes_per_token(cfg, layout, stack) * tokens
@@ -178,14 +178,14 @@ def stage_memory(cfg: ModelConfig, layout: Layout, stack: Stack, cluster: Cluste
     tp_params, unit = unsharded_params(cfg, layout, stage)
     ebytes = 4 if layout.dtype == "fp32" else 2
     transient = 0
-    if layout.dp_shard > 1:
+    if layout.shard > 1:
         if layout.pp > 1:     # torch pipelining keeps FSDP unsharded across microbatches (no resync)
             transient += tp_params * (ebytes + 4)
         else:                 # current + prefetched unit gathered, one unit of unsharded gradients
             transient += unit * (2 * ebytes + ebytes + 4)
     elif layout.dp_replicate > 1:
         transient += state.params * stack.grad_bytes           # DDP's gradient buckets
-    if layout.dp_shard == 1 and layout.dtype != "fp32" and stack.model_weights_bytes == 0:
+    if layout.shard == 1 and layout.dtype != "fp32" and stack.model_weights_bytes == 0:
         transient += tp_params * 2                             # autocast's bf16 weight cache
     logits = 0
     if stage == layout.pp - 1:

@@ -40,7 +40,7 @@ def run_settings(cfg: Config) -> RunSettings:
 def default_gpus(run: RunSettings) -> int:
     """The GPUs the config's layout names (dp_shard = -1 read as 1)."""
     par = run.parallel
-    return par.tp * par.pp * par.dp_replicate * max(1, par.dp_shard)
+    return par.tp * par.pp * par.cp * par.dp_replicate * max(1, par.dp_shard)
 
 
 def config_layout(run: RunSettings, gpus: int) -> Layout:
@@ -61,4 +61,4 @@ def config_layout(run: RunSettings, gpus: int) -> Layout:
     return Layout(tp=sizes.tp, pp=sizes.pp, pp_virtual_stages=par.pp_virtual_stages, dp_replicate=sizes.dp_replicate,
                   dp_shard=sizes.dp_shard, micro_batch=mb, microbatches=m, pp_schedule=par.pp_schedule,
                   sp=par.sp and sizes.tp > 1, ac=par.ac, dtype=run.dtype, seq_len=run.seq_len,
-                  ep=getattr(par, "ep", 1))
+                  cp=sizes.cp, ep=getattr(par, "ep", 1))

@@ -27,6 +27,12 @@ class NoLayoutFits(ValueError):
         self.reasons = reasons                    # "N does not fit in memory, ..."
 
 
+# Context-parallel degrees tried when no layout without it fits (a sequence too long for one rank):
+# at ordinary lengths the cost model's CP gains (activations / cp) are real but small, and a
+# layout with fewer moving parts is the better advice.
+CP_SIZES = (2, 4, 8)
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -63,35 +69,43 @@ def _ep_sizes(cfg: ModelConfig, dp_shard: int) -> list[int]:
 
 
 def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int, seq_len: int, dtype: str,
-                      cluster: ClusterProfile, max_micro_batch: int = 64) -> list[Layout]:
+                      cluster: ClusterProfile, max_micro_batch: int = 64, cp_sizes=(1,)) -> list[Layout]:
     out = []
     for tp in (t for t in divisors(gpus) if t <= cluster.gpus_per_node):
         if cfg.n_heads % tp or cfg.kv_heads % tp or cfg.hidden % tp or (tp > 1 and seq_len % tp):
             continue
-        for pp in (p for p in divisors(gpus // tp) if p <= cfg.n_layers):
-            dp = gpus // (tp * pp)
-            if global_batch % dp:
+        # context parallel (no pipeline with it): what lets a sequence too long for one rank fit
+        for cp in (c for c in cp_sizes if (gpus // tp) % c == 0 and (c == 1 or seq_len % (2 * c * tp) == 0)):
+            for pp in (p for p in divisors(gpus // (tp * cp)) if p <= cfg.n_layers and (cp == 1 or p == 1)):
+                out += _layouts(cfg, tp, cp, pp, gpus // (tp * pp * cp), global_batch, seq_len, dtype, cluster,
+                                max_micro_batch)
+    return out
+
+
+def _layouts(cfg: ModelConfig, tp: int, cp: int, pp: int, dp: int, global_batch: int, seq_len: int, dtype: str,
+             cluster: ClusterProfile, max_micro_batch: int) -> list[Layout]:
+    out = []
+    if global_batch % dp:
+        return out
+    per_rank = global_batch // dp
+    vs = [1] + ([v for v in range(2, cfg.n_layers // pp + 1) if (cfg.n_layers // pp) % v == 0
+                 and cfg.n_layers % pp == 0] if pp > 1 else [])
+    for rep, shard in _dp_splits(dp, tp * cp, cluster.gpus_per_node):
+        for mb in (b for b in divisors(per_rank) if b <= max_micro_batch):
+            m = per_rank // mb
+            if pp > 1 and m < pp:
                 continue
-            per_rank = global_batch // dp
-            vs = [1] + ([v for v in range(2, cfg.n_layers // pp + 1) if (cfg.n_layers // pp) % v == 0
-                         and cfg.n_layers % pp == 0] if pp > 1 else [])
-            for rep, shard in _dp_splits(dp, tp, cluster.gpus_per_node):
-                for mb in (b for b in divisors(per_rank) if b <= max_micro_batch):
-                    m = per_rank // mb
-                    if pp > 1 and m < pp:
-                        continue
-                    for v in vs:
-                        if v > 1 and m % pp:
-                            continue
-                        scheds = ["interleaved_1f1b"] if v > 1 else (["1f1b", "zero_bubble"] if pp > 1 else ["1f1b"])
-                        for sched in scheds:
-                            # selective AC is refused with ep by the trainer (core/layout.py)
-                            for ac, ep in ((a, e) for a in AC_MODES for e in _ep_sizes(cfg, shard)
-                                           if not (a == "selective" and e > 1)):
-                                out.append(Layout(tp=tp, pp=pp, pp_virtual_stages=v, dp_replicate=rep,
-                                                  dp_shard=shard, micro_batch=mb, microbatches=m,
-                                                  pp_schedule=sched, sp=tp > 1, ac=ac, dtype=dtype,
-                                                  seq_len=seq_len, ep=ep))
+            for v in vs:
+                if v > 1 and m % pp:
+                    continue
+                scheds = ["interleaved_1f1b"] if v > 1 else (["1f1b", "zero_bubble"] if pp > 1 else ["1f1b"])
+                for sched in scheds:
+                    # selective AC is refused with ep by the trainer (core/layout.py)
+                    for ac, ep in ((a, e) for a in AC_MODES for e in _ep_sizes(cfg, shard)
+                                   if not (a == "selective" and e > 1)):
+                        out.append(Layout(tp=tp, pp=pp, pp_virtual_stages=v, dp_replicate=rep, dp_shard=shard,
+                                          micro_batch=mb, microbatches=m, pp_schedule=sched, sp=tp > 1, ac=ac,
+                                          dtype=dtype, seq_len=seq_len, cp=cp, ep=ep))
     return out
 
 
@@ -107,7 +121,21 @@ def search(cfg: ModelConfig, cluster: ClusterProfile, gpus: int, global_batch: i
     cluster.peak_flops(dtype)                 # a dtype this GPU lacks is the user's error, not the layouts'
     result = SearchResult(ranked=[], headroom=headroom)
     seen = set()
-    for layout in [*extra, *candidate_layouts(cfg, gpus, global_batch, seq_len, dtype, cluster)]:
+    _rank(cfg, cluster, stack, result, seen, [*extra, *candidate_layouts(cfg, gpus, global_batch, seq_len, dtype, cluster)])
+    if not result.ranked:
+        _rank(cfg, cluster, stack, result, seen,
+              candidate_layouts(cfg, gpus, global_batch, seq_len, dtype, cluster, cp_sizes=CP_SIZES))
+    result.ranked.sort(key=lambda p: (result.tight(p), -p.tokens_per_s))
+    if not result.ranked:
+        reasons = ", ".join(f"{n} {r}" for r, n in result.rejected.most_common())
+        raise NoLayoutFits(f"no layout of this model fits {gpus} x {cluster.name} with global batch {global_batch} "
+                         f"({reasons}); add GPUs, lower train.seq_len or the batch, or pick a larger-memory cluster", reasons)
+    return result
+
+
+def _rank(cfg: ModelConfig, cluster: ClusterProfile, stack: Stack, result: SearchResult, seen: set,
+          layouts: list[Layout]) -> None:
+    for layout in layouts:
         if layout in seen:
             continue
         seen.add(layout)
@@ -121,12 +149,6 @@ def search(cfg: ModelConfig, cluster: ClusterProfile, gpus: int, global_batch: i
             result.rejected["does not fit in memory"] += 1
             continue
         result.ranked.append(predict(cfg, layout, cluster, stack))
-    result.ranked.sort(key=lambda p: (result.tight(p), -p.tokens_per_s))
-    if not result.ranked:
-        reasons = ", ".join(f"{n} {r}" for r, n in result.rejected.most_common())
-        raise NoLayoutFits(f"no layout of this model fits {gpus} x {cluster.name} with global batch {global_batch} "
-                         f"({reasons}); add GPUs, lower train.seq_len or the batch, or pick a larger-memory cluster", reasons)
-    return result
 
 
 def explain(pred: Prediction) -> str:
@@ -134,7 +156,7 @@ def explain(pred: Prediction) -> str:
     t, m = pred.time, pred.memory
     s = t.step
     ep = f", EP all-to-all {t.ep_comm / s:.0%}" if t.ep_comm else ""
-    parts = [f"compute {t.compute / s:.0%} (recompute {t.recompute / s:.0%}, TP comm {t.tp_comm / s:.0%}{ep})"]
+    parts = [f"compute {t.compute / s:.0%} (recompute {t.recompute / s:.0%}, TP/CP comm {t.tp_comm / s:.0%}{ep})"]
     if t.bubble:
         parts.append(f"bubble {t.bubble / s:.0%}")
     if t.p2p:

@@ -162,7 +162,7 @@ def _stage_microbatch_time(cfg: ModelConfig, layout: Layout, stack: Stack, clust
     them. MoE blocks add their all-to-alls: forward, backward (the same volume back) and the
     recompute of full AC, for the stage's share of MoE blocks."""
     t, e = layout.tp, act_bytes(layout.dtype)
-    tokens = layout.micro_batch * layout.seq_len
+    tokens = layout.tokens_per_rank        # each attends to the whole sequence: flop_split(seq_len)
     fl = flop_split(cfg, layout.seq_len)
     mm, at, hbm = cluster.matmul_flops(layout.dtype), cluster.attention_flops(layout.dtype), cluster.hbm_bytes_per_s
     elem, core = elementwise_bytes_per_token(cfg, layout, stack)
@@ -173,6 +173,12 @@ def _stage_microbatch_time(cfg: ModelConfig, layout: Layout, stack: Stack, clust
     tp_link = group_link(cluster, t, 1)
     act = tokens * cfg.dim * e
     comm_f = 2 * all_reduce(act, t, tp_link)                   # attention and MLP outputs (SP: AG + RS, same volume)
+    # context parallel: K/V pass cp-1 times round the ring forward, their gradients as often
+    # backward (parallel/context.py does not overlap them with the blocks: counted in full)
+    if layout.cp > 1:
+        cp_link = group_link(cluster, layout.cp, t)
+        kv = 2 * tokens * cfg.kv_heads * cfg.head_dim / t * e
+        comm_f += (layout.cp - 1) * (kv / cp_link.bytes_per_s + cp_link.latency_s)
     host = (cluster.layer_overhead_us + (cluster.tp_layer_overhead_us if t > 1 else 0.0)) * 1e-6
     fwd = dense_f + attn_f + elem_f + comm_f + host
     bwd = 2 * (dense_f + attn_f + elem_f + host) + comm_f
@@ -232,7 +238,7 @@ def _data_parallel(cfg, layout: Layout, stack: Stack, cluster: ClusterProfile, t
     stage = 0
     tp_params, unit = unsharded_params(cfg, layout, stage)
     state = model_state(cfg, layout, stack, stage)
-    ns, nr, m = layout.dp_shard, layout.dp_replicate, layout.microbatches
+    ns, nr, m = layout.shard, layout.dp_replicate, layout.microbatches
     shard_link = group_link(cluster, ns, layout.tp)
     rep_link = group_link(cluster, nr, layout.tp * ns)
     gather_bytes = 4 if layout.dtype == "fp32" else (1 if layout.dtype == "fp8" else 2)

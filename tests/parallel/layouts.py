@@ -80,7 +80,7 @@ def write_initial_weights(path: str) -> None:
 
 def dp_degree(extra: list[str], world: int) -> int:
     vals = dict(zip(extra[::2], extra[1::2]))
-    fixed = int(vals.get("--parallel.pp", 1)) * int(vals.get("--parallel.tp", 1))
+    fixed = int(vals.get("--parallel.pp", 1)) * int(vals.get("--parallel.tp", 1)) * int(vals.get("--parallel.cp", 1))
     return world // fixed
 
 

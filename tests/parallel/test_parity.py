@@ -129,6 +129,25 @@ TWO_RANKS.update(RESUMES)
 TWO_RANKS.update(CAPACITY)
 TWO_RANKS.update({name: layout for name, (layout, _) in ALIGNED.items()})
 TWO_RANKS.update(INIT_FROM)
+# Context parallel (parallel/context.py) at a long sequence: 1024 tokens in 2 x cp chunks, so the
+# ring's blocks, the skipped future keys and several query tiles (QUERY_TILE 256) all take part.
+# The doc-masked rows read DOCS (short documents, ~12 per row: the built-in corpus's files are
+# longer than a row, so few rows there hold an end-of-text), so chunks attend across documents'
+# boundaries, within a document across ranks, and some queries see nothing of a block.
+# The ring at 1024 is ~30 s a row on 2 cores (explicit fp32 blocks, query tiles recomputed in
+# backward): cp2 and cp2_doc run at 1024 in every run; the other rows (the compositions) at
+# MESHFORMER_CP_PARITY_SEQ, 256 by default (at cp 4 still 8 chunks of 32, zigzag, skipped
+# blocks, ~3 documents a row) and 1024 for the acceptance run (parallel/README.md, "Context parallel").
+CP_SEQ_LONG = "--train.seq_len 1024 --model.max_seq_len 1024"
+CP_LEN = int(os.environ.get("MESHFORMER_CP_PARITY_SEQ", "256"))
+CP_SEQ = f"--train.seq_len {CP_LEN} --model.max_seq_len {max(CP_LEN, 256)}"
+DOC = "--model.doc_mask true --data.urls DOCS --data.val_urls DOCS"
+CP_DOC = f"{CP_SEQ} {DOC}"
+TWO_RANKS["cp2"] = f"--parallel.cp 2 {CP_SEQ_LONG}"
+TWO_RANKS["cp2_doc"] = f"--parallel.cp 2 {CP_SEQ_LONG} {DOC}"
+TWO_RANKS["cp2_allgather_doc"] = f"--parallel.cp 2 --parallel.cp_kv allgather {CP_DOC}"
+# the learned relative bias (a parameter inside each block's mask) across the ring, short and cheap
+TWO_RANKS["cp2_relative"] = "--parallel.cp 2 --train.seq_len 64 --model.position relative"
 FOUR_RANKS = {
     "hsdp2x2": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
     "tp2_fsdp2": "--parallel.tp 2 --parallel.dp_shard 2",
@@ -144,6 +163,14 @@ FOUR_RANKS = {
     # rank dispatching its sequence shard) and inside pipeline stages; tp2_sp_moe's and pp2_1f1b_moe's references
     "ep2_tp2": "--parallel.tp 2 --parallel.ep 2 " + MOE + " --model.moe_shared_experts 1 --model.moe_hidden 32",
     "pp2_ep2": "--parallel.pp 2 --parallel.pp_schedule 1f1b --parallel.pp_microbatches 4 --parallel.ep 2 " + MOE,
+    "cp4": f"--parallel.cp 4 {CP_SEQ}",
+    "cp2_fsdp2": f"--parallel.cp 2 --parallel.dp_shard 2 {CP_SEQ}",
+    "cp2_tp2": f"--parallel.cp 2 --parallel.tp 2 {CP_SEQ}",   # heads over tp, the sequence over cp, SP on
+    "cp4_doc": f"--parallel.cp 4 {CP_DOC}",
+    "cp2_fsdp2_doc": f"--parallel.cp 2 --parallel.dp_shard 2 {CP_DOC}",
+    "cp2_tp2_doc": f"--parallel.cp 2 --parallel.tp 2 {CP_DOC}",
+    # HSDP x CP (FSDP's 2-D mesh: dp_replicate x dp_shard_cp), at a short sequence: cheap
+    "cp2_hsdp2": "--parallel.cp 2 --parallel.dp_replicate 2 --parallel.dp_shard 1 --train.seq_len 64",
 }
 EIGHT_RANKS = {
     "pp2_tp2_fsdp2": "--parallel.pp 2 --parallel.tp 2 --parallel.dp_shard 2",
@@ -167,13 +194,15 @@ def corpus(tmp_path_factory) -> str:
     return json.dumps([str(path)]).replace(" ", "")
 
 
-def launch(nproc: int, layouts: dict[str, str], tmp: Path, timeout: float, corpus: str = "CORPUS") -> dict:
-    """One torchrun launch running `layouts`; CORPUS in their arguments becomes `corpus`."""
+def launch(nproc: int, layouts: dict[str, str], tmp: Path, timeout: float, corpus: str = "CORPUS",
+           docs: str = "DOCS") -> dict:
+    """One torchrun launch running `layouts`; CORPUS and DOCS in their arguments become `corpus`
+    and `docs`."""
     out = tmp / f"results-{nproc}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "tests/parallel/layouts.py"), str(out)] + [f"{k}={v.replace('CORPUS', corpus)}"
-                                                                  for k, v in layouts.items()]
+           str(ROOT / "tests/parallel/layouts.py"), str(out)] + [
+        f"{k}={v.replace('CORPUS', corpus).replace('DOCS', docs)}" for k, v in layouts.items()]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", ND_DUMP_AFTER=str(timeout - 10))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if not out.exists():
@@ -190,12 +219,24 @@ def model_args(layout: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, corpus):
+def docs(tmp_path_factory) -> str:
+    """Packed short documents for the doc-masked rows: 700 functions of 40 to 150 bytes (about
+    12 documents per 1024-token row, ~1.2 epochs over 10 steps of 8 rows), as a data.urls value."""
+    path = tmp_path_factory.mktemp("docs") / "docs-0000.tar"
+    with TarWriter(str(path)) as w:
+        for i in range(700):
+            body = "".join(f"    x = x * {j} + {i}\n" for j in range(i % 6))
+            w.write({"__key__": f"f{i:04d}", "txt": f"def f{i}(x):\n{body}    return x\n".encode()})
+    return json.dumps([str(path)]).replace(" ", "")
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, corpus, docs):
     """Single-process runs, one per model variant, computed here on first use."""
     cache: dict = {}
 
     def get(layout: str) -> dict:
-        key = " ".join(model_args(layout.replace("CORPUS", corpus)))
+        key = " ".join(model_args(layout.replace("CORPUS", corpus).replace("DOCS", docs)))
         if key not in cache:
             cache[key] = run_layout(str(tmp_path_factory.mktemp("ref") / "single"), key.split())
         return cache[key]
@@ -218,13 +259,13 @@ def check(name: str, got: dict, ref: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory, corpus):
-    return launch(2, TWO_RANKS, tmp_path_factory.mktemp("two"), timeout=600, corpus=corpus)
+def two_rank_results(tmp_path_factory, corpus, docs):
+    return launch(2, TWO_RANKS, tmp_path_factory.mktemp("two"), timeout=600, corpus=corpus, docs=docs)
 
 
 @pytest.fixture(scope="module")
-def four_rank_results(tmp_path_factory):
-    return launch(4, FOUR_RANKS, tmp_path_factory.mktemp("four"), timeout=600)
+def four_rank_results(tmp_path_factory, docs):
+    return launch(4, FOUR_RANKS, tmp_path_factory.mktemp("four"), timeout=900, docs=docs)
 
 
 @pytest.fixture(scope="module")

@@ -81,3 +81,30 @@ def test_a_slow_mode_reports_the_steps_it_measured_before_its_deadline():
     args.child_deadline = time.time() + 3
     result = gpu.run_mode("bf16", args)
     assert result["status"] == "ok" and 1 <= result["steps"] < 1000000 and result["tokens_per_s"] > 0
+
+
+@pytest.mark.slow   # five child processes (torch, torchao, transformers imports; two dynamo traces): ~40 s of CPU
+def test_cpu_dry_run_takes_every_gpu_code_path_once(tmp_path):
+    """`--device cpu --dry-run`: compile, the fused AdamW, torchao fp8 under compile, FSDP2 on one
+    rank and the transformers side-by-side all run a step, so the GPU call cannot die on a typo."""
+    out = tmp_path / "dry.json"
+    r = bench("--device", "cpu", "--dry-run", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = {row["mode"]: row for row in json.loads(out.read_text())["results"]}
+    assert list(results) == gpu.DRY_RUN_MODES.split(",")
+    for mode, row in results.items():
+        assert row["status"] == "ok", (mode, row["status"])
+        assert row["steps"] == 1 and math.isfinite(row["final_loss"])
+    assert results["fp8-torchao"]["fp8_layers"] == 2 * 7
+    # the same initial weights and batches, one AdamW step of lr 1e-4 apart from the start: the
+    # losses differ by the rounding of bf16 compute, at most ~2 bf16 ulps (2^-8 relative) of the loss
+    losses = [row["final_loss"] for row in results.values()]
+    assert max(losses) - min(losses) < 2 * max(losses) * 2 ** -8
+    assert results["bf16"]["x_hf-bf16"] == results["bf16"]["tokens_per_s"] / results["hf-bf16"]["tokens_per_s"]
+    assert "| hf-bf16 |" in r.stdout and "x hf-bf16" in r.stdout
+
+
+def test_cpu_outside_quick_or_dry_run_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--device", "cpu"])
+    assert "--device cpu: only with --quick or --dry-run" in capsys.readouterr().err
