@@ -101,16 +101,21 @@ class Skip(Exception):
     """The mode cannot run here (a package or the hardware is missing)."""
 
 
+def bench_config(args):
+    """The model config of this invocation: the tiny shape for --quick / --dry-run, else Llama 1B."""
+    from core.model_config import ModelConfig
+    shape = dict(TINY if args.quick or args.dry_run else LLAMA_1B)
+    shape["max_seq_len"] = max(shape["max_seq_len"], args.seq_len)
+    return ModelConfig(**shape)
+
+
 def build_mode(mode: str, args, device):
     import torch
     from trainer.model import Transformer
-    from core.model_config import ModelConfig
     from parallel.precision import convert_for_training
     from core.precision_config import PrecisionConfig
 
-    shape = dict(TINY if args.quick or args.dry_run else LLAMA_1B)
-    shape["max_seq_len"] = max(shape["max_seq_len"], args.seq_len)
-    cfg = ModelConfig(**shape)
+    cfg = bench_config(args)
     torch.manual_seed(0)
     with device:
         model = Transformer(cfg)
@@ -149,12 +154,9 @@ def build_hf(args, device):
     except ImportError as e:
         raise Skip(f"transformers is not installed ({e})") from None
     import torch
-    from core.model_config import ModelConfig
     from trainer.model import Transformer
     from bench.vs_hf import hf_model
-    shape = dict(TINY if args.quick or args.dry_run else LLAMA_1B)
-    shape["max_seq_len"] = max(shape["max_seq_len"], args.seq_len)
-    cfg = ModelConfig(**shape)
+    cfg = bench_config(args)
     torch.manual_seed(0)
     with device:
         ours = Transformer(cfg)

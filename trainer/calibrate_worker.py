@@ -24,6 +24,14 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from core.launch_config import LaunchConfig
+from core.run_config import load_config
+from launch.context import init_distributed, shutdown
+from trainer.train import train
+
 # The first steps build caches, warm the allocator and (under FSDP) the collectives' buffers.
 WARMUP_STEPS = 2
 
@@ -60,8 +68,6 @@ class FreeShare:
         return self
 
     def __exit__(self, *exc):
-        import torch
-        import torch.distributed as dist
         ours = torch.tensor([time.process_time() - self.cpu], dtype=torch.float64)
         dist.all_reduce(ours)
         wall, cores = time.perf_counter() - self.t, len(os.sched_getaffinity(0))
@@ -72,8 +78,6 @@ class FreeShare:
 def matmul_rate(ctx) -> float:
     """FLOP/s of a 512^3 fp32 matmul on each rank while all run it (the ranks share the cores as in
     training), averaged over ranks."""
-    import torch
-    import torch.distributed as dist
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
     dist.barrier()
@@ -86,8 +90,6 @@ def machine_figures(ctx) -> dict:
     """What one rank reaches while every rank runs the same thing (the cluster's own sharing of
     cores and memory): large fp32 matmuls, a memory-bound copy, and gloo collectives (bandwidth
     of a 4 MB all-reduce, latency of an 8-byte one). The fit's efficiencies are fractions of these."""
-    import torch
-    import torch.distributed as dist
     flops = matmul_rate(ctx)
     src = torch.randn(8 * 1024 ** 2)        # 32 MB: beyond the caches
     dst = torch.empty_like(src)
@@ -109,8 +111,6 @@ def machine_figures(ctx) -> dict:
 
 def run_one(args: list[str], run_dir: str, ctx) -> list[float]:
     """Per-step tokens/s of one short run (rank 0's list; the others return [])."""
-    from core.run_config import load_config
-    from trainer.train import train
     config = args[args.index("--config") + 1] if "--config" in args else None
     rest = [a for i, a in enumerate(args) if a != "--config" and (i == 0 or args[i - 1] != "--config")]
     quiet = ["--run.dir", run_dir, "--metrics.log_every", "1", "--metrics.progress", "false",
@@ -124,9 +124,6 @@ def run_one(args: list[str], run_dir: str, ctx) -> list[float]:
 
 
 def main() -> None:
-    import torch.distributed as dist
-    from core.launch_config import LaunchConfig
-    from launch.context import init_distributed, shutdown
     out, rounds, specs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     ctx = init_distributed(LaunchConfig(), "cpu")
     root = [tempfile.mkdtemp(prefix="mf-calibrate-") if ctx.is_main else None]

@@ -1,7 +1,18 @@
-"""Deterministic in-memory token batches for trainer tests (no corpus, no files)."""
+"""Deterministic in-memory token batches for trainer tests (no corpus, no files), and the
+one-thread fixture of the tiny-model tests."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread than on two shared ones (no thread hand-offs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class FixedBatches:

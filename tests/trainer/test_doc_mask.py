@@ -8,18 +8,13 @@ from core.errors import UsageError
 from core.model_config import ModelConfig
 from trainer.attention import AttentionCore, AttnMask, doc_ids
 from trainer.generate import generate
+from tests.trainer.fixtures import one_thread  # noqa: F401  (a fixture: used by pytestmark)
 from trainer.model import KVCache, Transformer
 
 EOT = 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two shared ones (no thread hand-offs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> Transformer:

@@ -6,19 +6,14 @@ from scipy.stats import chi2
 from core.errors import UsageError
 from core.model_config import ModelConfig
 from trainer.generate import generate
+from tests.trainer.fixtures import one_thread  # noqa: F401  (a fixture: used by pytestmark)
 from trainer.model import KVCache, Transformer
 from trainer.speculative import check_same_vocab, next_token_probs, speculative_generate, verify
 
 FALSE_FAILURE = 1e-6    # probability that a correct rule fails a chi-square test below
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode faster on one thread than on two shared ones (no thread hand-offs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model(seed: int, vocab: int = 64, dim: int = 32, layers: int = 2, logit_scale: float = 1.0) -> Transformer:
