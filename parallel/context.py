@@ -29,8 +29,10 @@ from torch.utils.checkpoint import checkpoint
 # AttnMask fields that describe the keys and so travel with a K/V block (k_doc: document ids
 # under document masking, where the mask has them)
 KEY_FIELDS = ("k_pos", "k_doc")
-# Queries per attention tile: its [tile, keys] scores are what one block holds at once
-QUERY_TILE = 256
+# Queries per attention tile: its [tile, keys] scores are what one block holds at once. 64, not
+# 256: measured with bench/context_parallel.py (2 cores, loaded), CP2 at 8192 tokens 78 vs 129 MiB
+# per rank and 236 vs 156 tokens/s (smaller tiles stay in cache; row results do not depend on it).
+QUERY_TILE = 64
 
 
 def zigzag_index(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:

@@ -130,7 +130,7 @@ TWO_RANKS.update(CAPACITY)
 TWO_RANKS.update({name: layout for name, (layout, _) in ALIGNED.items()})
 TWO_RANKS.update(INIT_FROM)
 # Context parallel (parallel/context.py) at a long sequence: 1024 tokens in 2 x cp chunks, so the
-# ring's blocks, the skipped future keys and several query tiles (QUERY_TILE 256) all take part.
+# ring's blocks, the skipped future keys and several query tiles (QUERY_TILE 64) all take part.
 # The doc-masked rows read DOCS (short documents, ~12 per row: the built-in corpus's files are
 # longer than a row, so few rows there hold an end-of-text), so chunks attend across documents'
 # boundaries, within a document across ranks, and some queries see nothing of a block.
