@@ -2,7 +2,8 @@
 to them, write it, and say how well it predicts layouts the fit did not see.
 
   meshformer plan calibrate [--config FILE] [--out calibrated.toml] [--nproc 4] [--steps 8]
-                            [--rounds 1] [--fit A,B,...] [--holdout C,D,...] [--section.key value ...]
+                            [--rounds 1] [--fit A,B,...] [--holdout C,D,...] [--save-measured F | --from-measured F]
+                            [--section.key value ...]
 
 One torchrun launch (trainer/calibrate_worker.py) runs every layout in the same processes; the
 fit and the profile are parallel/planner/calibrate.py's. gloo on CPU only for now.
@@ -80,6 +81,9 @@ def _parser() -> ArgParser:
     p.add_argument("--holdout", default=",".join(DEFAULT_HOLDOUT),
                    help=f"layouts only predicted, to check the fit (default {','.join(DEFAULT_HOLDOUT)})")
     p.add_argument("--timeout", type=float, default=900, help="seconds the whole launch may take (default 900)")
+    p.add_argument("--save-measured", default="", help="write the launch's raw measurements (JSON) here")
+    p.add_argument("--from-measured", default="",
+                   help="fit and report on raw measurements written by --save-measured instead of launching runs")
     return p
 
 
@@ -107,7 +111,12 @@ def _main(argv: list[str]) -> int:
         if run.dtype != "fp32":
             raise UsageError(f"precision.dtype: {run.dtype}; calibrate times CPU ranks, which run fp32")
         layouts[name] = (run.model, config_layout(run, args.nproc))
-    measured = _launch(args, common, fit_names + held)
+    if args.from_measured:
+        measured = _read_measured(args.from_measured, fit_names + held)
+    else:
+        measured = _launch(args, common, fit_names + held)
+    if args.save_measured:
+        Path(args.save_measured).write_text(json.dumps(measured, indent=1))
     machine, runs = measured["machine"], measured["layouts"]
     failed = {n: r["error"].strip().splitlines()[-1] for n, r in runs.items() if "error" in r}
     if failed:
@@ -129,6 +138,18 @@ def _main(argv: list[str]) -> int:
                                                  **{k: [dict(zip(("name", "predicted", "measured", "error"), r)) for r in v]
                                                     for k, v in rows.items()}}, indent=1))
     return 0
+
+
+def _read_measured(path: str, names: list[str]) -> dict:
+    try:
+        measured = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--from-measured: cannot read {path}: {e}") from None
+    missing = [n for n in names if n not in measured.get("layouts", {})]
+    if "machine" not in measured or missing:
+        raise UsageError(f"--from-measured: {path} has no measurement of {', '.join(missing) or 'the machine'}; "
+                         "write one with --save-measured")
+    return measured
 
 
 def _free_port() -> int:
