@@ -39,3 +39,12 @@ def test_too_small_a_vocabulary_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--vocab 100" in err[0] and "at least 257" in err[0]
     assert not (tmp_path / "t.json").exists()
+
+
+def test_tiny_moe_loads_with_the_shipped_tokenizer_as_the_readme_study_runs_it():
+    from core.run_config import load_config
+
+    cfg = load_config("configs/tiny-moe.toml", ["--data.tokenizer", f"hf:{SHIPPED}"])
+    assert cfg.model.moe_experts == 8 and cfg.model.vocab_size == 0  # auto: 1024 is already a multiple of 64
+    tok = tokenizer_from_spec(cfg.data.tokenizer, cfg.data.eot_token)
+    assert (tok.vocab_size, tok.eot_id) == (1024, 0)
