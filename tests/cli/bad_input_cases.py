@@ -309,6 +309,10 @@ CASES = [
         match=r"precision.dtype: bf16; calibrate times CPU ranks"),
     cmd("plan-calibrate-bad-override", "plan", "calibrate", "--config", "{tiny}", "--model.dimm", "3",
         match=r"unknown key model.dimm"),
+    cmd("plan-calibrate-measured-missing", "plan", "calibrate", "--config", "{tiny}", "--from-measured", "{w}/nope.json",
+        match=r"--from-measured: cannot read .*nope.json"),
+    cmd("plan-calibrate-measured-garbled", "plan", "calibrate", "--config", "{tiny}", "--from-measured", "{bad_jsonl}",
+        match=r"--from-measured: cannot read .*bad.jsonl: Extra data"),
     # ---- slurm
     cmd("slurm-nodes-0", "slurm", "--config", "{tiny}", "--dry-run", "--nodes", "0", match=r"slurm.nodes: must be >= 1"),
     cmd("slurm-time", "slurm", "--config", "{tiny}", "--dry-run", "--time", "soon", match=r"slurm.time: 'soon'"),
