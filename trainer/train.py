@@ -28,6 +28,7 @@ from trainer.console import closing_line, complete_line
 from trainer.divergence import Divergence, DivergenceGuard
 from trainer.memory_check import check_memory
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib, strict
+from trainer.roofline import measured_peak_flops
 from trainer.model import Transformer
 from trainer.model_plan import parallel_plan
 from trainer.moe import moe_metrics
@@ -168,7 +169,12 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
         log.message("no validation data (data.val_urls is empty and data.urls has no val/ split from `meshformer "
                     "prepare`): training without evaluation")
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len * dims.dp_size
-    peak = peak_flops(ctx.device, cfg.precision.dtype, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops) * ctx.world_size
+    per_device = peak_flops(ctx.device, cfg.precision.dtype, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops,
+                            lambda: measured_peak_flops(cfg.model, cfg.train.batch_size, cfg.train.seq_len, cfg.precision.dtype))
+    if ctx.device.type != "cuda" and not cfg.metrics.peak_tflops and not cfg.metrics.cpu_peak_tflops:
+        log.message(f"mfu: this process's {cfg.precision.dtype} matmuls at the model's shapes reach "
+                    f"{per_device / 1e9:.3g} GFLOP/s (timed now, trainer/roofline.py); MFU is the step's share of that")
+    peak = per_device * ctx.world_size
 
     if val_loader is not None and state.step == 0:   # the starting point the demo's drop is measured from
         val = evaluate(engine, val_loader, cfg.train.eval_batches, cfg.train.grad_accum)
