@@ -2,8 +2,9 @@
 
 A CPU has no datasheet peak that a training step can be held to (it depends on the BLAS, the
 shapes, the precision, the threads and the other jobs on the machine), so with
-`metrics.cpu_peak_tflops = 0` (the default) the trainer times, once at start-up, every GEMM one
-Transformer block and the output head run in a training step (forward, and the two backward
+`metrics.cpu_peak_tflops = 0` (the default) the trainer times, at start-up and again at every
+logging step (keeping the fastest: `MatmulLimit`), every GEMM one Transformer block and the
+output head run in a training step (forward, and the two backward
 products of each linear; attention's score and value products), at the run's precision and on the
 threads it trains with. Their FLOPs over their time is the "peak" MFU divides by: the step's
 share of what the machine's matmuls reach at the model's shapes (1.0 = nothing but matmuls).
@@ -73,11 +74,27 @@ class BareGemms:
         return time.perf_counter() - t0
 
 
+class MatmulLimit:
+    """The fastest this process's matmuls have run the model's GEMM shapes (one block and the head:
+    blocks are identical and the rate is what counts) during the run. Timed at start-up (best of
+    `passes`) and again, one pass, at every logging step (`retime`, outside the steps' timing): on
+    a shared machine a start-up moment of load would otherwise set a low limit for the whole run
+    and MFU would pass 100% once the load went. Every rank retimes at the same step, so ranks that
+    share a machine's cores share them while timing as they do while training."""
+
+    def __init__(self, mc: ModelConfig, micro_batch: int, seq_len: int, dtype: str, passes: int = 3):
+        T = min(seq_len, MAX_TOKENS)
+        B = max(1, min(micro_batch, MAX_TOKENS // T))
+        # a dense and a MoE block where the model has both
+        self.gemms = BareGemms(gemm_shapes(mc, B, T, layers=mc.moe_every if mc.moe_experts else 1), DTYPES[dtype])
+        self.flops_per_s = self.gemms.flops / min(self.gemms() for _ in range(passes))
+
+    def retime(self) -> float:
+        self.flops_per_s = max(self.flops_per_s, self.gemms.flops / self.gemms())
+        return self.flops_per_s
+
+
 def measured_peak_flops(mc: ModelConfig, micro_batch: int, seq_len: int, dtype: str, passes: int = 3) -> float:
     """FLOP/s this process's matmuls reach at one block's and the head's training-step shapes (the
     fastest of `passes` timed passes: other jobs only ever slow a pass down)."""
-    T = min(seq_len, MAX_TOKENS)
-    B = max(1, min(micro_batch, MAX_TOKENS // T))
-    shapes = gemm_shapes(mc, B, T, layers=mc.moe_every if mc.moe_experts else 1)   # a dense and a MoE block where both are
-    gemms = BareGemms(shapes, DTYPES[dtype])
-    return gemms.flops / min(gemms() for _ in range(passes))
+    return MatmulLimit(mc, micro_batch, seq_len, dtype, passes).flops_per_s

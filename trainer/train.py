@@ -28,7 +28,7 @@ from trainer.console import closing_line, complete_line
 from trainer.divergence import Divergence, DivergenceGuard
 from trainer.memory_check import check_memory
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib, strict
-from trainer.roofline import measured_peak_flops
+from trainer.roofline import MatmulLimit
 from trainer.model import Transformer
 from trainer.model_plan import parallel_plan
 from trainer.moe import moe_metrics
@@ -169,12 +169,14 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
         log.message("no validation data (data.val_urls is empty and data.urls has no val/ split from `meshformer "
                     "prepare`): training without evaluation")
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len * dims.dp_size
-    per_device = peak_flops(ctx.device, cfg.precision.dtype, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops,
-                            lambda: measured_peak_flops(cfg.model, cfg.train.batch_size, cfg.train.seq_len, cfg.precision.dtype))
+    limit = None              # on CPU by default: the model's GEMMs timed (trainer/roofline.py)
     if ctx.device.type != "cuda" and not cfg.metrics.peak_tflops and not cfg.metrics.cpu_peak_tflops:
+        limit = MatmulLimit(cfg.model, cfg.train.batch_size, cfg.train.seq_len, cfg.precision.dtype)
         log.message(f"mfu: this process's {cfg.precision.dtype} matmuls at the model's shapes reach "
-                    f"{per_device / 1e9:.3g} GFLOP/s (timed now, trainer/roofline.py); MFU is the step's share of that")
-    peak = per_device * ctx.world_size
+                    f"{limit.flops_per_s / 1e9:.3g} GFLOP/s now (retimed at each logging step, the fastest kept; "
+                    "trainer/roofline.py); MFU is the step's share of that")
+    per_device = limit.flops_per_s if limit else peak_flops(
+        ctx.device, cfg.precision.dtype, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops)
 
     if val_loader is not None and state.step == 0:   # the starting point the demo's drop is measured from
         val = evaluate(engine, val_loader, cfg.train.eval_batches, cfg.train.grad_accum)
@@ -210,8 +212,12 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
                     window_t, window_steps = now, 0
                     last["loss"] = engine.reduce_loss(out.loss).item()     # a collective under data parallel
                     log.log({"step": state.step, "loss": last["loss"], "lr": lr, "grad_norm": out.grad_norm.item(),
-                             "tokens": state.tokens, "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
+                             "tokens": state.tokens, "tokens_per_s": tps,
+                             "mfu": tps * flops_per_token / (per_device * ctx.world_size),
                              "peak_mem_gib": peak_memory_gib(ctx.device), **moe_metrics(model)})
+                    if limit is not None:                # every rank at once, outside the next window's time
+                        per_device = limit.retime()
+                        window_t = time.perf_counter()
                     guard.check(state.step)
                 if evaluate_now:
                     guard.check(state.step)          # a diverged model is not worth evaluating

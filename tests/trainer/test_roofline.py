@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from core.model_config import ModelConfig
-from trainer.roofline import BareGemms, gemm_shapes, measured_peak_flops, shape_flops
+from trainer.roofline import BareGemms, MatmulLimit, gemm_shapes, measured_peak_flops, shape_flops
 
 CASES = {
     "dense-swiglu": dict(),
@@ -33,3 +33,14 @@ def test_measured_peak_is_a_matmul_rate():
     assert [(a.shape, w.shape, a.dtype) for a, w in g.pairs] == [
         ((8, 16), (16, 4), torch.bfloat16), ((3, 5, 6), (3, 6, 7), torch.bfloat16)]
     assert g.flops == 2 * 8 * 16 * 4 + 2 * 3 * 5 * 6 * 7
+
+
+def test_the_limit_keeps_the_fastest_rate_seen():
+    """A start-up timed under load must not cap the run's limit (MFU would pass 100% once the
+    load went): retiming raises a low figure and never lowers a high one."""
+    mc = ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, max_seq_len=64)
+    limit = MatmulLimit(mc, 4, 32, "fp32", passes=1)
+    limit.flops_per_s = 1.0                     # as if timed while the machine was saturated
+    assert limit.retime() > 1e8
+    limit.flops_per_s = 1e18
+    assert limit.retime() == 1e18
