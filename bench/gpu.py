@@ -244,7 +244,7 @@ def run_mode(mode: str, args) -> dict:
     step_s = sorted(times)[len(times) // 2]          # median: robust to a stray slow step
     tokens_per_s = args.batch * args.seq_len / step_s
     try:
-        peak = peak_flops(device, "bf16", args.peak_tflops, 1.0) if cuda or args.peak_tflops else None
+        peak = peak_flops(device, "bf16", args.peak_tflops, 1.0, lambda: 1e12) if cuda or args.peak_tflops else None
     except RuntimeError:
         peak = None                        # unknown GPU and no --peak-tflops: no MFU
     flops = cfg.flops_per_token(args.seq_len)

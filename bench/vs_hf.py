@@ -35,6 +35,7 @@ from parallel.local_engine import LocalEngine  # noqa: E402
 from trainer.hf_llama import hf_config, to_hf  # noqa: E402
 from trainer.model import Transformer  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
+from trainer.roofline import BareGemms, gemm_shapes, shape_flops  # noqa: E402
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -59,38 +60,6 @@ def hf_step(model, opt, sched, x, y, clip, dtype):
     opt.step()
     sched.step()
     return loss.detach()
-
-
-def gemm_shapes(mc, B: int, T: int) -> list[tuple[int, int, int, int]]:
-    """(batch, m, k, n) of every matmul in one training step: each linear layer x[M,K] @ W[K,N]
-    runs forward, and backward once for the input gradient (M,N @ N,K) and once for the weight
-    gradient (K,M @ M,N); attention's QK^T and PV likewise (batched over B x heads)."""
-    M, d, hd, H, kv = B * T, mc.dim, mc.head_dim, mc.n_heads, mc.kv_heads
-    linears = [(d, H * hd), (d, kv * hd), (d, kv * hd), (H * hd, d), (d, mc.hidden), (d, mc.hidden), (mc.hidden, d)]
-    out = []
-    for K, N in linears * mc.n_layers + [(d, mc.vocab_size)]:
-        out += [(1, M, K, N), (1, M, N, K), (1, K, M, N)]
-    for _ in range(mc.n_layers):   # scores = q k^T, out = p v: forward + two backward products each
-        out += [(B * H, T, hd, T), (B * H, T, T, hd), (B * H, hd, T, T)]
-        out += [(B * H, T, T, hd), (B * H, T, hd, T), (B * H, T, T, hd)]
-    return out
-
-
-class BareGemms:
-    """The step's GEMMs as bare matmuls on random operands of their shapes and precision."""
-
-    def __init__(self, shapes, dtype: str):
-        dt = AUTOCAST[dtype] or torch.float32
-        self.pairs = [(torch.randn(b, m, k, dtype=dt).squeeze(0), torch.randn(b, k, n, dtype=dt).squeeze(0))
-                      for b, m, k, n in shapes]
-        self()
-
-    def __call__(self) -> float:
-        """Seconds for one pass (one training step's worth of matmuls)."""
-        t0 = time.perf_counter()
-        for a, w in self.pairs:
-            (torch.bmm if a.dim() == 3 else torch.mm)(a, w)
-        return time.perf_counter() - t0
 
 
 def our_engine(cfg, dtype: str, steps: int, compiled: bool) -> LocalEngine:
@@ -127,7 +96,7 @@ def run(cfg, dtype: str, blocks: int, per_block: int, warmup: int, compiled: boo
     for i in range(1, warmup):
         for who in names:
             step(who, *batches[i % 4])
-    gemms = BareGemms(gemm_shapes(mc, B, T), dtype)
+    gemms = BareGemms(gemm_shapes(mc, B, T), AUTOCAST[dtype] or torch.float32)
     times = {who: [] for who in names + ["gemm"]}
     for block in range(blocks):
         # the bare matmuls are timed in every block too, beside the steps, so load on the machine
@@ -142,7 +111,7 @@ def run(cfg, dtype: str, blocks: int, per_block: int, warmup: int, compiled: boo
     ratio = {who: statistics.median(h / o for o, h in zip(times[who], times["hf"])) for who in engines}
     return {"dtype": dtype, "first_loss": first, "tokens": B * T, "share": share, "ratio": ratio,
             "step_s": {k: statistics.median(v) for k, v in times.items()},
-            "gflops": sum(2 * b * m * k * n for b, m, k, n in gemm_shapes(mc, B, T)) / 1e9}
+            "gflops": shape_flops(gemm_shapes(mc, B, T)) / 1e9}
 
 
 def shape_config(args):

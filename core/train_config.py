@@ -91,7 +91,8 @@ class MetricsConfig:
     progress: bool = option("show a progress bar on the console", True)
     tensorboard: bool = option("write TensorBoard event files to run.dir/tb", True)
     peak_tflops: float = option("peak FLOP/s of one device in TFLOP/s for MFU (0 = look up the device in the table)", 0.0)
-    cpu_peak_tflops: float = option("peak TFLOP/s assumed for a CPU process (MFU on CPU is only indicative)", 1.0)
+    cpu_peak_tflops: float = option("peak TFLOP/s of a CPU process for MFU; 0 = time the model's own GEMMs at start-up "
+                                    "(trainer/roofline.py): MFU is then the step's share of the machine's matmul limit", 0.0)
     wandb: bool = option("also log the metrics rows to Weights & Biases (rank 0; needs the `track` extra)", False)
     wandb_project: str = option("W&B project", "meshformer")
     wandb_name: str = option("W&B run name (default: run.name, else the run folder's name)", "")
@@ -109,8 +110,8 @@ class MetricsConfig:
         # MFU divides by these: a zero, negative or non-finite peak would crash or mislead.
         if not 0 <= self.peak_tflops < float("inf"):
             raise ValueError(f"metrics.peak_tflops: must be >= 0 (0 = look the device up), got {self.peak_tflops}")
-        if not 0 < self.cpu_peak_tflops < float("inf"):
-            raise ValueError(f"metrics.cpu_peak_tflops: must be > 0 (e.g. 1.0), got {self.cpu_peak_tflops}")
+        if not 0 <= self.cpu_peak_tflops < float("inf"):
+            raise ValueError(f"metrics.cpu_peak_tflops: must be >= 0 (0 = time the model's GEMMs), got {self.cpu_peak_tflops}")
         if self.wandb and not self.wandb_project.strip():
             raise ValueError("metrics.wandb_project: must name a W&B project when metrics.wandb = true, e.g. meshformer")
         if self.mlflow and not self.mlflow_experiment.strip():

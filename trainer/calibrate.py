@@ -134,22 +134,43 @@ def _main(argv: list[str]) -> int:
     print(f"\nheld-out layouts: largest |error| {worst:.1%}; profile written to {args.out} "
           f"(use it: meshformer plan --cluster {args.out} ...)")
     if args.report:
-        Path(args.report).write_text(json.dumps({"machine": machine, "steps": {n: runs[n]["steps"] for n in data},
+        Path(args.report).write_text(json.dumps({"machine": machine, "steps": {n: runs[n].get("steps", []) for n in data},
                                                  **{k: [dict(zip(("name", "predicted", "measured", "error"), r)) for r in v]
                                                     for k, v in rows.items()}}, indent=1))
     return 0
 
 
+MACHINE_KEYS = ("matmul_flops", "copy_bytes_per_s", "allreduce_bus_bytes_per_s", "step_latency_s")
+
+
 def _read_measured(path: str, names: list[str]) -> dict:
+    """A launch's raw figures as --save-measured wrote them: the machine's and, for each layout
+    named, its tokens/s (or the error its run ended with)."""
     try:
         measured = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"--from-measured: cannot read {path}: {e}") from None
-    missing = [n for n in names if n not in measured.get("layouts", {})]
-    if "machine" not in measured or missing:
-        raise UsageError(f"--from-measured: {path} has no measurement of {', '.join(missing) or 'the machine'}; "
-                         "write one with --save-measured")
+    hint = "write one with --save-measured"
+    machine = measured.get("machine") if isinstance(measured, dict) else None
+    layouts = measured.get("layouts") if isinstance(measured, dict) else None
+    if not isinstance(machine, dict) or not isinstance(layouts, dict):
+        raise UsageError(f"--from-measured: {path} is not a calibrate measurement (no 'machine' and 'layouts'); {hint}")
+    bad = [k for k in MACHINE_KEYS if not _positive(machine.get(k))]
+    if bad:
+        raise UsageError(f"--from-measured: {path}: machine.{bad[0]} is missing or not a positive number; {hint}")
+    missing = [n for n in names if n not in layouts]
+    if missing:
+        raise UsageError(f"--from-measured: {path} has no measurement of {', '.join(missing)}; {hint} "
+                         "in a launch that runs them")
+    bad = [n for n in names if not isinstance(layouts[n], dict)
+           or ("error" not in layouts[n] and not _positive(layouts[n].get("tokens_per_s")))]
+    if bad:
+        raise UsageError(f"--from-measured: {path}: layouts.{bad[0]}.tokens_per_s is missing or not a positive number")
     return measured
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 def _free_port() -> int:

@@ -63,7 +63,8 @@ def check_memory(cfg: Config, ctx: DistContext) -> MemoryBreakdown | None:
     avail = _available(ctx)
     run = run_settings(cfg)
     layout = config_layout(run, ctx.world_size)
-    profile = local_profile(ctx.device, avail, cfg.metrics.cpu_peak_tflops)
+    # on CPU only the memory of this profile is used; speeds only rank suggestions (0 = timed later: any figure does)
+    profile = local_profile(ctx.device, avail, cfg.metrics.cpu_peak_tflops or 1.0)
     need = _estimate(cfg, layout, profile, ctx.device)
     if need.fits:
         return need

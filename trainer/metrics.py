@@ -7,6 +7,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,12 +24,14 @@ PEAK_TFLOPS = {
 }
 
 
-def peak_flops(device: torch.device, dtype: str, override_tflops: float, cpu_tflops: float) -> float:
-    """Peak FLOP/s of one device for MFU; the CPU figure is whatever the config says."""
+def peak_flops(device: torch.device, dtype: str, override_tflops: float, cpu_tflops: float,
+               measure_cpu: Callable[[], float]) -> float:
+    """Peak FLOP/s of one device for MFU: the override, else the GPU's datasheet figure, else on
+    CPU `cpu_tflops`, or when that is 0 what `measure_cpu()` times (trainer/roofline.py)."""
     if override_tflops > 0:
         return override_tflops * 1e12
     if device.type != "cuda":
-        return cpu_tflops * 1e12
+        return cpu_tflops * 1e12 if cpu_tflops > 0 else measure_cpu()
     name = torch.cuda.get_device_name(device).lower()
     for key, table in PEAK_TFLOPS.items():
         if key in name:

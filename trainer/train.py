@@ -21,13 +21,14 @@ from launch.context import DistContext, init_distributed, shutdown
 from launch.watchdog import stall_watchdog
 from parallel.apply import Parallelized, parallelize
 from parallel.dims import ParallelDims
-from parallel.mesh import build_mesh
+from parallel.mesh import build_mesh, release_mesh
 from parallel.sharded_init import ParamInit
 from trainer.checkpoint import CheckpointManager, complete_checkpoints
 from trainer.console import closing_line, complete_line
 from trainer.divergence import Divergence, DivergenceGuard
 from trainer.memory_check import check_memory
 from trainer.metrics import MetricsLogger, peak_flops, peak_memory_gib, strict
+from trainer.roofline import measured_peak_flops
 from trainer.model import Transformer
 from trainer.model_plan import parallel_plan
 from trainer.moe import moe_metrics
@@ -98,15 +99,16 @@ def train(cfg: Config, *, loader_factory: LoaderFactory | None = None, ctx: Dist
     ctx = ctx or init_distributed(cfg.launch, cfg.train.device)
     try:
         held = contextlib.nullcontext() if dry_run else hold_run_dir(Path(cfg.run.dir), ctx)
-        with held, stall_watchdog(ctx, cfg.launch.timeout_s) as beat:
-            return _train(cfg, ctx, loader_factory, beat, dry_run)
+        # the stack releases the mesh's process groups when the run ends (parallel/mesh.py: release_mesh)
+        with held, stall_watchdog(ctx, cfg.launch.timeout_s) as beat, contextlib.ExitStack() as cleanup:
+            return _train(cfg, ctx, loader_factory, beat, dry_run, cleanup)
     finally:
         if own_ctx:
             shutdown(ctx)
 
 
-def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, beat=lambda step: None,
-           dry_run: bool = False) -> dict:
+def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, beat,
+           dry_run: bool, cleanup: contextlib.ExitStack) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
@@ -120,6 +122,7 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
     # model's fields, which the world-size arithmetic in build_mesh cannot.
     validate_layout(cfg.parallel, cfg.model, cfg.train.batch_size, cfg.train.seq_len)
     dims = build_mesh(cfg.parallel, ctx)
+    cleanup.callback(release_mesh, dims)
     check_memory(cfg, ctx)              # before anything large is allocated: refuse a run that cannot fit
     tokenizer_file = read_tokenizer_file(cfg) if loader_factory is None and ctx.is_main else None
 
@@ -166,7 +169,12 @@ def _train(cfg: Config, ctx: DistContext, loader_factory: LoaderFactory | None, 
         log.message("no validation data (data.val_urls is empty and data.urls has no val/ split from `meshformer "
                     "prepare`): training without evaluation")
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len * dims.dp_size
-    peak = peak_flops(ctx.device, cfg.precision.dtype, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops) * ctx.world_size
+    per_device = peak_flops(ctx.device, cfg.precision.dtype, cfg.metrics.peak_tflops, cfg.metrics.cpu_peak_tflops,
+                            lambda: measured_peak_flops(cfg.model, cfg.train.batch_size, cfg.train.seq_len, cfg.precision.dtype))
+    if ctx.device.type != "cuda" and not cfg.metrics.peak_tflops and not cfg.metrics.cpu_peak_tflops:
+        log.message(f"mfu: this process's {cfg.precision.dtype} matmuls at the model's shapes reach "
+                    f"{per_device / 1e9:.3g} GFLOP/s (timed now, trainer/roofline.py); MFU is the step's share of that")
+    peak = per_device * ctx.world_size
 
     if val_loader is not None and state.step == 0:   # the starting point the demo's drop is measured from
         val = evaluate(engine, val_loader, cfg.train.eval_batches, cfg.train.grad_accum)

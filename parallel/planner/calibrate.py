@@ -3,9 +3,9 @@
 `meshformer plan calibrate` (trainer/calibrate.py) times real training steps of a few layouts on
 the user's own cluster; this module turns those figures into a profile the planner reads with
 `--cluster FILE`. The hardware figures (matmul rate, memory bandwidth, link bandwidth and latency)
-are the microbenchmarks measured in the same launch; what is fitted is how much of them a real
-training step reaches (the `[efficiency]` fractions), the per-step latency of a collective, and
-the host overheads of `[overhead]` that dominate tiny models on CPU. Residuals are log(predicted /
+are the microbenchmarks measured in the same launch; what is fitted is the latency of one ring
+step of a collective and the host overheads of `[overhead]` that dominate tiny models on CPU (see
+PARAMS); the `[efficiency]` fractions stay 1 of the measured rates. Residuals are log(predicted /
 measured) tokens/s, so every layout weighs the same whatever its speed.
 """
 from __future__ import annotations
@@ -22,13 +22,16 @@ from .cluster import ClusterProfile, Efficiency
 from .layout import Layout, Stack
 from .predict import predict
 
-# (name, lower bound, upper bound, start): matmul is a fraction of the measured matmul rate (attention
-# products too); latency_us one ring step of a collective; the overheads host micro- / milliseconds.
-# Four, fitted to six layouts: with as many parameters as layouts the fit passes through every
-# measurement, noise included, and says nothing about the held-out ones. The link bandwidth is the
-# measured all-reduce's (tiny models send little), and `[overhead] layer_us` stays 0: with one
-# model size the runs cannot tell it from step_ms (the fits put it at 0 when it was free).
-PARAMS = (("matmul", 1e-3, 1.0, 0.5), ("latency_us", 1.0, 1e5, 100.0),
+# (name, lower bound, upper bound, start): latency_us one ring step of a collective; the overheads
+# host micro- / milliseconds: fsdp_unit_us per FSDP unit and pass (FSDP2's hooks and collective call),
+# tp_layer_us per layer forward under TP, step_ms per step. Four, fitted to six layouts: with as many
+# parameters as layouts the fit passes through every measurement, noise included, and says nothing
+# about the held-out ones. Not fitted: the matmul efficiency stays 1 (the matmul rate measured while
+# all ranks run one): the tiny model's GEMMs are ~5% of a step here, and fits that had it free put it
+# at its bound 1 or traded it against step_ms. The link bandwidth is the measured all-reduce's (tiny
+# models send little), and `[overhead] layer_us` stays 0: every layout but accum2 dispatches the
+# same 4 layer passes per rank, so the runs cannot tell it from step_ms and fsdp_unit_us.
+PARAMS = (("latency_us", 1.0, 1e5, 100.0), ("fsdp_unit_us", 0.0, 1e6, 500.0),
           ("tp_layer_us", 0.0, 1e6, 500.0), ("step_ms", 0.0, 1e4, 10.0))
 
 
@@ -55,9 +58,8 @@ def base_profile(machine: dict, world: int, memory_gib: float) -> ClusterProfile
 
 
 def with_params(base: ClusterProfile, x) -> ClusterProfile:
-    matmul, latency_us, tp_layer_us, step_ms = (float(v) for v in x)
-    eff = replace(base.efficiency, matmul=matmul, attention=matmul)
-    return replace(base, efficiency=eff, nvlink_latency_us=latency_us, ib_latency_us=latency_us,
+    latency_us, fsdp_unit_us, tp_layer_us, step_ms = (float(v) for v in x)
+    return replace(base, nvlink_latency_us=latency_us, ib_latency_us=latency_us, fsdp_unit_overhead_us=fsdp_unit_us,
                    tp_layer_overhead_us=tp_layer_us, step_overhead_ms=step_ms)
 
 
@@ -76,7 +78,7 @@ def fit(base: ClusterProfile, runs: list[Measured]) -> ClusterProfile:
         return [math.log(predicted(prof, r) / r.tokens_per_s) for r in runs]
 
     # start from the measured link latency where there is one
-    x0[1] = min(max(base.nvlink_latency_us, lo[1]), hi[1])
+    x0[0] = min(max(base.nvlink_latency_us, lo[0]), hi[0])
     sol = least_squares(residuals, x0, bounds=(lo, hi), x_scale=np.maximum(x0, 1e-3), diff_step=1e-3)
     return with_params(base, sol.x)
 
@@ -105,5 +107,5 @@ def profile_toml(p: ClusterProfile, note: str = "") -> str:
     lines += ["", "[memory]", f"reserved_gib = {p.reserved_gib:g}", f"fragmentation = {p.fragmentation:g}",
               f"activation_slack = {p.activation_slack:g}", "", "[overhead]",
               f"layer_us = {p.layer_overhead_us:.6g}", f"tp_layer_us = {p.tp_layer_overhead_us:.6g}",
-              f"step_ms = {p.step_overhead_ms:.6g}", ""]
+              f"step_ms = {p.step_overhead_ms:.6g}", f"fsdp_unit_us = {p.fsdp_unit_overhead_us:.6g}", ""]
     return "\n".join(lines)

@@ -54,6 +54,10 @@ class ClusterProfile:
     layer_overhead_us: float = 0.0      # dispatching one layer's forward (backward: twice)
     tp_layer_overhead_us: float = 0.0   # extra per layer forward under TP (DTensor's dispatch)
     step_overhead_ms: float = 0.0       # per optimizer step (optimizer loop, clipping, loss sync)
+    # per FSDP unit (a block, the root) per pass of a microbatch (forward, backward): FSDP2's hooks
+    # (copy-in/out of the flat buffers, gradient copy for the reduction) and the call of the collective,
+    # whatever the group's size; also where FSDP only replicates (meshformer's DP under TP or PP)
+    fsdp_unit_overhead_us: float = 0.0
     # [network] overlap: whether collectives progress beside compute. False where ranks outnumber
     # cores (CPU ranks): no core is free to run them, so they add to the step however they are issued.
     comm_overlap: bool = True
@@ -130,14 +134,16 @@ def load_cluster(name_or_path: str) -> ClusterProfile:
             host_memory_gib=float(host.get("memory_gib", 512.0)), host_memory_gbs=float(host.get("memory_gbs", 205.0)),
             pcie_gbps=float(host.get("pcie_gbps", 25.0)),
             layer_overhead_us=float(ovh.get("layer_us", 0.0)), tp_layer_overhead_us=float(ovh.get("tp_layer_us", 0.0)),
-            step_overhead_ms=float(ovh.get("step_ms", 0.0)), comm_overlap=bool(net.get("overlap", True)),
+            step_overhead_ms=float(ovh.get("step_ms", 0.0)), fsdp_unit_overhead_us=float(ovh.get("fsdp_unit_us", 0.0)),
+            comm_overlap=bool(net.get("overlap", True)),
             cores_per_node=int(t.get("cores_per_node", 0)))
     except KeyError as e:
         raise ValueError(f"{path}: [network] needs {e.args[0]} (GB/s per GPU per direction)") from None
     if profile.gpus_per_node < 1 or profile.gpu_memory_gib <= 0:
         raise ValueError(f"{path}: gpus_per_node and gpu_memory_gib must be positive")
-    if min(profile.layer_overhead_us, profile.tp_layer_overhead_us, profile.step_overhead_ms) < 0:
-        raise ValueError(f"{path}: [overhead] layer_us, tp_layer_us and step_ms must be >= 0")
+    if min(profile.layer_overhead_us, profile.tp_layer_overhead_us, profile.step_overhead_ms,
+           profile.fsdp_unit_overhead_us) < 0:
+        raise ValueError(f"{path}: [overhead] layer_us, tp_layer_us, step_ms and fsdp_unit_us must be >= 0")
     if min(profile.host_memory_gib, profile.host_memory_gbs, profile.pcie_gbps) <= 0:
         raise ValueError(f"{path}: [host] memory_gib, memory_gbs and pcie_gbps must be positive")
     return profile

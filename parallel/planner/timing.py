@@ -138,6 +138,12 @@ def _shared_core_bubble(cluster: ClusterProfile, layout: Layout) -> float:
     return shared / own
 
 
+def fsdp_wraps(layout: Layout) -> bool:
+    """Whether meshformer's trainer puts FSDP2 on the model (parallel/dims.py fsdp_enabled): for
+    sharding, and for replication too under TP or PP, where torch's DDP does not compose."""
+    return layout.shard > 1 or layout.cp > 1 or (layout.dp_replicate > 1 and (layout.tp > 1 or layout.pp > 1))
+
+
 @dataclass(frozen=True)
 class TimeBreakdown:
     compute: float            # forward + backward (+ recompute) of all microbatches on the slowest stage
@@ -190,6 +196,9 @@ def _stage_microbatch_time(cfg: ModelConfig, layout: Layout, stack: Stack, clust
     fwd_a2a = n_layers * cfg.n_moe_layers / cfg.n_layers * ep_dispatch_seconds(cfg, layout, cluster)
     ep_comm = (3 if layout.ac == "full" else 2) * fwd_a2a
     total, bwd_total = total + ep_comm, bwd_total + fwd_a2a
+    # FSDP's per-unit host work (each block and the stage's root), in the forward and the backward
+    fsdp = (n_layers + 1) * cluster.fsdp_unit_overhead_us * 1e-6 if fsdp_wraps(layout) else 0.0
+    total, bwd_total = total + 2 * fsdp, bwd_total + fsdp
     if first:
         c = all_reduce(act, t, tp_link)                        # vocab-parallel embedding output
         total, comm = total + c + 3 * host, comm + c           # the embedding dispatches like a layer

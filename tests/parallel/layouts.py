@@ -57,7 +57,21 @@ def run_layout(run_dir: str, extra: list[str], ctx=None, dp: int = 1) -> dict:
     rows = list({(r["step"], "loss" in r): r for r in rows}.values())
     return {"loss": [r["loss"] for r in rows if "loss" in r], "grad_norm": [r["grad_norm"] for r in rows if "loss" in r],
             "val_loss": [r["val_loss"] for r in rows if "val_loss" in r], "run_dir": run_dir,
-            "moe_dropped": [r["moe_dropped"] for r in rows if "moe_dropped" in r]}
+            "moe_dropped": [r["moe_dropped"] for r in rows if "moe_dropped" in r], "sockets": open_sockets()}
+
+
+def open_sockets() -> int:
+    """Sockets this process holds once a layout is over: gloo's connections of every process
+    group still alive (train() destroys its mesh's groups; see parallel/mesh.py release_mesh)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return -1
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:      # the listing's own descriptor, closed by now
+            pass
+    return count
 
 
 INIT_FILE = "init.safetensors"

@@ -26,7 +26,7 @@ def test_the_fit_recovers_a_known_profile_and_the_file_round_trips(tmp_path):
     """Measurements made by a known profile: the fitted one must predict the held-out layouts as
     that profile does. 2% = least squares' stopping tolerance on these few parameters, not noise."""
     base = base_profile(MACHINE, 4, 4.0)
-    truth = with_params(base, (0.3, 400.0, 5000.0, 3.0))
+    truth = with_params(base, (400.0, 800.0, 5000.0, 3.0))
     fitted = fit(base, _measured(truth, DEFAULT_FIT))
     for name, _, _, err in report(fitted, _measured(truth, DEFAULT_HOLDOUT)):
         assert abs(err) < 0.02, (name, err)
@@ -36,6 +36,34 @@ def test_the_fit_recovers_a_known_profile_and_the_file_round_trips(tmp_path):
     assert again.comm_overlap is False            # 4 ranks on 2 cores: nothing left to overlap with
     for m in _measured(truth, DEFAULT_HOLDOUT):
         assert predicted(again, m) == pytest.approx(predicted(fitted, m), rel=1e-5)
+
+
+def test_from_measured_refits_a_saved_launch_and_names_what_is_wrong_with_one(tmp_path, capsys):
+    """--from-measured: the fit and the table from a saved launch's figures, no ranks started
+    (measurements made by a known profile: every layout within least squares' 2%); then, in the
+    same process, what a file that is not such a launch gets told (one line each, exit 2)."""
+    from trainer.cli import main
+    truth = with_params(base_profile(MACHINE, 4, 4.0), (400.0, 800.0, 5000.0, 3.0))
+    saved = {"world_size": 4, "machine": MACHINE, "layouts": {
+        m.name: {"tokens_per_s": m.tokens_per_s} for m in _measured(truth, DEFAULT_FIT + DEFAULT_HOLDOUT)}}
+    path, out, rep = tmp_path / "m.json", tmp_path / "cal.toml", tmp_path / "rep.json"
+    path.write_text(json.dumps(saved))
+    assert main(["plan", "calibrate", "--from-measured", str(path), "--out", str(out), "--report", str(rep)]) == 0
+    assert "calibrate [" not in capsys.readouterr().out          # nothing was launched
+    rows = json.loads(rep.read_text())
+    assert [r["name"] for r in rows["holdout"]] == list(DEFAULT_HOLDOUT)
+    assert all(abs(r["error"]) < 0.02 for r in rows["fit"] + rows["holdout"]), rows
+    assert load_cluster(str(out)).fsdp_unit_overhead_us == pytest.approx(800.0, rel=0.02)
+    no_pp4 = dict(saved, layouts={k: v for k, v in saved["layouts"].items() if k != "pp4"})
+    cases = {"[1, 2]": "is not a calibrate measurement",
+             json.dumps(no_pp4): "has no measurement of pp4",
+             json.dumps(dict(saved, machine={**MACHINE, "matmul_flops": "fast"})): "machine.matmul_flops is missing",
+             json.dumps(dict(saved, layouts={**saved["layouts"], "tp4": {"tokens_per_s": -1}})):
+                 "layouts.tp4.tokens_per_s is missing or not a positive number"}
+    for text, message in cases.items():
+        path.write_text(text)
+        assert main(["plan", "calibrate", "--from-measured", str(path), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err, text
 
 
 # The same layout's tokens/s from launch to launch on this 2-core machine shared with other jobs

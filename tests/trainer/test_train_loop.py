@@ -48,6 +48,9 @@ def test_run_folder_holds_config_metrics_tensorboard_checkpoint(tmp_path):
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens"):
         assert all(key in r for r in train_rows), key
     assert train_rows[-1]["tokens"] == 4 * 2 * 4 * 32
+    # MFU divides by this process's matmuls timed at the model's shapes (trainer/roofline.py): a
+    # step does those GEMMs and more, so its share of their rate lies in (0, 1)
+    assert all(0 < r["mfu"] < 1 for r in train_rows), [r["mfu"] for r in train_rows]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]   # 0: before training
     assert summary["steps"] == 4 and summary["final_val_loss"] == rows[-1]["val_loss"]
     assert (d / "checkpoints" / "step-00000004" / "COMPLETE").exists()
