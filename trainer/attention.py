@@ -93,8 +93,7 @@ def doc_ids(tokens: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.Tens
 
 
 # Up to this many keys, bf16 attention on a CPU is faster as two batched bf16 GEMMs around a softmax
-# of the materialised scores than through torch's CPU flash-attention kernel, whose bf16 path
-# computes in fp32 blocks (bench/attention_cpu.py's products on the idle 2-core machine, forward +
+# of the materialised scores than through torch's CPU flash-attention kernel (bench/attention_cpu.py's products on the idle 2-core machine, forward +
 # backward, causal, 64-dim heads: 3.1x at 256 keys, 1.8x at 512, 0.77x at 1024, 0.58x at 2048; in
 # the whole bf16 step, attention fell from 59 ms to ~17 ms: bench/RESULTS.md). The price is memory: the
 # bf16 probabilities [B, H, T, S] are kept for backward, which flash avoids; past this length
