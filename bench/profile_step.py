@@ -1,7 +1,7 @@
 """Where one CPU training step's time goes, grouped (torch.profiler, self time of every op).
 
 The step is the trainer's (parallel.local_engine.LocalEngine), at bench/vs_hf.py's shape by default.
-Every op's self time is put in one group: matmuls, attention (SDPA), dtype casts, the optimizer
+Every op's self time is put in one group: matmuls, attention (SDPA, or the explicit path's softmax), dtype casts, the optimizer
 (anything under AdamW's step), gradient clipping, compiled regions (inductor's fused kernels, whose
 inner ops the profiler does not see), the loss, and the rest (elementwise work of norms, RoPE,
 SwiGLU, residual adds, their backward, gradient zeroing and accumulation).
@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.vs_hf import our_engine, shape_config  # noqa: E402
 
 GROUPS = (  # (group, substrings of an op's name), first match wins
-    ("matmul", ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "mkldnn")),
-    ("attention (SDPA)", ("scaled_dot_product",)),
+    ("matmul", ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::matmul", "mkldnn")),
+    # SDPA's kernels, or the softmax of trainer.attention.explicit_attention (its GEMMs count as matmul)
+    ("attention (SDPA / softmax)", ("scaled_dot_product", "aten::_softmax")),
     ("casts (dtype copies)", ("aten::copy_", "aten::_to_copy", "aten::to")),
     ("loss", ("log_softmax", "nll_loss", "logsumexp", "ChunkedTokenLossSum", "gather", "scatter")),
     ("compiled regions", ("Compiled", "cpp_fused", "Torch-Compiled", "inductor")),

@@ -92,6 +92,38 @@ def doc_ids(tokens: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.Tens
     return idx - start, doc
 
 
+# Up to this many keys, bf16 attention on a CPU is faster as two batched bf16 GEMMs around a softmax
+# of the materialised scores than through torch's CPU flash-attention kernel (bench/attention_cpu.py's products on the idle 2-core machine, forward +
+# backward, causal, 64-dim heads: 3.1x at 256 keys, 1.8x at 512, 0.77x at 1024, 0.58x at 2048; in
+# the whole bf16 step, attention fell from 59 ms to ~17 ms: bench/RESULTS.md). The price is memory: the
+# bf16 probabilities [B, H, T, S] are kept for backward, which flash avoids; past this length
+# flash wins on both counts.
+CPU_BF16_EXPLICIT_MAX_KEYS = 512
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                       scale: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v by batched GEMMs in q's dtype (bias None: causal, top-left
+    aligned as SDPA's is_causal). The heads sharing a key/value head (GQA) are stacked along the
+    query axis, so their keys are read once and never copied."""
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    rep = h // hkv
+    if bias is None:
+        bias = torch.full((t, s), float("-inf"), dtype=q.dtype, device=q.device).triu_(1).repeat(rep, 1)
+    else:
+        bias = bias.expand(b, h, t, s).reshape(b * hkv, rep * t, s)
+    scores = torch.baddbmm(bias, q.reshape(b * hkv, rep * t, d), k.reshape(b * hkv, s, d).transpose(1, 2),
+                           alpha=scale if scale is not None else d ** -0.5)
+    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * hkv, s, d)).view(b, h, t, d)
+
+
+def use_explicit(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `explicit_attention` is the faster kernel for these operands (see above); fp32 and
+    every accelerator keep SDPA."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[2] <= CPU_BF16_EXPLICIT_MAX_KEYS
+
+
 class AttentionCore(nn.Module):
     """No parameters: q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D]."""
 
@@ -101,6 +133,8 @@ class AttentionCore(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) -> torch.Tensor:
         bias = mask.bias(q.dtype)
+        if use_explicit(q, k):
+            return explicit_attention(q, k, v, bias, self.scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
                                               enable_gqa=q.shape[1] != k.shape[1], scale=self.scale)
 

@@ -57,3 +57,43 @@ def test_positions_argument_is_the_default_sequence():
             shuffled = m(tokens[:, perm], positions=perm)
         assert (same - ref).abs().max().item() < 1e-12, position
         assert (shuffled - ref[:, perm]).abs().max().item() < 1e-10, position
+
+
+def test_explicit_bf16_attention_matches_float64():
+    """The CPU bf16 path (two batched GEMMs around a softmax, used up to CPU_BF16_EXPLICIT_MAX_KEYS
+    keys) against float64 SDPA on the same bf16-rounded operands, causal and with a bias (ALiBi and a
+    window), GQA: output and the three input gradients. Tolerance: the path rounds three times in
+    bf16 (scores, probabilities, output; unit roundoff 2^-8), each a relative error on terms whose
+    sums stay within the largest value, so 4 ulps of the largest reference value covers them with
+    margin; a wrong mask or a wrong query-to-key head mapping errs by O(that value). torch's own bf16
+    SDPA meets the same bound (checked too, so the bound is bf16's, not this path's)."""
+    import torch.nn.functional as F
+    from trainer.attention import explicit_attention, use_explicit
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, t, d = 2, 4, 2, 40, 16
+    q, k, v = (torch.randn(b, n, t, d, generator=g).bfloat16() for n in (h, hkv, hkv))
+    grad_out = torch.randn(b, h, t, d, generator=g).bfloat16()
+    pos = torch.arange(t)
+    assert use_explicit(q, k) and not use_explicit(q.float(), k.float())
+    sdpa = lambda q, k, v, bias: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,  # noqa: E731
+                                                                 enable_gqa=True)
+    explicit = lambda q, k, v, bias: explicit_attention(q, k, v, bias, None)  # noqa: E731
+    for mask in (AttnMask(pos, pos, aligned=True), AttnMask(pos, pos, alibi_slopes(h), window=9)):
+        def run(fn, dtype):
+            leaves = [x.detach().to(dtype).clone().requires_grad_() for x in (q, k, v)]
+            out = fn(*leaves, mask.bias(dtype))
+            out.backward(grad_out.to(dtype))
+            return [out.double()] + [x.grad.double() for x in leaves]
+        ref = run(sdpa, torch.float64)
+        for got in (run(explicit, torch.bfloat16), run(sdpa, torch.bfloat16)):
+            for name, r, x in zip(("out", "dq", "dk", "dv"), ref, got):
+                assert (x - r).abs().max().item() <= 4 * 2 ** -8 * r.abs().max().item(), name
+
+
+def test_explicit_path_only_for_short_bf16_on_cpu():
+    from trainer.attention import CPU_BF16_EXPLICIT_MAX_KEYS, use_explicit
+    q = torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16)
+    short = torch.zeros(1, 2, CPU_BF16_EXPLICIT_MAX_KEYS, 8, dtype=torch.bfloat16)
+    long = torch.zeros(1, 2, CPU_BF16_EXPLICIT_MAX_KEYS + 1, 8, dtype=torch.bfloat16)
+    assert use_explicit(q, short) and not use_explicit(q, long)
+    assert not use_explicit(q.float(), short.float())     # fp32 keeps SDPA: its results do not move
