@@ -45,13 +45,15 @@ def test_ctrl_c_saves_and_resume_continues_with_human_lines(tmp_path, capsys, mo
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     out = []
+    # read to the end here: communicate() after a break would miss lines already in proc.stdout's
+    # read-ahead buffer (it reads the pipe itself), e.g. step 3's when it came right after step 2's
     for line in proc.stdout:
         out.append(line)
         if line.startswith("step 2/2000 |"):
             proc.send_signal(signal.SIGINT)
-            break
-    rest, err = proc.communicate(timeout=120)
-    out = "".join(out) + rest
+    err = proc.stderr.read()          # a few lines: cannot fill the pipe while stdout was read
+    proc.wait(timeout=120)
+    out = "".join(out)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "Ctrl-C: saving a checkpoint at the end of this step" in err and "Traceback" not in err
     assert "exiting with code 75; run the same command to resume" in err + "".join(out)
