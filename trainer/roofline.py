@@ -93,8 +93,3 @@ class MatmulLimit:
         self.flops_per_s = max(self.flops_per_s, self.gemms.flops / self.gemms())
         return self.flops_per_s
 
-
-def measured_peak_flops(mc: ModelConfig, micro_batch: int, seq_len: int, dtype: str, passes: int = 3) -> float:
-    """FLOP/s this process's matmuls reach at one block's and the head's training-step shapes (the
-    fastest of `passes` timed passes: other jobs only ever slow a pass down)."""
-    return MatmulLimit(mc, micro_batch, seq_len, dtype, passes).flops_per_s
