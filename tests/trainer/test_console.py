@@ -118,6 +118,9 @@ def test_version_print_config_and_dry_run(tmp_path, capsys):
 
 
 def test_second_ctrl_c_aborts_at_once_and_torchruns_copy_of_the_first_does_not(monkeypatch):
+    # what close() must restore: Python's default handler, or SIG_IGN when the tests were started
+    # as a background job of a non-interactive shell (which starts its children ignoring SIGINT)
+    before = signal.getsignal(signal.SIGINT)
     p = Preemption(SimpleNamespace(distributed=False, is_main=True))
     p.install()
     try:
@@ -131,7 +134,7 @@ def test_second_ctrl_c_aborts_at_once_and_torchruns_copy_of_the_first_does_not(m
             time.sleep(1)                            # (the handler runs between bytecodes)
     finally:
         p.close()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_interrupted_cli_says_nothing_was_saved_and_exits_130(monkeypatch, tmp_path, capsys):
