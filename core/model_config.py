@@ -85,6 +85,10 @@ class ModelConfig:
     moe_z_coef: float = option("weight of the router z-loss (ST-MoE; 0 = none)", 0.001)
     moe_bias_rate: float = option("aux-loss-free balancing (DeepSeek-V3): expert bias step per optimizer step "
                                   "(0 = off; 1e-3 is theirs)", 0.0)
+    moe_sinkhorn_iters: int = option(
+        "balanced choice in training (Sinkhorn, as Megatron's 'sinkhorn' routing): each micro-batch's top-k is taken "
+        "after this many Sinkhorn iterations equalise the experts' shares; gates and evaluation use the plain "
+        "scores; 0 = off", 0)
     moe_capacity_factor: float = option("tokens an expert takes: factor x tokens x top_k / experts, the rest "
                                         "dropped; 0 = dropless", 0.0)
     parametrization: Literal["sp", "mup"] = option(
@@ -243,9 +247,12 @@ class ModelConfig:
                              f"(else no block is MoE), got {self.moe_every}")
         if self.moe_hidden < 0 or self.moe_shared_experts < 0:
             raise ValueError("model.moe_hidden and model.moe_shared_experts must be >= 0")
-        for name in ("moe_aux_coef", "moe_z_coef", "moe_bias_rate", "moe_capacity_factor"):
+        for name in ("moe_aux_coef", "moe_z_coef", "moe_bias_rate", "moe_capacity_factor", "moe_sinkhorn_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.moe_sinkhorn_iters and self.moe_bias_rate:
+            raise ValueError("model.moe_sinkhorn_iters: the Sinkhorn choice balances each micro-batch itself, so the "
+                             "expert bias would learn nothing; set model.moe_bias_rate = 0 (or moe_sinkhorn_iters = 0)")
         if self.bias:
             raise ValueError("model.bias: experts have no biases; set model.bias = false with model.moe_experts > 0")
         if self.parametrization == "mup":   # the router (fan-out = experts, fixed) needs muP's readout rules: not done

@@ -10,6 +10,11 @@ Balancing (both optional, both on by default only for the aux loss):
 - aux-loss-free bias (DeepSeek-V3): a per-expert bias added to the scores for the top-k choice only
   (the gate weights stay the unbiased scores); after each optimizer step it moves by
   moe_bias_rate * sign(mean load - load), from the load of the whole step over all ranks.
+- Sinkhorn choice (Clark et al. 2022's S-BASE; Megatron's "sinkhorn" routing): in training, each
+  micro-batch's top-k is taken on logits + a per-expert log-scale that a few Sinkhorn iterations
+  fit so that every expert gets an equal share of the micro-batch's probability mass; the gates stay
+  the unbiased scores and evaluation (and so an export) routes by the plain scores
+  (moe_sinkhorn_iters; no state, so nothing to checkpoint).
 - router z-loss (ST-MoE): mean(logsumexp(logits)^2), keeps router logits small (moe_z_coef).
 
 Statistics stay on the device and are read only where a logging step asks (`moe_metrics`).
@@ -70,6 +75,21 @@ class Experts(nn.Module):
         return expert_matmul(h, self.w2.to(x.dtype), offs, grouped)
 
 
+@torch.no_grad()
+def sinkhorn_log_scale(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """The per-expert log column scale of Sinkhorn's balancing of exp(logits) [N, E]: rows
+    (tokens) scaled to sum 1, columns (experts) to sum N / E, alternately, `iters` times. A token's
+    ranking of logits + this scale is its ranking in the balanced matrix (its row scale is common to
+    all its experts). A fixed count, no convergence test: no host sync in the forward."""
+    cost = (logits - logits.amax(-1, keepdim=True)).exp()          # (0, 1]; a row's shift is its row scale
+    n, e = cost.shape
+    col = torch.ones(e, dtype=cost.dtype, device=cost.device)
+    for _ in range(iters):
+        row = 1.0 / (cost @ col).clamp(min=1e-30)
+        col = (n / e) / (row @ cost).clamp(min=1e-30)
+    return col.log()
+
+
 def in_backward() -> bool:
     """Whether autograd is running a backward pass now: activation checkpointing recomputes the
     forward there, and that second forward must not count its tokens twice."""
@@ -85,6 +105,7 @@ class MoE(nn.Module):
         self.sigmoid = cfg.moe_router == "sigmoid"
         self.norm_topk = cfg.moe_norm_topk
         self.capacity_factor = cfg.moe_capacity_factor
+        self.sinkhorn_iters = cfg.moe_sinkhorn_iters
         self.aux_coef, self.z_coef, self.bias_rate = cfg.moe_aux_coef, cfg.moe_z_coef, cfg.moe_bias_rate
         self.router = nn.Linear(cfg.dim, cfg.moe_experts, bias=False)
         self.experts = Experts(cfg)
@@ -108,7 +129,11 @@ class MoE(nn.Module):
         """x [N, d] -> (expert ids [N, k], gate weights [N, k], router logits fp32, scores fp32)."""
         logits = F.linear(x.float(), self.router.weight.float())
         scores = logits.sigmoid() if self.sigmoid else logits.softmax(-1)
-        chosen = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
+        if self.sinkhorn_iters and self.training:
+            pick = logits + sinkhorn_log_scale(logits, self.sinkhorn_iters)
+        else:
+            pick = scores + self.expert_bias
+        chosen = torch.topk(pick, self.top_k, dim=-1).indices
         gates = scores.gather(-1, chosen)
         if self.norm_topk:
             gates = gates / gates.sum(-1, keepdim=True).clamp(min=1e-20)

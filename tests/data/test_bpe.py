@@ -41,10 +41,20 @@ def test_too_small_a_vocabulary_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "t.json").exists()
 
 
-def test_tiny_moe_loads_with_the_shipped_tokenizer_as_the_readme_study_runs_it():
-    from core.run_config import load_config
+def test_tiny_moe_and_its_dense_twin_share_the_shipped_tokenizer_and_active_flops():
+    import dataclasses
 
-    cfg = load_config("configs/tiny-moe.toml", ["--data.tokenizer", f"hf:{SHIPPED}"])
-    assert cfg.model.moe_experts == 8 and cfg.model.vocab_size == 0  # auto: 1024 is already a multiple of 64
-    tok = tokenizer_from_spec(cfg.data.tokenizer, cfg.data.eot_token)
-    assert (tok.vocab_size, tok.eot_id) == (1024, 0)
+    from core.run_config import load_config
+    from trainer.model import Transformer
+    moe, dense = load_config("configs/tiny-moe.toml"), load_config("configs/tiny-bpe.toml")
+    for cfg in (moe, dense):
+        assert cfg.data.tokenizer == f"hf:{SHIPPED}" and cfg.model.vocab_size == 0   # auto: 1024, a multiple of 64
+        tok = tokenizer_from_spec(cfg.data.tokenizer, cfg.data.eot_token)
+        assert (tok.vocab_size, tok.eot_id) == (1024, 0)
+    assert moe.model.moe_experts == 16 and dense.model.moe_experts == 0
+    assert dataclasses.replace(moe.model, moe_experts=0, moe_sinkhorn_iters=0, moe_aux_coef=0.01, moe_top_k=2,
+                               moe_hidden=0) == dense.model
+    # equal active compute: the router (16 x 128 per block) is the only difference, under 1%
+    f_moe, f_dense = (Transformer(dataclasses.replace(c.model, vocab_size=1024)).flops_per_token(128)
+                      for c in (moe, dense))
+    assert 1 < f_moe / f_dense < 1.01

@@ -57,7 +57,8 @@ def run_layout(run_dir: str, extra: list[str], ctx=None, dp: int = 1) -> dict:
     rows = list({(r["step"], "loss" in r): r for r in rows}.values())
     return {"loss": [r["loss"] for r in rows if "loss" in r], "grad_norm": [r["grad_norm"] for r in rows if "loss" in r],
             "val_loss": [r["val_loss"] for r in rows if "val_loss" in r], "run_dir": run_dir,
-            "moe_dropped": [r["moe_dropped"] for r in rows if "moe_dropped" in r], "sockets": open_sockets()}
+            "moe_dropped": [r["moe_dropped"] for r in rows if "moe_dropped" in r],
+            "moe_load": [r["moe_load_max_mean"] for r in rows if "moe_load_max_mean" in r], "sockets": open_sockets()}
 
 
 def open_sockets() -> int:

@@ -102,14 +102,24 @@ RESUMES = {
 CAPACITY_STEPS = 3
 CAPACITY = {"ep2_capacity": f"--parallel.ep 2 --model.moe_capacity_factor 1 --train.steps {CAPACITY_STEPS} {MOE_SHARED}",
             "fsdp2_capacity": f"--parallel.dp_shard 2 --model.moe_capacity_factor 1 --train.steps {CAPACITY_STEPS} {MOE_SHARED}"}
+# The Sinkhorn choice is per micro-batch too (no bias: the two are refused together): expert parallel
+# must route each rank's tokens as FSDP does, before the all-to-all.
+MOE_SINKHORN = MOE_SHARED.replace("--model.moe_bias_rate 0.01", "--model.moe_sinkhorn_iters 10")
+SINKHORN = {"ep2_sinkhorn": f"--parallel.ep 2 --train.steps {CAPACITY_STEPS} {MOE_SINKHORN}",
+            "fsdp2_sinkhorn": f"--parallel.dp_shard 2 --train.steps {CAPACITY_STEPS} {MOE_SINKHORN}"}
 # The Switch aux loss ON under PP: its value is per micro-batch, so the reference cuts its global batch
 # into the same micro-batches (accumulation of 4 x 2 rows = the pipeline's 4 microbatches of 2 rows):
 # the aux of both stages' blocks reaches the gradient with each microbatch's weight.
 ALIGNED = {"pp2_gpipe_moe_aux": ("--parallel.pp 2 --parallel.pp_schedule gpipe --parallel.pp_microbatches 4 "
                                  "--model.moe_experts 4 --model.moe_aux_coef 0.1 --model.moe_z_coef 0.1 "
-                                 "--model.moe_bias_rate 0.01", "--train.batch_size 2 --train.grad_accum 4")}
+                                 "--model.moe_bias_rate 0.01", "--train.batch_size 2 --train.grad_accum 4"),
+           # the Sinkhorn choice per pipeline microbatch = per accumulation micro-batch of the reference
+           "pp2_gpipe_moe_sinkhorn": ("--parallel.pp 2 --parallel.pp_schedule gpipe --parallel.pp_microbatches 4 "
+                                      "--model.moe_experts 4 --model.moe_aux_coef 0 --model.moe_z_coef 0.1 "
+                                      "--model.moe_sinkhorn_iters 10", "--train.batch_size 2 --train.grad_accum 4")}
 TWO_RANKS.update(RESUMES)
 TWO_RANKS.update(CAPACITY)
+TWO_RANKS.update(SINKHORN)
 TWO_RANKS.update({name: layout for name, (layout, _) in ALIGNED.items()})
 TWO_RANKS.update(INIT_FROM)
 # Context parallel (parallel/context.py) at a long sequence: 1024 tokens in 2 x cp chunks, so the

@@ -187,3 +187,41 @@ def test_layouts_moe_cannot_take_and_the_llama_export_refuse_moe():
             validate_layout(ParallelConfig(**kw), model, batch_size=4, seq_len=16)
     with pytest.raises(CheckpointError, match="model.moe_experts = 4"):
         check_llama_shaped(cfg)
+
+
+def test_sinkhorn_choice_balances_training_routing_only():
+    torch.manual_seed(0)
+    m = layer(small(moe_experts=8, moe_top_k=2, moe_sinkhorn_iters=10))
+    with torch.no_grad():       # a trained-looking router (logit std ~2) skewed: the inputs' common
+        m.router.weight.normal_(0, 0.2)                     # offset favours experts 0 and 1
+        m.router.weight[:2] += 0.2
+    x = torch.randn(512, 32) + 0.5
+
+    def max_mean(chosen):
+        counts = torch.bincount(chosen.reshape(-1), minlength=8).float()
+        return float(counts.max() / counts.mean())
+
+    m.eval()
+    plain, plain_gates, logits, scores = m.route(x)
+    m.train()
+    balanced, gates, _, _ = m.route(x)
+    assert max_mean(plain) > 3              # experts 0 and 1 take most tokens (4 = every token)
+    # 512 tokens x 2 picks, 128 an expert when even. Sinkhorn evens the soft shares exactly; the hard
+    # top-2 of the balanced matrix is near even when tokens differ (1.06 here; tokens that all rank the
+    # experts alike cannot be split by any per-expert scale), 1.2 is the margin for that rounding.
+    assert max_mean(balanced) < 1.2
+    # The choice moves, the gates stay the unbiased scores of the chosen experts, renormalised.
+    picked = scores.gather(-1, balanced)
+    torch.testing.assert_close(gates, picked / picked.sum(-1, keepdim=True))
+    # The log-scale is Sinkhorn's fixed point: with it, the row-normalised matrix (a softmax per token)
+    # has columns summing to N / E (to fp32 rounding of 512-term sums).
+    scale = moe.sinkhorn_log_scale(logits, 200)
+    p = (logits + scale).softmax(-1)
+    torch.testing.assert_close(p.sum(0), torch.full((8,), 512 / 8), rtol=1e-4, atol=0)
+
+
+def test_sinkhorn_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="model.moe_sinkhorn_iters: must be >= 0"):
+        small(moe_sinkhorn_iters=-1).validate()
+    with pytest.raises(ValueError, match="moe_bias_rate = 0"):
+        small(moe_sinkhorn_iters=5, moe_bias_rate=1e-3).validate()
