@@ -8,6 +8,8 @@ Three ways to run the same experts on the same routing:
 - sorted loop: the same sorted tokens, one matmul per expert (trainer/moe.py's fallback);
 - mask loop: the textbook loop (Mixtral's reference code): per expert, find its tokens, gather,
   run the MLP, scatter-add back; a host read per expert.
+and, as a fourth way, grouped with the Sinkhorn choice (`moe_sinkhorn_iters` 10 and the default 16
+hard price steps; other routing, so not compared): what balancing each micro-batch costs.
 Outputs are checked equal (fp32) before timing. The ways take turns; the median of the timed repeats is reported.
 """
 from __future__ import annotations
@@ -62,9 +64,10 @@ def main() -> None:
     m = moe_layers(Transformer(cfg))[0]
     x = torch.randn(tokens, dim)
 
-    def run(grouped):
+    def run(grouped, sinkhorn=False):
         def fn(xi):
             m.experts.grouped = grouped
+            m.sinkhorn_iters, m.hard_steps = (10, 16) if sinkhorn else (0, 0)
             return m(xi)
         return fn
 
@@ -72,14 +75,16 @@ def main() -> None:
         ref = mask_loop(m, x)
         for grouped in (True, False):
             torch.testing.assert_close(run(grouped)(x), ref)
-    ways = {"grouped GEMM": run(True), "sorted loop": run(False), "mask loop": lambda xi: mask_loop(m, xi)}
+    ways = {"grouped GEMM": run(True), "sorted loop": run(False), "mask loop": lambda xi: mask_loop(m, xi),
+            "grouped + Sinkhorn choice": run(True, sinkhorn=True)}
     tps = {name: tokens / sec for name, sec in timed(ways, x, args.repeats).items()}
     print(f"MoE layer fwd+bwd on {torch.get_num_threads()} CPU threads: dim {dim}, {experts} experts of width "
           f"{hidden}, top-2, {tokens} tokens")
     for name, v in tps.items():
-        print(f"  {name:13s} {v:10.0f} tokens/s")
+        print(f"  {name:25s} {v:10.0f} tokens/s")
     print(f"grouped GEMM / mask loop: {tps['grouped GEMM'] / tps['mask loop']:.2f}x; "
-          f"grouped GEMM / sorted loop: {tps['grouped GEMM'] / tps['sorted loop']:.2f}x")
+          f"grouped GEMM / sorted loop: {tps['grouped GEMM'] / tps['sorted loop']:.2f}x; "
+          f"Sinkhorn choice / plain top-k (grouped): {tps['grouped + Sinkhorn choice'] / tps['grouped GEMM']:.2f}x")
 
 
 if __name__ == "__main__":

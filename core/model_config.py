@@ -89,6 +89,9 @@ class ModelConfig:
         "balanced choice in training (Sinkhorn, as Megatron's 'sinkhorn' routing): each micro-batch's top-k is taken "
         "after this many Sinkhorn iterations equalise the experts' shares; gates and evaluation use the plain "
         "scores; 0 = off", 0)
+    moe_sinkhorn_hard_steps: int = option(
+        "with moe_sinkhorn_iters: price steps that then even the hard top-k counts (Sinkhorn evens the soft "
+        "shares only), the most even kept; 0 = Sinkhorn alone, as Megatron", 16)
     moe_capacity_factor: float = option("tokens an expert takes: factor x tokens x top_k / experts, the rest "
                                         "dropped; 0 = dropless", 0.0)
     parametrization: Literal["sp", "mup"] = option(
@@ -247,7 +250,8 @@ class ModelConfig:
                              f"(else no block is MoE), got {self.moe_every}")
         if self.moe_hidden < 0 or self.moe_shared_experts < 0:
             raise ValueError("model.moe_hidden and model.moe_shared_experts must be >= 0")
-        for name in ("moe_aux_coef", "moe_z_coef", "moe_bias_rate", "moe_capacity_factor", "moe_sinkhorn_iters"):
+        for name in ("moe_aux_coef", "moe_z_coef", "moe_bias_rate", "moe_capacity_factor", "moe_sinkhorn_iters",
+                     "moe_sinkhorn_hard_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}: must be >= 0, got {getattr(self, name)}")
         if self.moe_sinkhorn_iters and self.moe_bias_rate:

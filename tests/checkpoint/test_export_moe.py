@@ -65,6 +65,7 @@ def random_model(*extra):
 
 @pytest.mark.parametrize("extra, fmt", [
     ([], "mixtral"),
+    (["--model.moe_sinkhorn_iters", "10", "--model.moe_aux_coef", "0"], "mixtral"),   # a training-only choice
     (["--model.moe_shared_experts", "1", "--model.moe_every", "2"], "qwen2_moe"),
     (["--model.moe_norm_topk", "false"], "qwen2_moe"),       # Mixtral always renormalises
     (["--model.moe_router", "sigmoid", "--model.moe_bias_rate", "1e-3", "--model.moe_norm_topk", "false"], "glm4_moe"),
