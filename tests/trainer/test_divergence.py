@@ -1,7 +1,7 @@
 """train.on_nonfinite. `--optim.lr 1e3` (issue 17's reproduction) makes the gradient norm NaN within
 a few steps of the small model (step 2 where this was written; 6 on an AMD machine, after a huge
-finite loss and zero gradients: the tests take the step from the error, never a fixed one); a poisoned step (NaN loss and gradients at one chosen step) stands for
-a transient loss spike. Each policy is judged by what is on disk afterwards, read back with
+finite loss and zero gradients: the tests take the step from the error, never a fixed one); a
+poisoned step (NaN loss and gradients at one chosen step) stands for a transient loss spike. Each policy is judged by what is on disk afterwards, read back with
 torch's own DCP converter rather than our loader."""
 import json
 import math
