@@ -102,17 +102,18 @@ def even_hard_counts(logits: torch.Tensor, scale: torch.Tensor, k: int, steps: i
     mean = n * k / e
     rate = 0.5 * logits.std(0).mean()
     ones = torch.ones(n * k, device=logits.device)
-    best, best_max = scale, None
-    for i in range(steps + 1):
-        counts = torch.zeros(e, device=logits.device).scatter_add_(
-            0, torch.topk(logits + scale, k, -1).indices.reshape(-1), ones)
-        worst = counts.max()
-        if i == 0:
-            best_max = worst
-        else:
-            better = worst < best_max
-            best, best_max = torch.where(better, scale, best), torch.minimum(worst, best_max)
+
+    def counts_of(s: torch.Tensor) -> torch.Tensor:
+        picks = torch.topk(logits + s, k, -1).indices.reshape(-1)
+        return torch.zeros(e, device=logits.device).scatter_add_(0, picks, ones)
+
+    counts = counts_of(scale)
+    best, best_max = scale, counts.max()
+    for _ in range(steps):
         scale = scale - rate * (counts.clamp(min=0.5) / mean).log()
+        counts = counts_of(scale)
+        better = counts.max() < best_max
+        best, best_max = torch.where(better, scale, best), torch.minimum(counts.max(), best_max)
     return best
 
 

@@ -147,35 +147,37 @@ def test_resume_across_engines(name, two_rank_results, references):
 
 
 @pytest.mark.parametrize("name", list(ALIGNED))
-def test_aux_loss_under_pipeline(name, two_rank_results, references):
-    """Against the single process whose micro-batches are the pipeline's microbatches."""
+def test_per_microbatch_routing_under_pipeline(name, two_rank_results, references):
+    """Per-micro-batch terms (the Switch aux loss, the Sinkhorn choice) under PP, against the single
+    process whose micro-batches are the pipeline's microbatches."""
     layout, reference_args = ALIGNED[name]
     check(name, two_rank_results[name], references(f"{layout} {reference_args}"))
+
+
+def same_runs(got: dict, want: dict, metric: str) -> None:
+    """Two per-micro-batch rows of one MoE (ep 2 against FSDP x2): the same losses, gradient norms
+    and logged `metric` at each of the CAPACITY_STEPS steps."""
+    for r in (got, want):
+        assert "error" not in r, r.get("error")
+    assert got["loss"] == pytest.approx(want["loss"], rel=RTOL)
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=RTOL)
+    assert len(got[metric]) == CAPACITY_STEPS
+    assert got[metric] == pytest.approx(want[metric], rel=RTOL)
 
 
 def test_expert_parallel_drops_what_fsdp_drops(two_rank_results):
     """Capacity 1 under ep 2 and under FSDP x2 (the same micro-batches, so the same per-rank
     routing and drops): the same losses, gradient norms and dropped share, and some were dropped
     (the metric sums the ranks' own counts, which the all-to-all does not change)."""
-    got, want = two_rank_results["ep2_capacity"], two_rank_results["fsdp2_capacity"]
-    for r in (got, want):
-        assert "error" not in r, r.get("error")
-    assert got["loss"] == pytest.approx(want["loss"], rel=RTOL)
-    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=RTOL)
-    assert len(got["moe_dropped"]) == CAPACITY_STEPS and min(got["moe_dropped"]) > 0
-    assert got["moe_dropped"] == pytest.approx(want["moe_dropped"], rel=RTOL)
+    got = two_rank_results["ep2_capacity"]
+    same_runs(got, two_rank_results["fsdp2_capacity"], "moe_dropped")
+    assert min(got["moe_dropped"]) > 0
 
 
 def test_expert_parallel_routes_the_sinkhorn_choice_as_fsdp_does(two_rank_results):
     """The Sinkhorn choice under ep 2 and under FSDP x2: each rank balances its own micro-batch before
     the all-to-all, so the same losses, gradient norms and logged worst-block load."""
-    got, want = two_rank_results["ep2_sinkhorn"], two_rank_results["fsdp2_sinkhorn"]
-    for r in (got, want):
-        assert "error" not in r, r.get("error")
-    assert got["loss"] == pytest.approx(want["loss"], rel=RTOL)
-    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=RTOL)
-    assert len(got["moe_load"]) == CAPACITY_STEPS
-    assert got["moe_load"] == pytest.approx(want["moe_load"], rel=RTOL)
+    same_runs(two_rank_results["ep2_sinkhorn"], two_rank_results["fsdp2_sinkhorn"], "moe_load")
 
 
 @pytest.mark.parametrize("name", list(INIT_FROM))
